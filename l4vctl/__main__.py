@@ -1,0 +1,5 @@
+"""Entry point for ``python -m l4vctl``."""
+
+from l4vctl.cli import main
+
+raise SystemExit(main())

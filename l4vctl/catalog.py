@@ -1,0 +1,490 @@
+"""Every constant of the L4-VIRTIO transport and the virtio device classes.
+
+Numbers and names are facts from the L4-VIRTIO protocol notes
+(``l4virtio-transport.md``) and the virtio 1.x specification.  This module
+is plain data plus a few lookups; it imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+ABIS = ("classic", "current")
+DEFAULT_ABI = "current"
+
+# -- identification ----------------------------------------------------------
+
+L4VIRTIO_MAGIC = 0x74726976  # the bytes b"virt" in little-endian memory
+L4VIRTIO_MAGIC_BYTES = b"virt"
+L4VIRTIO_VERSION = 2
+L4VIRTIO_VENDOR_KK = 0x44
+
+VENDORS: Mapping[int, str] = {L4VIRTIO_VENDOR_KK: "Kernkonzept"}
+
+PAGE_SIZE = 4096
+HEADER_SIZE = 0x100
+DEVICE_CONFIG_OFFSET = 0x100
+QUEUE_ENTRY_STRIDE = 40  # LP64 and ARM EABI
+QUEUE_ENTRY_STRIDE_I386 = 36  # 64-bit members only 4-aligned on i386
+QUEUE_STRIDES = (QUEUE_ENTRY_STRIDE, QUEUE_ENTRY_STRIDE_I386)
+MAX_QUEUE_SIZE = 32768  # largest split-ring size (u16 index space)
+
+# -- IPC protocol labels and opcodes ------------------------------------------
+
+L4VIRTIO_PROTOCOL = 0
+L4_PROTO_IRQ = -1
+L4_PROTO_META = -21
+
+PROTOCOLS: Mapping[int, str] = {
+    L4VIRTIO_PROTOCOL: "L4VIRTIO",
+    L4_PROTO_IRQ: "ICU",
+    L4_PROTO_META: "META",
+}
+
+OP_SET_STATUS = 0
+OP_CONFIG_QUEUE = 1
+OP_REGISTER_IFACE = 2  # classic only
+OP_REGISTER_DS = 3
+OP_DEVICE_CONFIG = 4
+OP_GET_DEVICE_IRQ = 5
+
+#: L4-VIRTIO interface opcodes (label 0) per server generation.  The classic
+#: and current numberings agree on 0, 1, 3, 4 and 5; 2 exists only in classic.
+VIRTIO_OPCODES: Mapping[str, Mapping[int, str]] = {
+    "classic": {
+        0: "SET_STATUS",
+        1: "CONFIG_QUEUE",
+        2: "REGISTER_IFACE",
+        3: "REGISTER_DS",
+        4: "DEVICE_CONFIG",
+        5: "DEVICE_NOTIFICATION_IRQ",
+    },
+    "current": {
+        0: "SET_STATUS",
+        1: "CONFIG_QUEUE",
+        3: "REGISTER_DS",
+        4: "DEVICE_CONFIG",
+        5: "GET_DEVICE_IRQ",
+    },
+}
+
+ICU_OP_BIND = 0
+ICU_OP_UNBIND = 1
+ICU_OP_INFO = 2
+ICU_OP_MSI_INFO = 3
+ICU_OP_UNMASK = 4
+ICU_OP_MASK = 5
+ICU_OP_SET_MODE = 6
+
+ICU_OPCODES: Mapping[int, str] = {
+    0: "BIND",
+    1: "UNBIND",
+    2: "INFO",
+    3: "MSI_INFO",
+    4: "UNMASK",
+    5: "MASK",
+    6: "SET_MODE",
+}
+
+# -- L4 error codes (returned negated) ------------------------------------------
+
+L4_EOK = 0
+L4_EPERM = 1
+L4_ENOENT = 2
+L4_EIO = 5
+L4_ENXIO = 6
+L4_EAGAIN = 11
+L4_ENOMEM = 12
+L4_EACCESS = 13
+L4_EFAULT = 14
+L4_EBUSY = 16
+L4_EEXIST = 17
+L4_ENODEV = 19
+L4_EINVAL = 22
+L4_ERANGE = 34
+L4_ENOSYS = 38
+L4_EBADPROTO = 39
+L4_ENOREPLY = 1000
+L4_EMSGTOOSHORT = 1001
+L4_EMSGTOOLONG = 1002
+L4_EMSGMISSARG = 1003
+
+L4_ERRORS: Mapping[int, str] = {
+    L4_EOK: "L4_EOK",
+    L4_EPERM: "L4_EPERM",
+    L4_ENOENT: "L4_ENOENT",
+    L4_EIO: "L4_EIO",
+    L4_ENXIO: "L4_ENXIO",
+    L4_EAGAIN: "L4_EAGAIN",
+    L4_ENOMEM: "L4_ENOMEM",
+    L4_EACCESS: "L4_EACCESS",
+    L4_EFAULT: "L4_EFAULT",
+    L4_EBUSY: "L4_EBUSY",
+    L4_EEXIST: "L4_EEXIST",
+    L4_ENODEV: "L4_ENODEV",
+    L4_EINVAL: "L4_EINVAL",
+    L4_ERANGE: "L4_ERANGE",
+    L4_ENOSYS: "L4_ENOSYS",
+    L4_EBADPROTO: "L4_EBADPROTO",
+    L4_ENOREPLY: "L4_ENOREPLY",
+    L4_EMSGTOOSHORT: "L4_EMSGTOOSHORT",
+    L4_EMSGTOOLONG: "L4_EMSGTOOLONG",
+    L4_EMSGMISSARG: "L4_EMSGMISSARG",
+}
+
+
+def l4_error_name(code: int) -> str:
+    """Name an IPC result code: ``-22`` -> ``-L4_EINVAL``."""
+    if code >= 0:
+        return str(code) if code else "L4_EOK"
+    name = L4_ERRORS.get(-code)
+    return f"-{name}" if name else str(code)
+
+
+# -- capability rights -----------------------------------------------------------
+
+CAP_RIGHT_W = 0x1
+CAP_RIGHT_S = 0x2
+CAP_RIGHT_R = 0x4
+CAP_RIGHT_D = 0x8
+FPAGE_RIGHT_X = 1
+FPAGE_RIGHT_W = 2
+FPAGE_RIGHT_R = 4
+
+# -- device status ----------------------------------------------------------------
+
+STATUS_ACKNOWLEDGE = 0x01
+STATUS_DRIVER = 0x02
+STATUS_DRIVER_OK = 0x04
+STATUS_FEATURES_OK = 0x08
+STATUS_DEVICE_NEEDS_RESET = 0x40
+STATUS_FAILED = 0x80
+STATUS_FAIL_MASK = STATUS_DEVICE_NEEDS_RESET | STATUS_FAILED
+STATUS_RUNNING = 0x0F
+
+#: Status bits in handshake order (the order in which text output lists them).
+STATUS_BITS: tuple[tuple[int, str], ...] = (
+    (STATUS_ACKNOWLEDGE, "ACKNOWLEDGE"),
+    (STATUS_DRIVER, "DRIVER"),
+    (STATUS_FEATURES_OK, "FEATURES_OK"),
+    (STATUS_DRIVER_OK, "DRIVER_OK"),
+    (STATUS_DEVICE_NEEDS_RESET, "DEVICE_NEEDS_RESET"),
+    (STATUS_FAILED, "FAILED"),
+)
+
+# -- irq_status and cmd words -------------------------------------------------
+
+IRQ_STATUS_VRING = 1
+IRQ_STATUS_CONFIG = 2
+IRQ_STATUS_BITS: tuple[tuple[int, str], ...] = (
+    (IRQ_STATUS_VRING, "VRING"),
+    (IRQ_STATUS_CONFIG, "CONFIG"),
+)
+
+CMD_NONE = 0x00000000
+CMD_SET_STATUS = 0x01000000
+CMD_CFG_QUEUE = 0x02000000
+CMD_CFG_CHANGED = 0x04000000  # current era only
+CMD_NOTIFY_QUEUE = 0x08000000  # current era only
+CMD_MASK = 0xFF000000
+CMD_ARG_MASK = 0x00FFFFFF
+
+#: Command byte (top byte of the cmd word) -> (name, eras that define it).
+CMD_WORDS: Mapping[int, tuple[str, tuple[str, ...]]] = {
+    CMD_SET_STATUS >> 24: ("SET_STATUS", ABIS),
+    CMD_CFG_QUEUE >> 24: ("CFG_QUEUE", ABIS),
+    CMD_CFG_CHANGED >> 24: ("CFG_CHANGED", ("current",)),
+    CMD_NOTIFY_QUEUE >> 24: ("NOTIFY_QUEUE", ("current",)),
+}
+
+
+def cmd_word(command: int, argument: int) -> int:
+    """Compose a cmd word from a CMD_* constant and a 24-bit argument."""
+    return (command & CMD_MASK) | (argument & CMD_ARG_MASK)
+
+
+# -- device ids ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DeviceId:
+    id: int
+    name: str  # L4Re / virtio name, upper case
+    cls: str | None  # short class name used by l4vctl (``blk``), if modelled
+    era: str = "both"
+
+
+DEVICE_IDS: Mapping[int, DeviceId] = {
+    d.id: d
+    for d in (
+        DeviceId(1, "NET", "net"),
+        DeviceId(2, "BLOCK", "blk"),
+        DeviceId(3, "CONSOLE", "console"),
+        DeviceId(4, "RNG", "rng"),
+        DeviceId(5, "BALLOON", None),
+        DeviceId(7, "RPMSG", None),
+        DeviceId(8, "SCSI", None),
+        DeviceId(9, "9P", None),
+        DeviceId(11, "RPROC_SERIAL", None),
+        DeviceId(12, "CAIF", None),
+        DeviceId(16, "GPU", None),
+        DeviceId(18, "INPUT", "input"),
+        DeviceId(19, "VSOCK", "vsock"),
+        DeviceId(20, "CRYPTO", None),
+        DeviceId(26, "FS", None, "current"),
+        DeviceId(32, "SCMI", None, "current"),
+        DeviceId(34, "I2C", None, "current"),
+        DeviceId(35, "WATCHDOG", None, "current"),
+        DeviceId(36, "CAN", None, "current"),
+        DeviceId(41, "GPIO", None, "current"),
+        DeviceId(45, "SPI", None, "current"),
+        DeviceId(0x9999, "SOCK", None),
+    )
+}
+
+#: Device classes that l4vctl knows in detail (device config, feature names).
+DEVICE_CLASSES: Mapping[str, int] = {d.cls: d.id for d in DEVICE_IDS.values() if d.cls}
+
+
+def device_name(device_id: int) -> str:
+    d = DEVICE_IDS.get(device_id)
+    return d.name if d else f"UNKNOWN({device_id:#x})"
+
+
+def device_class(device_id: int) -> str | None:
+    d = DEVICE_IDS.get(device_id)
+    return d.cls if d else None
+
+
+# -- feature bits ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Feature:
+    bit: int
+    name: str  # the virtio/L4Re macro name
+    short: str  # lower-case name accepted on command lines
+    linux: str | None = None  # macro name in the Linux UAPI headers, if it differs
+    note: str = ""
+
+
+def _table(features: Iterable[Feature]) -> Mapping[int, Feature]:
+    return {f.bit: f for f in features}
+
+
+CMD_CONFIG_BIT: Mapping[str, int] = {"classic": 224, "current": 160}
+VERSION_1_BIT = 32
+INDIRECT_DESC_BIT = 28
+EVENT_IDX_BIT = 29
+
+_TRANSPORT_COMMON = (
+    Feature(24, "VIRTIO_F_NOTIFY_ON_EMPTY", "notify_on_empty", note="legacy"),
+    Feature(27, "VIRTIO_F_ANY_LAYOUT", "any_layout", note="legacy"),
+    Feature(28, "VIRTIO_F_INDIRECT_DESC", "indirect_desc", linux="VIRTIO_RING_F_INDIRECT_DESC"),
+    Feature(29, "VIRTIO_F_EVENT_IDX", "event_idx", linux="VIRTIO_RING_F_EVENT_IDX"),
+    Feature(32, "VIRTIO_F_VERSION_1", "version_1"),
+    Feature(33, "VIRTIO_F_ACCESS_PLATFORM", "access_platform"),
+    Feature(34, "VIRTIO_F_RING_PACKED", "ring_packed"),
+    Feature(35, "VIRTIO_F_IN_ORDER", "in_order"),
+    Feature(36, "VIRTIO_F_ORDER_PLATFORM", "order_platform"),
+    Feature(37, "VIRTIO_F_SR_IOV", "sr_iov"),
+    Feature(38, "VIRTIO_F_NOTIFICATION_DATA", "notification_data"),
+    Feature(39, "VIRTIO_F_NOTIF_CONFIG_DATA", "notif_config_data"),
+    Feature(40, "VIRTIO_F_RING_RESET", "ring_reset"),
+    Feature(41, "VIRTIO_F_ADMIN_VQ", "admin_vq"),
+)
+
+#: Transport feature bits per ABI era (CMD_CONFIG moved from 224 to 160).
+TRANSPORT_FEATURES: Mapping[str, Mapping[int, Feature]] = {
+    abi: _table(
+        _TRANSPORT_COMMON
+        + (
+            Feature(
+                CMD_CONFIG_BIT[abi],
+                "L4VIRTIO_FEATURE_CMD_CONFIG",
+                "cmd_config",
+                note="status and queue config through the cmd word",
+            ),
+        )
+    )
+    for abi in ABIS
+}
+
+DEVICE_FEATURES: Mapping[str, Mapping[int, Feature]] = {
+    "blk": _table(
+        (
+            Feature(0, "VIRTIO_BLK_F_BARRIER", "barrier", note="legacy"),
+            Feature(1, "VIRTIO_BLK_F_SIZE_MAX", "size_max"),
+            Feature(2, "VIRTIO_BLK_F_SEG_MAX", "seg_max"),
+            Feature(4, "VIRTIO_BLK_F_GEOMETRY", "geometry"),
+            Feature(5, "VIRTIO_BLK_F_RO", "ro"),
+            Feature(6, "VIRTIO_BLK_F_BLK_SIZE", "blk_size"),
+            Feature(7, "VIRTIO_BLK_F_SCSI", "scsi", note="legacy"),
+            Feature(9, "VIRTIO_BLK_F_FLUSH", "flush"),
+            Feature(10, "VIRTIO_BLK_F_TOPOLOGY", "topology"),
+            Feature(11, "VIRTIO_BLK_F_CONFIG_WCE", "config_wce"),
+            Feature(12, "VIRTIO_BLK_F_MQ", "mq"),
+            Feature(13, "VIRTIO_BLK_F_DISCARD", "discard"),
+            Feature(14, "VIRTIO_BLK_F_WRITE_ZEROES", "write_zeroes"),
+            Feature(15, "VIRTIO_BLK_F_LIFETIME", "lifetime"),
+            Feature(16, "VIRTIO_BLK_F_SECURE_ERASE", "secure_erase"),
+            Feature(17, "VIRTIO_BLK_F_ZONED", "zoned"),
+        )
+    ),
+    "net": _table(
+        (
+            Feature(0, "VIRTIO_NET_F_CSUM", "csum"),
+            Feature(1, "VIRTIO_NET_F_GUEST_CSUM", "guest_csum"),
+            Feature(2, "VIRTIO_NET_F_CTRL_GUEST_OFFLOADS", "ctrl_guest_offloads"),
+            Feature(3, "VIRTIO_NET_F_MTU", "mtu"),
+            Feature(5, "VIRTIO_NET_F_MAC", "mac"),
+            Feature(6, "VIRTIO_NET_F_GSO", "gso", note="legacy"),
+            Feature(7, "VIRTIO_NET_F_GUEST_TSO4", "guest_tso4"),
+            Feature(8, "VIRTIO_NET_F_GUEST_TSO6", "guest_tso6"),
+            Feature(9, "VIRTIO_NET_F_GUEST_ECN", "guest_ecn"),
+            Feature(10, "VIRTIO_NET_F_GUEST_UFO", "guest_ufo"),
+            Feature(11, "VIRTIO_NET_F_HOST_TSO4", "host_tso4"),
+            Feature(12, "VIRTIO_NET_F_HOST_TSO6", "host_tso6"),
+            Feature(13, "VIRTIO_NET_F_HOST_ECN", "host_ecn"),
+            Feature(14, "VIRTIO_NET_F_HOST_UFO", "host_ufo"),
+            Feature(15, "VIRTIO_NET_F_MRG_RXBUF", "mrg_rxbuf"),
+            Feature(16, "VIRTIO_NET_F_STATUS", "status"),
+            Feature(17, "VIRTIO_NET_F_CTRL_VQ", "ctrl_vq"),
+            Feature(18, "VIRTIO_NET_F_CTRL_RX", "ctrl_rx"),
+            Feature(19, "VIRTIO_NET_F_CTRL_VLAN", "ctrl_vlan"),
+            Feature(20, "VIRTIO_NET_F_CTRL_RX_EXTRA", "ctrl_rx_extra"),
+            Feature(21, "VIRTIO_NET_F_GUEST_ANNOUNCE", "guest_announce"),
+            Feature(22, "VIRTIO_NET_F_MQ", "mq"),
+            Feature(23, "VIRTIO_NET_F_CTRL_MAC_ADDR", "ctrl_mac_addr"),
+            Feature(53, "VIRTIO_NET_F_NOTF_COAL", "notf_coal"),
+            Feature(57, "VIRTIO_NET_F_HASH_REPORT", "hash_report"),
+            Feature(59, "VIRTIO_NET_F_GUEST_HDRLEN", "guest_hdrlen"),
+            Feature(60, "VIRTIO_NET_F_RSS", "rss"),
+            Feature(61, "VIRTIO_NET_F_RSC_EXT", "rsc_ext"),
+            Feature(62, "VIRTIO_NET_F_STANDBY", "standby"),
+            Feature(63, "VIRTIO_NET_F_SPEED_DUPLEX", "speed_duplex"),
+        )
+    ),
+    "console": _table(
+        (
+            Feature(0, "VIRTIO_CONSOLE_F_SIZE", "size"),
+            Feature(1, "VIRTIO_CONSOLE_F_MULTIPORT", "multiport"),
+            Feature(2, "VIRTIO_CONSOLE_F_EMERG_WRITE", "emerg_write"),
+        )
+    ),
+    "rng": {},
+    "input": {},
+    "vsock": _table(
+        (
+            Feature(0, "VIRTIO_VSOCK_F_STREAM", "stream"),
+            Feature(1, "VIRTIO_VSOCK_F_SEQPACKET", "seqpacket"),
+        )
+    ),
+}
+
+
+def feature_table(abi: str, device_id: int | None) -> dict[int, Feature]:
+    """All feature bits that have a name for this ABI era and device."""
+    table = dict(TRANSPORT_FEATURES[abi])
+    cls = device_class(device_id) if device_id is not None else None
+    if cls:
+        table.update(DEVICE_FEATURES.get(cls, {}))
+    return table
+
+
+# -- split ring ----------------------------------------------------------------
+
+VRING_DESC_F_NEXT = 1
+VRING_DESC_F_WRITE = 2
+VRING_DESC_F_INDIRECT = 4
+VRING_DESC_FLAGS: tuple[tuple[int, str], ...] = (
+    (VRING_DESC_F_NEXT, "NEXT"),
+    (VRING_DESC_F_WRITE, "WRITE"),
+    (VRING_DESC_F_INDIRECT, "INDIRECT"),
+)
+VRING_AVAIL_F_NO_INTERRUPT = 1
+VRING_USED_F_NO_NOTIFY = 1
+DESC_ALIGN = 16
+AVAIL_ALIGN = 2
+USED_ALIGN = 4
+
+# -- device-specific protocol constants -------------------------------------------
+
+BLK_SECTOR_SIZE = 512
+BLK_T_IN = 0
+BLK_T_OUT = 1
+BLK_T_FLUSH = 4
+BLK_T_GET_ID = 8
+BLK_T_DISCARD = 11
+BLK_T_WRITE_ZEROES = 13
+BLK_REQUEST_TYPES: Mapping[int, str] = {
+    BLK_T_IN: "IN",
+    BLK_T_OUT: "OUT",
+    BLK_T_FLUSH: "FLUSH",
+    BLK_T_GET_ID: "GET_ID",
+    BLK_T_DISCARD: "DISCARD",
+    BLK_T_WRITE_ZEROES: "WRITE_ZEROES",
+}
+BLK_S_OK = 0
+BLK_S_IOERR = 1
+BLK_S_UNSUPP = 2
+BLK_STATUS: Mapping[int, str] = {0: "OK", 1: "IOERR", 2: "UNSUPP"}
+BLK_ID_BYTES = 20
+BLK_DISCARD_F_UNMAP = 1
+
+NET_RX_QUEUE = 0
+NET_TX_QUEUE = 1
+NET_S_LINK_UP = 1
+NET_S_ANNOUNCE = 2
+NET_STATUS_BITS: tuple[tuple[int, str], ...] = ((1, "LINK_UP"), (2, "ANNOUNCE"))
+
+CONSOLE_EVENTS: Mapping[int, str] = {
+    0: "DEVICE_READY",
+    1: "DEVICE_ADD",
+    2: "DEVICE_REMOVE",
+    3: "PORT_READY",
+    4: "CONSOLE_PORT",
+    5: "RESIZE",
+    6: "PORT_OPEN",
+    7: "PORT_NAME",
+}
+
+INPUT_CFG_UNSET = 0x00
+INPUT_CFG_ID_NAME = 0x01
+INPUT_CFG_ID_SERIAL = 0x02
+INPUT_CFG_ID_DEVIDS = 0x03
+INPUT_CFG_PROP_BITS = 0x10
+INPUT_CFG_EV_BITS = 0x11
+INPUT_CFG_ABS_INFO = 0x12
+INPUT_CFG_SELECT: Mapping[int, str] = {
+    0x00: "UNSET",
+    0x01: "ID_NAME",
+    0x02: "ID_SERIAL",
+    0x03: "ID_DEVIDS",
+    0x10: "PROP_BITS",
+    0x11: "EV_BITS",
+    0x12: "ABS_INFO",
+}
+
+
+# -- bit-set helpers ---------------------------------------------------------------
+
+def flag_names(value: int, bits: Iterable[tuple[int, str]]) -> tuple[list[str], int]:
+    """Names of the set bits in ``value`` and the mask of bits without a name."""
+    names = []
+    known = 0
+    for mask, name in bits:
+        known |= mask
+        if value & mask:
+            names.append(name)
+    return names, value & ~known
+
+
+def bits_of(words: Iterable[int]) -> list[int]:
+    """Bit numbers set in a little-endian list of 32-bit words."""
+    out = []
+    for i, w in enumerate(words):
+        while w:
+            low = w & -w
+            out.append(i * 32 + low.bit_length() - 1)
+            w ^= low
+    return out

@@ -1,0 +1,192 @@
+"""The ``l4vctl`` command: a click group whose subcommands load lazily.
+
+``main()`` runs the group and maps every failure to one line on stderr and a
+documented exit code (see :mod:`l4vctl.errors`).  A traceback is printed only
+with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import click
+
+from l4vctl import __version__
+from l4vctl.errors import EXIT_CODES, EXIT_INTERRUPTED, L4vError
+
+#: name -> (module, attribute, one-line help).  The help text lives here so
+#: that ``l4vctl --help`` does not import any command module.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "dump-config": (
+        "l4vctl.commands.dump_config",
+        "dump_config",
+        "Decode a config page: header, status, features, device config, queues.",
+    ),
+    "layout": (
+        "l4vctl.commands.layout",
+        "layout",
+        "Show every L4-VIRTIO struct with field offsets, sizes and meanings.",
+    ),
+}
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _exit_status_epilog() -> str:
+    lines = ["\b", "Exit status:"]
+    lines += [f"  {code:>3}  {text}" for code, text in EXIT_CODES]
+    return "\n".join(lines)
+
+
+class LazyGroup(click.Group):
+    """A group that imports a subcommand's module only when it runs."""
+
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        entry = COMMANDS.get(name)
+        if entry is None:
+            return None
+        module, attr, _help = entry
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+class Settings:
+    """Root options, available to subcommands as ``ctx.obj``."""
+
+    def __init__(self, debug: bool = False, color: str = "auto"):
+        self.debug = debug
+        self.color = color
+
+
+@click.group(
+    cls=LazyGroup,
+    context_settings=CONTEXT_SETTINGS,
+    epilog=_exit_status_epilog(),
+)
+@click.version_option(__version__, "-V", "--version", prog_name="l4vctl")
+@click.option(
+    "--debug",
+    is_flag=True,
+    envvar="L4VCTL_DEBUG",
+    help="Show a Python traceback when a command fails.",
+)
+@click.option(
+    "--color",
+    type=click.Choice(["auto", "always", "never"]),
+    default="auto",
+    show_default=True,
+    help="Colour in text output; auto = only on a terminal and without NO_COLOR.",
+)
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, color: str) -> None:
+    """Inspect and drive L4-VIRTIO devices.
+
+    L4-VIRTIO is the virtio transport of the L4Re microkernel runtime: the
+    device config lives in a shared page, payload memory is lent as
+    dataspaces and notifications are IRQs.  Every command prints text for
+    people and, with --json, one JSON envelope for scripts.
+
+    Run 'l4vctl COMMAND --help' for the options and examples of a command.
+    """
+    ctx.obj = Settings(debug=debug, color=color)
+
+
+def _scan(argv: list[str]) -> tuple[bool, bool, str]:
+    """--json, --debug and the subcommand name, read from raw arguments.
+
+    Used to report errors that happen before click has parsed everything.
+    """
+    json_mode = debug = False
+    command = ""
+    for arg in argv:
+        if arg == "--":
+            break
+        if arg == "--json":
+            json_mode = True
+        elif arg == "--debug":
+            debug = True
+        elif not command and arg in COMMANDS:
+            command = arg
+    if os.environ.get("L4VCTL_DEBUG"):
+        debug = True
+    return json_mode, debug, command
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; return the process exit code."""
+    from l4vctl import output
+    from l4vctl.commands import _common
+
+    _common.reset()
+    args = list(sys.argv[1:] if argv is None else argv)
+    json_mode, debug, command = _scan(args)
+    out = output.Output(command or "l4vctl", json_mode=json_mode)
+    try:
+        cli.main(args=args, prog_name="l4vctl", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort as exc:
+        if isinstance(exc.__cause__, EOFError):
+            output.print_error("aborted: end of input")
+        else:
+            output.print_error("interrupted")
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        output.print_error("interrupted")
+        return EXIT_INTERRUPTED
+    except click.UsageError as exc:
+        hint = None
+        if exc.ctx is not None:
+            hint = f"see '{exc.ctx.command_path} --help'"
+        out.fail("usage", exc.format_message(), 2, hint)
+        return 2
+    except click.ClickException as exc:
+        out.fail("usage", exc.format_message(), exc.exit_code)
+        return exc.exit_code
+    except L4vError as exc:
+        _current_output(out).fail(exc.type, exc.message, exc.exit_code, exc.hint)
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+            sys.stderr.flush()
+        return exc.exit_code
+    except BrokenPipeError:
+        # The reader went away (l4vctl ... | head): not an error of ours.
+        _silence_stdout()
+        return 0
+    except Exception as exc:  # noqa: BLE001 - the last line of defence
+        hint = None if debug else "a bug in l4vctl; --debug shows a traceback"
+        _current_output(out).fail("internal", f"internal error: {type(exc).__name__}: {exc}", 1, hint)
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+            sys.stderr.flush()
+        return 1
+
+
+def _current_output(fallback):
+    """The Output of the running command (it knows device and abi), else fallback."""
+    from l4vctl.commands import _common
+
+    return _common.current_output() or fallback
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass

@@ -1,0 +1,91 @@
+"""Options and helpers shared by every subcommand."""
+
+from __future__ import annotations
+
+import click
+
+from l4vctl.output import Output
+
+_current: Output | None = None
+
+
+def current_output() -> Output | None:
+    """The Output of the command that is running, if one started."""
+    return _current
+
+
+def reset() -> None:
+    global _current
+    _current = None
+
+
+def begin(ctx: click.Context, command: str, json_mode: bool) -> Output:
+    """Create the command's Output and make it the one errors are reported on."""
+    global _current
+    settings = ctx.find_root().obj
+    color = getattr(settings, "color", "auto")
+    _current = Output(command, json_mode=json_mode, color=color)
+    return _current
+
+
+def json_option(f):
+    return click.option(
+        "--json",
+        "json_mode",
+        is_flag=True,
+        help="Print one JSON envelope on stdout instead of text.",
+    )(f)
+
+
+def _no_page_abi(ctx, param, value):
+    return "current" if value == "auto" else value
+
+
+def abi_option(*, auto: bool):
+    """--abi (also L4VCTL_ABI).  ``auto`` guesses from the page; commands
+    without a page (``auto=False``) treat it as the default, current."""
+    choices = ["classic", "current", "auto"]
+    default = "auto" if auto else "current"
+    text = (
+        "Header layout era: classic (l4virtio before 2024-01: feature maps at "
+        "0xA8/0xC8, cmd at 0xF8) or current (shm fields at 0xAC, maps at 0xC0/0xE0, "
+        "cmd at 0x7C)."
+    )
+    if auto:
+        text += " auto guesses from the page and says why."
+    else:
+        text += " auto means current here (there is no page to guess from)."
+    return click.option(
+        "--abi",
+        type=click.Choice(choices),
+        default=default,
+        show_default=True,
+        envvar="L4VCTL_ABI",
+        help=text,
+        callback=None if auto else _no_page_abi,
+    )
+
+
+def examples(*pairs: tuple[str, str]) -> str:
+    """An epilog listing examples; also read by the man page generator."""
+    lines = ["\b", "Examples:"]
+    for command, text in pairs:
+        lines.append(f"  {text}")
+        lines.append(f"    $ {command}")
+    return "\n".join(lines)
+
+
+def parse_examples(epilog: str | None) -> list[tuple[str, str]]:
+    """The (command, description) pairs of an epilog made by :func:`examples`."""
+    if not epilog:
+        return []
+    out = []
+    text = None
+    for line in epilog.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("$ "):
+            out.append((stripped[2:], text or ""))
+            text = None
+        elif stripped and stripped not in ("\b", "Examples:"):
+            text = stripped
+    return out

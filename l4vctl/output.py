@@ -1,0 +1,231 @@
+"""Output conventions: stdout carries data, stderr carries messages.
+
+Commands build two things: a JSON-able ``result`` dict and, lazily, a text
+:class:`Doc` (headings, key/value blocks, tables, lines).  :class:`Output`
+prints one of them.  Plain text is rendered here without any dependency;
+on a colour terminal the same document goes through rich.  JSON output is
+always one envelope::
+
+    {"schema": 1, "command": ..., "device": ..., "abi": ..., "ok": true, "result": {...}}
+
+and on failure ``"ok": false`` with ``"error": {"type", "message", "exit_code"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+SCHEMA_VERSION = 1
+
+
+# -- the text document model ------------------------------------------------------
+
+
+@dataclass
+class Heading:
+    text: str
+
+
+@dataclass
+class KeyValues:
+    rows: list[tuple[str, str]]
+    indent: int = 2
+
+
+@dataclass
+class Table:
+    headers: Sequence[str]
+    rows: list[Sequence[str]]
+    align: str = ""  # one of "l"/"r" per column; default left
+    indent: int = 2
+
+
+@dataclass
+class Line:
+    text: str
+    indent: int = 0
+
+
+@dataclass
+class Doc:
+    blocks: list = field(default_factory=list)
+
+    def heading(self, text: str) -> "Doc":
+        self.blocks.append(Heading(text))
+        return self
+
+    def kv(self, rows: list[tuple[str, str]], indent: int = 2) -> "Doc":
+        self.blocks.append(KeyValues(list(rows), indent))
+        return self
+
+    def table(self, headers: Sequence[str], rows, align: str = "", indent: int = 2) -> "Doc":
+        self.blocks.append(Table(list(headers), [list(r) for r in rows], align, indent))
+        return self
+
+    def line(self, text: str = "", indent: int = 0) -> "Doc":
+        self.blocks.append(Line(text, indent))
+        return self
+
+
+def render_plain(doc: Doc) -> str:
+    """The document as plain text (no colour, no box drawing)."""
+    out: list[str] = []
+    for i, block in enumerate(doc.blocks):
+        if isinstance(block, Heading):
+            if i:
+                out.append("")
+            out.append(block.text)
+        elif isinstance(block, KeyValues):
+            if not block.rows:
+                continue
+            width = max(len(k) for k, _ in block.rows) + 1
+            pad = " " * block.indent
+            for key, value in block.rows:
+                out.append(f"{pad}{key + ':':<{width}} {value}".rstrip())
+        elif isinstance(block, Table):
+            out.extend(_plain_table(block))
+        elif isinstance(block, Line):
+            out.append((" " * block.indent + block.text).rstrip())
+    return "\n".join(out) + "\n"
+
+
+def _plain_table(t: Table) -> list[str]:
+    cols = len(t.headers)
+    widths = [len(h) for h in t.headers]
+    for row in t.rows:
+        for c in range(cols):
+            widths[c] = max(widths[c], len(str(row[c])))
+    align = (t.align or "l" * cols).ljust(cols, "l")
+    pad = " " * t.indent
+
+    def fmt(cells):
+        parts = []
+        for c in range(cols):
+            text = str(cells[c])
+            parts.append(text.rjust(widths[c]) if align[c] == "r" else text.ljust(widths[c]))
+        return (pad + "  ".join(parts)).rstrip()
+
+    return [fmt(t.headers)] + [fmt(r) for r in t.rows]
+
+
+def render_rich(doc: Doc, file) -> None:
+    """The document through rich, for colour terminals."""
+    from rich.console import Console
+    from rich.padding import Padding
+    from rich.table import Table as RichTable
+
+    console = Console(
+        file=file,
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+        force_terminal=True,
+        no_color=False,
+        color_system="standard" if os.environ.get("TERM") == "dumb" else "auto",
+    )
+    first = True
+    for block in doc.blocks:
+        if isinstance(block, Heading):
+            if not first:
+                console.print()
+            console.print(block.text, style="bold")
+        elif isinstance(block, KeyValues):
+            if block.rows:
+                grid = RichTable.grid(padding=(0, 1))
+                grid.add_column(style="cyan", no_wrap=True)
+                grid.add_column()
+                for key, value in block.rows:
+                    grid.add_row(key + ":", value)
+                console.print(Padding(grid, (0, 0, 0, block.indent), expand=False))
+        elif isinstance(block, Table):
+            align = (block.align or "l" * len(block.headers)).ljust(len(block.headers), "l")
+            table = RichTable(box=None, padding=(0, 1), show_edge=False, header_style="bold")
+            for header, a in zip(block.headers, align):
+                table.add_column(header, justify="right" if a == "r" else "left")
+            for row in block.rows:
+                table.add_row(*[str(c) for c in row])
+            console.print(Padding(table, (0, 0, 0, max(block.indent - 1, 0)), expand=False))
+        elif isinstance(block, Line):
+            console.print(" " * block.indent + block.text)
+        first = False
+
+
+def use_color(mode: str, stream) -> bool:
+    """Colour decision: ``always``/``never``, or ``auto`` = a TTY without NO_COLOR."""
+    if mode == "always":
+        return True
+    if mode == "never" or os.environ.get("NO_COLOR"):
+        return False
+    if os.environ.get("TERM") == "dumb":
+        return False
+    return bool(getattr(stream, "isatty", lambda: False)())
+
+
+# -- the output object ----------------------------------------------------------
+
+
+class Output:
+    """Prints one command's result (text or JSON) and its messages."""
+
+    def __init__(self, command: str, *, json_mode: bool = False, color: str = "auto"):
+        self.command = command
+        self.json_mode = json_mode
+        self.color = color
+        self.device: str | None = None
+        self.abi: str | None = None
+
+    def envelope(self, ok: bool, payload: dict) -> dict:
+        env: dict[str, Any] = {
+            "schema": SCHEMA_VERSION,
+            "command": self.command,
+            "device": self.device,
+            "abi": self.abi,
+            "ok": ok,
+        }
+        env.update(payload)
+        return env
+
+    def emit(self, result: dict, text: Callable[[], Doc | str]) -> None:
+        """Print the result: the JSON envelope, or the text document."""
+        if self.json_mode:
+            write_json(self.envelope(True, {"result": result}))
+            return
+        doc = text()
+        if isinstance(doc, str):
+            sys.stdout.write(doc)
+        elif use_color(self.color, sys.stdout):
+            render_rich(doc, sys.stdout)
+        else:
+            sys.stdout.write(render_plain(doc))
+        sys.stdout.flush()
+
+    def fail(self, error_type: str, message: str, exit_code: int, hint: str | None = None) -> None:
+        """Report an error: one line on stderr, plus the JSON envelope in JSON mode."""
+        print_error(message, hint)
+        if self.json_mode:
+            error = {"type": error_type, "message": message, "exit_code": exit_code}
+            write_json(self.envelope(False, {"error": error}))
+
+
+def write_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def print_error(message: str, hint: str | None = None) -> None:
+    line = f"l4vctl: error: {message}"
+    if hint:
+        line += f" ({hint})"
+    print(line, file=sys.stderr, flush=True)
+
+
+def warn(message: str) -> None:
+    print(f"l4vctl: warning: {message}", file=sys.stderr, flush=True)
+
+
+def info(message: str) -> None:
+    print(f"l4vctl: {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,61 @@
+"""Shared test helpers: run the CLI in-process with an isolated environment."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, settings
+
+from l4vctl.cli import main
+
+settings.register_profile(
+    "ci",
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    derandomize=True,
+)
+settings.register_profile("dev", max_examples=100, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+#: The environment every CLI test runs in: no colour, fixed width, no
+#: settings leaking in from the developer's shell.
+CLEAN_ENV = {
+    "NO_COLOR": "1",
+    "COLUMNS": "80",
+    "FORCE_COLOR": None,
+    "TERM": "dumb",
+    "L4VCTL_ABI": None,
+    "L4VCTL_DEBUG": None,
+    "L4VCTL_DEVICE": None,
+}
+
+
+@dataclass
+class Run:
+    code: int
+    stdout: str
+    stderr: str
+    stdout_bytes: bytes
+
+    def json(self) -> dict:
+        return json.loads(self.stdout)
+
+
+def run_cli(*args: str, input: bytes | str | None = None, env: dict | None = None) -> Run:
+    runner = CliRunner()
+    full_env = dict(CLEAN_ENV)
+    full_env.update(env or {})
+    with runner.isolation(input=input, env=full_env) as (out, err, _mixed):
+        code = main([str(a) for a in args])
+    raw = out.getvalue()
+    return Run(code, raw.decode("utf-8", "replace"), err.getvalue().decode("utf-8", "replace"), raw)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
