@@ -1,0 +1,154 @@
+"""Man pages generated from the click commands.
+
+    python -m l4vctl.manpage --write man/    regenerate man/*.1
+    python -m l4vctl.manpage --check man/    exit 1 if man/ is out of date
+
+Each page has NAME, SYNOPSIS, DESCRIPTION, OPTIONS, EXIT STATUS, ENVIRONMENT,
+EXAMPLES and SEE ALSO; examples come from each command's epilog.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import click
+
+from l4vctl import __version__
+from l4vctl.errors import EXIT_CODES
+
+ENVIRONMENT = (
+    ("L4VCTL_ABI", "Default for --abi (classic, current or auto)."),
+    ("L4VCTL_DEBUG", "If set, behave as if --debug was given: show tracebacks."),
+    ("NO_COLOR", "If set, text output has no colour even on a terminal."),
+    ("COLUMNS", "Width used for help texts."),
+)
+
+
+def _esc(text: str) -> str:
+    text = text.replace("\\", "\\e").replace("-", "\\-")
+    lines = []
+    for line in text.splitlines():
+        if line.startswith((".", "'")):
+            line = "\\&" + line
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _paragraphs(text: str) -> list[tuple[bool, str]]:
+    """(verbatim, text) paragraphs of a click help text (``\\b`` = verbatim)."""
+    out = []
+    for block in text.strip().split("\n\n"):
+        lines = block.split("\n")
+        if lines and lines[0].strip() == "\b":
+            out.append((True, "\n".join(lines[1:])))
+        else:
+            out.append((False, " ".join(line.strip() for line in lines)))
+    return out
+
+
+def _option_lines(ctx: click.Context, param: click.Parameter) -> list[str]:
+    record = param.get_help_record(ctx)
+    if record is None:
+        return []
+    names, help_text = record
+    return [".TP", f"\\fB{_esc(names)}\\fR", _esc(help_text or "")]
+
+
+def render(command: click.Command, name: str, summary: str) -> str:
+    from l4vctl.commands._common import parse_examples
+
+    ctx = click.Context(command, info_name=name)
+    title = name.upper().replace(" ", "-")
+    out = [
+        f'.TH "{title}" "1" "" "l4vctl {__version__}" "l4vctl manual"',
+        ".SH NAME",
+        f"{_esc(name.replace(' ', '-'))} \\- {_esc(summary)}",
+        ".SH SYNOPSIS",
+        f"\\fB{_esc(name)}\\fR {_esc(' '.join(command.collect_usage_pieces(ctx)))}",
+        ".SH DESCRIPTION",
+    ]
+    for verbatim, para in _paragraphs(command.help or ""):
+        if verbatim:
+            out += [".PP", ".nf", _esc(para), ".fi"]
+        else:
+            out += [".PP", _esc(para)]
+    if isinstance(command, click.Group):
+        out.append(".SH COMMANDS")
+        from l4vctl.cli import COMMANDS
+
+        for sub in sorted(COMMANDS):
+            out += [".TP", f"\\fB{_esc(sub)}\\fR", _esc(COMMANDS[sub][2]), f"See \\fBl4vctl\\-{_esc(sub)}\\fR(1)."]
+    out.append(".SH OPTIONS")
+    for param in command.get_params(ctx):
+        out += _option_lines(ctx, param)
+    out.append(".SH EXIT STATUS")
+    for code, text in EXIT_CODES:
+        out += [".TP", f"\\fB{code}\\fR", _esc(text)]
+    out.append(".SH ENVIRONMENT")
+    for var, text in ENVIRONMENT:
+        out += [".TP", f"\\fB{var}\\fR", _esc(text)]
+    examples = parse_examples(command.epilog)
+    if isinstance(command, click.Group):
+        examples = [
+            ("l4vctl layout --abi classic", "Show the classic-era structs:"),
+            ("l4vctl dump-config page.bin --json", "Decode a saved config page for a script:"),
+        ]
+    out.append(".SH EXAMPLES")
+    for cmdline, text in examples:
+        out += [".PP", _esc(text), ".RS", ".nf", _esc(cmdline), ".fi", ".RE"]
+    out.append(".SH SEE ALSO")
+    from l4vctl.cli import COMMANDS
+
+    others = ["l4vctl"] + [f"l4vctl-{c}" for c in sorted(COMMANDS)]
+    own = name.replace(" ", "-")
+    out.append(", ".join(f"\\fB{_esc(o)}\\fR(1)" for o in others if o != own))
+    return "\n".join(out) + "\n"
+
+
+def pages() -> dict[str, str]:
+    """File name -> man page text for the root command and every subcommand."""
+    from l4vctl.cli import COMMANDS, cli
+
+    out = {"l4vctl.1": render(cli, "l4vctl", "inspect and drive L4-VIRTIO devices")}
+    ctx = click.Context(cli, info_name="l4vctl")
+    for name, (_module, _attr, summary) in COMMANDS.items():
+        command = cli.get_command(ctx, name)
+        out[f"l4vctl-{name}.1"] = render(command, f"l4vctl {name}", summary.rstrip("."))
+    return out
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] not in ("--write", "--check"):
+        print("usage: python -m l4vctl.manpage --write|--check DIR", file=sys.stderr)
+        return 2
+    target = pathlib.Path(argv[1])
+    wanted = pages()
+    if argv[0] == "--write":
+        target.mkdir(parents=True, exist_ok=True)
+        for stale in target.glob("*.1"):
+            if stale.name not in wanted:
+                stale.unlink()
+        for name, text in wanted.items():
+            (target / name).write_text(text)
+        print(f"wrote {len(wanted)} man pages to {target}")
+        return 0
+    problems = []
+    for name, text in wanted.items():
+        path = target / name
+        if not path.exists():
+            problems.append(f"{path} is missing")
+        elif path.read_text() != text:
+            problems.append(f"{path} is out of date")
+    for path in target.glob("*.1"):
+        if path.name not in wanted:
+            problems.append(f"{path} has no command")
+    for p in problems:
+        print(p, file=sys.stderr)
+    if problems:
+        print("run: python -m l4vctl.manpage --write man/", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
