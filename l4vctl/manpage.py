@@ -47,12 +47,20 @@ def _paragraphs(text: str) -> list[tuple[bool, str]]:
     return out
 
 
-def _option_lines(ctx: click.Context, param: click.Parameter) -> list[str]:
-    record = param.get_help_record(ctx)
-    if record is None:
+def _option_lines(param: click.Parameter) -> list[str]:
+    """An OPTIONS entry, formatted here so that it does not vary with click's version."""
+    if not isinstance(param, click.Option) or param.hidden:
         return []
-    names, help_text = record
-    return [".TP", f"\\fB{_esc(names)}\\fR", _esc(help_text or "")]
+    names = ", ".join(param.opts + param.secondary_opts)
+    if not param.is_flag:
+        if isinstance(param.type, click.Choice):
+            names += " [" + "|".join(map(str, param.type.choices)) + "]"
+        else:
+            names += " " + (param.metavar or param.type.name.upper())
+    help_text = param.help or ""
+    if param.show_default and param.default not in (None, False, ()):
+        help_text += f" [default: {param.default}]"
+    return [".TP", f"\\fB{_esc(names)}\\fR", _esc(help_text)]
 
 
 def render(command: click.Command, name: str, summary: str) -> str:
@@ -81,7 +89,7 @@ def render(command: click.Command, name: str, summary: str) -> str:
             out += [".TP", f"\\fB{_esc(sub)}\\fR", _esc(COMMANDS[sub][2]), f"See \\fBl4vctl\\-{_esc(sub)}\\fR(1)."]
     out.append(".SH OPTIONS")
     for param in command.get_params(ctx):
-        out += _option_lines(ctx, param)
+        out += _option_lines(param)
     out.append(".SH EXIT STATUS")
     for code, text in EXIT_CODES:
         out += [".TP", f"\\fB{code}\\fR", _esc(text)]
