@@ -66,7 +66,9 @@ def _option_lines(param: click.Parameter) -> list[str]:
 def render(command: click.Command, name: str, summary: str) -> str:
     from l4vctl.commands._common import parse_examples
 
-    ctx = click.Context(command, info_name=name)
+    from l4vctl.cli import CONTEXT_SETTINGS
+
+    ctx = click.Context(command, info_name=name, **CONTEXT_SETTINGS)
     title = name.upper().replace(" ", "-")
     out = [
         f'.TH "{title}" "1" "" "l4vctl {__version__}" "l4vctl manual"',
