@@ -7,7 +7,6 @@ is plain data plus a few lookups; it imports nothing heavy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 ABIS = ("classic", "current")
@@ -206,12 +205,19 @@ def cmd_word(command: int, argument: int) -> int:
 
 # -- device ids ---------------------------------------------------------------
 
-@dataclass(frozen=True)
 class DeviceId:
-    id: int
-    name: str  # L4Re / virtio name, upper case
-    cls: str | None  # short class name used by l4vctl (``blk``), if modelled
-    era: str = "both"
+    """A virtio device id: L4Re/virtio name, l4vctl class name if modelled, era."""
+
+    __slots__ = ("id", "name", "cls", "era")
+
+    def __init__(self, id: int, name: str, cls: str | None, era: str = "both"):
+        self.id = id
+        self.name = name
+        self.cls = cls
+        self.era = era
+
+    def __repr__(self) -> str:
+        return f"DeviceId({self.id}, {self.name!r}, {self.cls!r}, {self.era!r})"
 
 
 DEVICE_IDS: Mapping[int, DeviceId] = {
@@ -258,13 +264,21 @@ def device_class(device_id: int) -> str | None:
 
 # -- feature bits ---------------------------------------------------------------
 
-@dataclass(frozen=True)
 class Feature:
-    bit: int
-    name: str  # the virtio/L4Re macro name
-    short: str  # lower-case name accepted on command lines
-    linux: str | None = None  # macro name in the Linux UAPI headers, if it differs
-    note: str = ""
+    """A feature bit: virtio/L4Re macro name, lower-case command-line name,
+    the Linux UAPI macro name where it differs, and a note."""
+
+    __slots__ = ("bit", "name", "short", "linux", "note")
+
+    def __init__(self, bit: int, name: str, short: str, linux: str | None = None, note: str = ""):
+        self.bit = bit
+        self.name = name
+        self.short = short
+        self.linux = linux
+        self.note = note
+
+    def __repr__(self) -> str:
+        return f"Feature({self.bit}, {self.name!r})"
 
 
 def _table(features: Iterable[Feature]) -> Mapping[int, Feature]:

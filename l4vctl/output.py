@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 SCHEMA_VERSION = 1
@@ -25,34 +24,44 @@ SCHEMA_VERSION = 1
 # -- the text document model ------------------------------------------------------
 
 
-@dataclass
 class Heading:
-    text: str
+    __slots__ = ("text",)
+
+    def __init__(self, text: str):
+        self.text = text
 
 
-@dataclass
 class KeyValues:
-    rows: list[tuple[str, str]]
-    indent: int = 2
+    __slots__ = ("rows", "indent")
+
+    def __init__(self, rows: list[tuple[str, str]], indent: int = 2):
+        self.rows = rows
+        self.indent = indent
 
 
-@dataclass
 class Table:
-    headers: Sequence[str]
-    rows: list[Sequence[str]]
-    align: str = ""  # one of "l"/"r" per column; default left
-    indent: int = 2
+    __slots__ = ("headers", "rows", "align", "indent")
+
+    def __init__(self, headers: Sequence[str], rows: list, align: str = "", indent: int = 2):
+        self.headers = headers
+        self.rows = rows
+        self.align = align  # one of "l"/"r" per column; default left
+        self.indent = indent
 
 
-@dataclass
 class Line:
-    text: str
-    indent: int = 0
+    __slots__ = ("text", "indent")
+
+    def __init__(self, text: str, indent: int = 0):
+        self.text = text
+        self.indent = indent
 
 
-@dataclass
 class Doc:
-    blocks: list = field(default_factory=list)
+    """A text document: headings, key/value blocks, tables and lines."""
+
+    def __init__(self):
+        self.blocks: list = []
 
     def heading(self, text: str) -> "Doc":
         self.blocks.append(Heading(text))

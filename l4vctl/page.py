@@ -7,7 +7,6 @@ Decoding goes through the fast codecs derived from the schemas in
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Iterable
 
 from l4vctl import catalog as cat
@@ -53,12 +52,20 @@ def queues_offset_for(device_id: int, abi: str) -> int:
 # -- ABI detection ---------------------------------------------------------------
 
 
-@dataclass
 class AbiChoice:
-    abi: str
-    method: str  # "explicit", "auto" or "dump-header"
-    reason: str
-    ambiguous: bool = False
+    """The ABI era used for a page, how it was chosen (explicit, auto or
+    dump-header) and why."""
+
+    __slots__ = ("abi", "method", "reason", "ambiguous")
+
+    def __init__(self, abi: str, method: str, reason: str, ambiguous: bool = False):
+        self.abi = abi
+        self.method = method
+        self.reason = reason
+        self.ambiguous = ambiguous
+
+    def __repr__(self) -> str:
+        return f"AbiChoice({self.abi!r}, {self.method!r}, {self.reason!r}, {self.ambiguous})"
 
     def to_json(self) -> dict:
         return {"method": self.method, "reason": self.reason, "ambiguous": self.ambiguous}
@@ -161,12 +168,14 @@ def cmd_info(value: int, abi: str) -> dict:
 # -- decoding ------------------------------------------------------------------------
 
 
-@dataclass
 class Decoded:
     """Everything :func:`decode_page` found; ``result`` is JSON-ready."""
 
-    result: dict
-    problems: list[str] = field(default_factory=list)
+    __slots__ = ("result", "problems")
+
+    def __init__(self, result: dict, problems: list[str]):
+        self.result = result
+        self.problems = problems
 
 
 def _queue_problems(index: int, q: dict) -> tuple[list[str], list[str]]:
@@ -285,7 +294,9 @@ def decode_page(
     elif qoff and qoff > size:
         problems.append(f"queues_offset {qoff:#x} points outside the page ({size:#x} bytes)")
 
-    limit = qoff if (nq and queues_ok) or (qoff and HEADER_SIZE < qoff <= size) else size
+    # The device config spans 0x100 up to a usable queue array, else the page end.
+    array_usable = (nq and queues_ok) or (not nq and HEADER_SIZE < qoff <= size)
+    limit = qoff if array_usable else size
     devcfg, devcfg_problems = _device_config(data, hdr["device"], abi.abi, limit)
     problems.extend(devcfg_problems)
 
@@ -304,6 +315,10 @@ def decode_page(
     extra = set(accepted["bits"]) - set(offered["bits"])
     if extra:
         notes.append("driver accepted bits the device does not offer: " + ", ".join(map(str, sorted(extra))))
+
+    for name, value in hdr.items():
+        if name.startswith("_res") and any(value):
+            notes.append(f"reserved {name} is not zero: " + " ".join(f"{v:#x}" for v in value))
 
     cmd = cmd_info(hdr["cmd"], abi.abi)
     if cmd.get("note"):

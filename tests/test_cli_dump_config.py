@@ -131,6 +131,14 @@ def test_accepted_but_not_offered_is_noted(tmp_path):
     assert any("does not offer: 5" in n for n in r["notes"])
 
 
+def test_nonzero_reserved_words_are_noted(tmp_path):
+    data = bytearray(independent_page("current"))
+    struct.pack_into("<I", data, 0x58, 0xABC)  # _res5[1]
+    r = ok_json(write(tmp_path, bytes(data)))["result"]
+    assert "reserved _res5 is not zero: 0x0 0xabc 0x0" in r["notes"]
+    assert r["header"]["_res5"] == [0, 0xABC, 0]
+
+
 def test_classic_page_with_new_era_cmd_is_noted(tmp_path):
     data = independent_page("classic", cmd=0x08000001)
     r = ok_json(write(tmp_path, data), "--abi", "classic")["result"]
