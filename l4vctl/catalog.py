@@ -502,3 +502,51 @@ def bits_of(words: Iterable[int]) -> list[int]:
             out.append(i * 32 + low.bit_length() - 1)
             w ^= low
     return out
+
+
+# -- the socket emulation's wire protocol (docs/wire-protocol.md) ---------------------
+
+WIRE_MAGIC = b"L4VW"
+WIRE_VERSION = 1
+
+# frame kinds
+KIND_HELLO = 1
+KIND_WELCOME = 2
+KIND_REQUEST = 3
+KIND_REPLY = 4
+
+KINDS = {KIND_HELLO: "HELLO", KIND_WELCOME: "WELCOME", KIND_REQUEST: "REQUEST", KIND_REPLY: "REPLY"}
+
+# roles a client asks for in HELLO
+ROLE_DRIVER = 1
+ROLE_MONITOR = 2
+ROLES = {ROLE_DRIVER: "driver", ROLE_MONITOR: "monitor"}
+
+# capability profiles
+PROFILE_FD = 1  # capabilities are file descriptors passed with SCM_RIGHTS
+
+# capability item types
+CAP_NONE = 0  # an item without a capability ("nothing was transferred")
+CAP_DATASPACE = 1  # shared memory (memfd)
+CAP_IRQ = 2  # a triggerable notification object (eventfd)
+CAP_TYPES = {CAP_NONE: "none", CAP_DATASPACE: "dataspace", CAP_IRQ: "irq"}
+
+#: l4vctl's own protocol label for the emulator's monitor interface.
+L4VCTL_PROTO_MONITOR = 0x4C56  # "LV"
+MONITOR_OP_STATS = 0
+
+MAX_FRAME = 65536
+MAX_WORDS = 256
+MAX_CAPS = 8
+
+#: Words of a monitor STATS reply: these global words, then for each queue
+#: the per-queue words, in this order.
+STATS_VERSION = 1
+STATS_GLOBAL = (
+    "stats_version", "driver_attached", "status", "generation", "kicks", "irqs_sent",
+    "regions", "device_errors", "num_queues",
+)  # fmt: skip
+STATS_QUEUE = (
+    "enabled", "num", "next_avail", "avail_idx", "avail_flags", "used_idx", "used_flags",
+    "completed", "notified",
+)  # fmt: skip

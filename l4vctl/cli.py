@@ -19,6 +19,31 @@ from l4vctl.errors import EXIT_CODES, EXIT_INTERRUPTED, L4vError
 #: name -> (module, attribute, one-line help).  The help text lives here so
 #: that ``l4vctl --help`` does not import any command module.
 COMMANDS: dict[str, tuple[str, str, str]] = {
+    "backends": (
+        "l4vctl.commands.backends",
+        "backends",
+        "List the device URL schemes and whether each is available here.",
+    ),
+    "emulate": (
+        "l4vctl.commands.emulate",
+        "emulate",
+        "Serve an emulated L4-VIRTIO device (blk, net, console, rng) on a Unix socket.",
+    ),
+    "negotiate": (
+        "l4vctl.commands.negotiate",
+        "negotiate",
+        "Run the driver handshake to DRIVER_OK and show features and status writes.",
+    ),
+    "probe": (
+        "l4vctl.commands.probe",
+        "probe",
+        "Identify a device: id, vendor, ABI, queues, offered features, status.",
+    ),
+    "queue-stats": (
+        "l4vctl.commands.queue_stats",
+        "queue_stats",
+        "Show every queue: size, addresses, ring indices, requests in flight.",
+    ),
     "dump-config": (
         "l4vctl.commands.dump_config",
         "dump_config",
@@ -98,6 +123,8 @@ def cli(ctx: click.Context, debug: bool, color: str) -> None:
     Run 'l4vctl COMMAND --help' for the options and examples of a command.
     """
     ctx.obj = Settings(debug=debug, color=color)
+    if debug:  # let embedded emulators log what they do
+        os.environ.setdefault("L4VCTL_EMU_LOG", "INFO")
 
 
 def _scan(argv: list[str]) -> tuple[bool, bool, str]:

@@ -13,7 +13,6 @@ and on failure ``"ok": false`` with ``"error": {"type", "message", "exit_code"}`
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Any, Callable, Sequence
@@ -78,6 +77,17 @@ class Doc:
     def line(self, text: str = "", indent: int = 0) -> "Doc":
         self.blocks.append(Line(text, indent))
         return self
+
+
+def flags_text(value: int, bits) -> str:
+    """lspci style: 'ACKNOWLEDGE+ DRIVER- ...', unknown bits as hex."""
+    text = " ".join(f"{name}{'+' if value & mask else '-'}" for mask, name in bits)
+    known = 0
+    for mask, _ in bits:
+        known |= mask
+    if value & ~known:
+        text += f" unknown:{value & ~known:#x}"
+    return text
 
 
 def render_plain(doc: Doc) -> str:
@@ -221,6 +231,8 @@ class Output:
 
 
 def write_json(obj: Any) -> None:
+    import json
+
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")
     sys.stdout.flush()
 

@@ -89,3 +89,41 @@ def parse_examples(epilog: str | None) -> list[tuple[str, str]]:
         elif stripped and stripped not in ("\b", "Examples:"):
             text = stripped
     return out
+
+
+DEVICE_HELP = (
+    "Device URL: emu:TYPE[?opt=value&...] (an emulator started for this command), "
+    "unix:PATH (a running 'l4vctl emulate'), dump:FILE or a plain file (a saved page). "
+    "Default: $L4VCTL_DEVICE, else emu:blk."
+)
+
+
+def device_options(f):
+    """[DEVICE] argument plus -d/--device (and L4VCTL_DEVICE)."""
+    f = click.option("-d", "--device", "device_opt", envvar="L4VCTL_DEVICE", metavar="URL", help=DEVICE_HELP)(f)
+    f = click.argument("device", required=False, metavar="[DEVICE]")(f)
+    return f
+
+
+def resolve_device(ctx: click.Context, device: str | None, device_opt: str | None) -> str:
+    """The device URL: the argument, else -d, else $L4VCTL_DEVICE, else emu:blk."""
+    from click.core import ParameterSource
+
+    from l4vctl.backends import DEFAULT_DEVICE
+    from l4vctl.errors import UsageError
+
+    from_env = ctx.get_parameter_source("device_opt") == ParameterSource.ENVIRONMENT
+    if device and device_opt and device != device_opt and not from_env:
+        raise UsageError(f"two devices given: {device!r} and -d {device_opt!r}")
+    return device or device_opt or DEFAULT_DEVICE
+
+
+def timeout_option(f):
+    return click.option(
+        "--timeout",
+        type=click.FloatRange(min=0.001),
+        default=5.0,
+        show_default=True,
+        metavar="SECONDS",
+        help="Longest wait for any answer from the device.",
+    )(f)

@@ -7,14 +7,14 @@ import sys
 import click
 
 from l4vctl.catalog import QUEUE_ENTRY_STRIDE, QUEUE_ENTRY_STRIDE_I386
-from l4vctl.commands._common import abi_option, begin, examples, json_option
+from l4vctl.commands._common import abi_option, begin, examples, json_option, timeout_option
 from l4vctl.errors import FormatError, UnavailableError, UsageError
-
-MAX_INPUT = 1 << 24  # refuse to read more than 16 MiB of input
 
 
 @click.command(
     epilog=examples(
+        ("l4vctl dump-config unix:/tmp/blk.sock", "The live page of a running emulator:"),
+        ("l4vctl dump-config unix:/tmp/blk.sock --hex -o page.hex", "Save it for later ('dump:page.hex'):"),
         ("l4vctl dump-config page.bin", "Decode a raw page saved from a device:"),
         ("l4vctl dump-config --abi classic page.hex", "Decode a hex dump as a classic-era page:"),
         ("l4vctl dump-config page.bin --hex -o page.hex", "Save a page as a hex dump that reads back:"),
@@ -24,6 +24,7 @@ MAX_INPUT = 1 << 24  # refuse to read more than 16 MiB of input
 )
 @click.argument("source", metavar="SOURCE")
 @abi_option(auto=True)
+@timeout_option
 @click.option(
     "--format",
     "fmt",
@@ -57,12 +58,13 @@ MAX_INPUT = 1 << 24  # refuse to read more than 16 MiB of input
 )
 @json_option
 @click.pass_context
-def dump_config(ctx, source, abi, fmt, offset, queue_stride, force, as_hex, as_raw, output, json_mode):
-    """Decode an L4-VIRTIO config page.
+def dump_config(ctx, source, abi, timeout, fmt, offset, queue_stride, force, as_hex, as_raw, output, json_mode):
+    """Decode an L4-VIRTIO config page, live or saved.
 
-    SOURCE is a saved config page: a raw binary file, or hex dump text as
-    written by 'dump-config --hex', 'hexdump -C' or 'xxd'.  'dump:PATH' is
-    the same as PATH; '-' reads standard input.
+    SOURCE is a device URL (emu:TYPE, unix:PATH: the page is read live,
+    without changing the device) or a saved config page: a raw binary file,
+    or hex dump text as written by 'dump-config --hex', 'hexdump -C' or
+    'xxd'.  'dump:PATH' is the same as PATH; '-' reads standard input.
 
     Shows the header (magic, version, device, vendor, status as FLAG+ FLAG-,
     generation, the cmd word decoded), features offered and accepted by name
@@ -90,15 +92,28 @@ def dump_config(ctx, source, abi, fmt, offset, queue_stride, force, as_hex, as_r
     start = _parse_offset(offset)
 
     from l4vctl import page as pg
+    from l4vctl.backends import split_url
 
-    data, stored_as, hints = load_source(source, fmt)
-    if start:
-        if start >= len(data):
-            raise FormatError(f"--offset {start:#x} is beyond the end of the input ({len(data)} bytes)")
-        data = data[start : start + pg.PAGE_SIZE]
-    pg.check_size(data)
+    scheme, _rest = split_url(source)
+    if scheme == "dump":
+        from l4vctl.backends.dump import load_source
 
-    choice = pg.choose_abi(data, abi, hints)
+        data, stored_as, hints = load_source(_rest, fmt)
+        if start:
+            if start >= len(data):
+                raise FormatError(f"--offset {start:#x} is beyond the end of the input ({len(data)} bytes)")
+            data = data[start : start + pg.PAGE_SIZE]
+        pg.check_size(data)
+        choice = pg.choose_abi(data, abi, hints)
+    else:
+        if start or fmt != "auto":
+            raise UsageError("--offset and --format apply to saved pages, not to live devices")
+        from l4vctl.session import Session
+
+        with Session(source, abi=abi, timeout=timeout, role="monitor", check=False) as s:
+            data = bytes(s.page)
+            choice = s.abi_choice
+        stored_as = "live"
     out.abi = choice.abi
     decoded = pg.decode_page(data, choice, stride=int(queue_stride))
     result = decoded.result
@@ -129,39 +144,6 @@ def _parse_offset(text: str) -> int:
     if value < 0:
         raise UsageError("--offset must not be negative")
     return value
-
-
-def load_source(source: str, fmt: str) -> tuple[bytes, str, dict]:
-    """Bytes of an offline page source, how they were stored, and hex dump hints."""
-    from l4vctl import hexdump
-
-    path = source[len("dump:") :] if source.startswith("dump:") else source
-    if not path:
-        raise UsageError("empty source path")
-    try:
-        if path == "-":
-            raw = sys.stdin.buffer.read(MAX_INPUT + 1)
-        else:
-            with open(path, "rb") as f:
-                raw = f.read(MAX_INPUT + 1)
-    except FileNotFoundError:
-        raise UnavailableError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UnavailableError(f"{path}: is a directory") from None
-    except PermissionError:
-        raise UnavailableError(f"{path}: permission denied") from None
-    except OSError as exc:
-        raise UnavailableError(f"{path}: {exc.strerror or exc}") from None
-    if len(raw) > MAX_INPUT:
-        raise FormatError(f"{path}: larger than {MAX_INPUT >> 20} MiB; not a config page")
-    if fmt == "hex" or (fmt == "auto" and hexdump.looks_like_text(raw)):
-        try:
-            text = raw.decode("ascii")
-        except UnicodeDecodeError:
-            raise FormatError(f"{path}: not a hex dump (not ASCII text)") from None
-        data, hints = hexdump.parse_hexdump(text)
-        return data, "hex", hints
-    return raw, "raw", {}
 
 
 def _save(out, data: bytes, result: dict, as_hex: bool, output: str | None) -> None:
@@ -200,16 +182,6 @@ def _save(out, data: bytes, result: dict, as_hex: bool, output: str | None) -> N
 # -- text rendering -----------------------------------------------------------------
 
 
-def _flags(value: int, bits) -> str:
-    text = " ".join(f"{name}{'+' if value & mask else '-'}" for mask, name in bits)
-    known = 0
-    for mask, _ in bits:
-        known |= mask
-    if value & ~known:
-        text += f" unknown:{value & ~known:#x}"
-    return text
-
-
 def _window_rows(hdr: dict) -> list[tuple[str, str]]:
     names = (
         "dev_features", "dev_features_sel", "driver_features", "driver_features_sel",
@@ -234,6 +206,7 @@ def _config_rows(fields: dict, prefix: str = "") -> list[tuple[str, str]]:
 def _device_config_rows(cls: str | None, fields: dict) -> list[tuple[str, str]]:
     """Rows of a decoded device config, with units where they help."""
     from l4vctl import catalog as cat
+    from l4vctl.output import flags_text
 
     shown = dict(fields)
     derived = {k: shown.pop(k) for k in ("capacity_bytes", "status_flags", "decoded") if k in shown}
@@ -243,7 +216,7 @@ def _device_config_rows(cls: str | None, fields: dict) -> list[tuple[str, str]]:
             (k, f"{v} sectors ({_size(derived['capacity_bytes'])})" if k == "capacity" else v) for k, v in rows
         ]
     elif cls == "net":
-        rows = [(k, f"{int(v):#x} {_flags(int(v), cat.NET_STATUS_BITS)}" if k == "status" else v) for k, v in rows]
+        rows = [(k, f"{int(v):#x} {flags_text(int(v), cat.NET_STATUS_BITS)}" if k == "status" else v) for k, v in rows]
     if "decoded" in derived:
         rows += _config_rows(derived["decoded"], "u as ")
     return rows
@@ -260,7 +233,7 @@ def _size(n: int) -> str:
 def render_page(r: dict):
     """The text document of a decoded page (offline or live)."""
     from l4vctl import catalog as cat
-    from l4vctl.output import Doc
+    from l4vctl.output import Doc, flags_text
 
     doc = Doc()
     hdr = r["header"]
@@ -282,7 +255,7 @@ def render_page(r: dict):
     elif cmd["command"]:
         cmd_text = f"{cmd['value']:#010x} {cmd['command']} argument {cmd['argument']:#x}"
         if "status" in cmd:
-            cmd_text += f" ({_flags(cmd['status']['value'], cat.STATUS_BITS)})"
+            cmd_text += f" ({flags_text(cmd['status']['value'], cat.STATUS_BITS)})"
     else:
         cmd_text = f"{cmd['value']:#010x} unknown command byte {cmd['command_byte']:#04x}"
     rows = [
@@ -290,10 +263,10 @@ def render_page(r: dict):
         ("version", str(hdr["version"])),
         ("device", f"{hdr['device']} {r['device']['name']}"),
         ("vendor", f"{vendor['id']:#x}" + (f" {vendor['name']}" if vendor["name"] else "")),
-        ("status", f"{hdr['status']:#04x} {_flags(hdr['status'], cat.STATUS_BITS)}"),
+        ("status", f"{hdr['status']:#04x} {flags_text(hdr['status'], cat.STATUS_BITS)}"),
         ("generation", str(hdr["generation"])),
         ("cmd", cmd_text),
-        ("irq_status", f"{hdr['irq_status']:#x} {_flags(hdr['irq_status'], cat.IRQ_STATUS_BITS)}"),
+        ("irq_status", f"{hdr['irq_status']:#x} {flags_text(hdr['irq_status'], cat.IRQ_STATUS_BITS)}"),
         ("num_queues", str(hdr["num_queues"])),
         ("queues_offset", f"{hdr['queues_offset']:#x}"),
         ("cfg_driver_notify_index", str(hdr["cfg_driver_notify_index"])),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from l4vctl.catalog import ABIS, QUEUE_ENTRY_STRIDE, QUEUE_ENTRY_STRIDE_I386
-from l4vctl.formats import cmd, devcfg, header, ring
+from l4vctl.formats import cmd, devcfg, header, ring, wire
 
 
 def fixed_schemas() -> dict:
@@ -30,6 +30,9 @@ def fixed_schemas() -> dict:
             for abi in ABIS:
                 out[f"{name}@{abi}"] = per_abi[abi]
     out.update(devcfg.REQUESTS)
+    out["wire_frame_header"] = wire.frame_header
+    out["wire_cap_item"] = wire.cap_item
+    out["wire_word"] = wire.wire_word
     return out
 
 
@@ -56,4 +59,6 @@ def layout_structs(abi: str, num: int = 256, stride: int = QUEUE_ENTRY_STRIDE) -
     for _cls, (name, per_abi) in devcfg.DEVICE_CONFIGS.items():
         out[name] = per_abi[abi]
     out.update(devcfg.REQUESTS)
+    out["wire_frame_header"] = wire.frame_header
+    out["wire_cap_item"] = wire.cap_item
     return out

@@ -1,0 +1,142 @@
+"""How a session reaches a device: backends chosen by a device URL.
+
+A URL is ``SCHEME:REST``.  Built-in schemes are listed in :data:`SCHEMES`;
+other packages may add schemes through the ``l4vctl.backends`` entry-point
+group (``name = "package.module:Class"``).  Listing the schemes imports none
+of their modules.  An unknown scheme is a usage error; a known scheme that
+cannot work on this machine is "unavailable".
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+
+from l4vctl.errors import UnavailableError, UsageError
+
+ENTRY_POINT_GROUP = "l4vctl.backends"
+DEFAULT_DEVICE = "emu:blk"
+
+#: scheme -> (module, class, usage, description)
+SCHEMES: dict[str, tuple[str, str, str, str]] = {
+    "emu": (
+        "l4vctl.backends.emu",
+        "EmuBackend",
+        "emu:TYPE[?OPT=VALUE&...]",
+        "an emulator started for this command alone (types: blk, net, console, rng)",
+    ),
+    "unix": (
+        "l4vctl.backends.unix",
+        "UnixBackend",
+        "unix:PATH",
+        "a running emulator ('l4vctl emulate TYPE --socket PATH')",
+    ),
+    "dump": (
+        "l4vctl.backends.dump",
+        "DumpBackend",
+        "dump:FILE",
+        "a saved config page, raw or hex dump (read-only: no handshake)",
+    ),
+}
+
+_SCHEME = re.compile(r"^([a-z][a-z0-9+.-]*):(.*)$", re.S)
+
+
+def _plugins() -> dict[str, str]:
+    """Schemes added by other packages: name -> "module:attr" (nothing imported)."""
+    from importlib.metadata import entry_points
+
+    try:
+        eps = entry_points(group=ENTRY_POINT_GROUP)
+    except Exception:  # noqa: BLE001 - broken metadata must not break l4vctl
+        return {}
+    return {ep.name: ep.value for ep in eps if ep.name not in SCHEMES}
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """``(scheme, rest)`` of a device URL; a plain path means ``dump:``."""
+    if not url:
+        raise UsageError("empty device URL")
+    m = _SCHEME.match(url)
+    if m:
+        scheme, rest = m.group(1), m.group(2)
+        if scheme in SCHEMES or scheme in _plugins():
+            return scheme, rest
+        if os.path.exists(url):
+            return "dump", url
+        known = ", ".join(sorted({*SCHEMES, *_plugins()}))
+        raise UsageError(f"unknown device scheme {scheme!r} in {url!r}", hint=f"schemes: {known}")
+    return "dump", url
+
+
+def backend_class(scheme: str):
+    if scheme in SCHEMES:
+        module, attr, _usage, _desc = SCHEMES[scheme]
+        return getattr(importlib.import_module(module), attr)
+    plugin = _plugins().get(scheme)
+    if plugin is None:
+        raise UsageError(f"unknown device scheme {scheme!r}")
+    module, _, attr = plugin.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except Exception as exc:  # noqa: BLE001
+        raise UnavailableError(f"backend {scheme!r} ({plugin}) cannot be loaded: {exc}") from None
+
+
+def open_backend(url: str):
+    """The backend object for a device URL (not yet connected)."""
+    scheme, rest = split_url(url)
+    cls = backend_class(scheme)
+    ok, why = cls.available()
+    if not ok:
+        raise UnavailableError(f"{scheme}: backend not available here: {why}")
+    return cls(url, rest)
+
+
+def list_backends() -> list[dict]:
+    """Every scheme with its availability (built-ins are checked cheaply)."""
+    out = []
+    for scheme, (_module, _attr, usage, desc) in SCHEMES.items():
+        ok, why = _builtin_available(scheme)
+        out.append({"scheme": scheme, "usage": usage, "description": desc, "available": ok,
+                    "reason": why, "source": "built-in"})  # fmt: skip
+    for scheme, value in sorted(_plugins().items()):
+        out.append({"scheme": scheme, "usage": f"{scheme}:...", "description": f"plugin {value}",
+                    "available": None, "reason": "not checked (plugins are not imported for listing)",
+                    "source": "plugin"})  # fmt: skip
+    return out
+
+
+def _builtin_available(scheme: str) -> tuple[bool, str]:
+    import socket
+
+    if scheme == "dump":
+        return True, ""
+    if not hasattr(os, "memfd_create") or not hasattr(os, "eventfd"):
+        return False, "needs Linux memfd and eventfd"
+    if not hasattr(socket, "SOCK_SEQPACKET"):
+        return False, "needs AF_UNIX SOCK_SEQPACKET sockets"
+    return True, ""
+
+
+class Backend:
+    """Base of every backend: a URL that names one device."""
+
+    scheme = ""
+    live = True  # False: no handshake possible (a saved page)
+
+    def __init__(self, url: str, target: str):
+        self.url = url
+        self.target = target
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        return _builtin_available(cls.scheme)
+
+    def connect(self, role: str = "driver", timeout: float = 5.0):
+        """A Channel to the device in the given role ('driver' or 'monitor')."""
+        raise UnavailableError(f"{self.url}: cannot be connected to")
+
+    def close(self) -> None:
+        """Release what the backend holds (processes, files)."""

@@ -1,0 +1,56 @@
+"""``dump:FILE`` — a saved config page (raw bytes or hex dump), read-only."""
+
+from __future__ import annotations
+
+import sys
+
+from l4vctl.backends import Backend
+from l4vctl.errors import FormatError, UnavailableError, UsageError
+
+MAX_INPUT = 1 << 24  # refuse to read more than 16 MiB of input
+
+
+class DumpBackend(Backend):
+    scheme = "dump"
+    live = False
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        return True, ""
+
+    def load(self, fmt: str = "auto") -> tuple[bytes, str, dict]:
+        """The page bytes, how they were stored ('raw'/'hex') and hex dump hints."""
+        return load_source(self.target, fmt)
+
+
+def load_source(source: str, fmt: str) -> tuple[bytes, str, dict]:
+    """Bytes of an offline page source, how they were stored, and hex dump hints."""
+    from l4vctl import hexdump
+
+    path = source[len("dump:") :] if source.startswith("dump:") else source
+    if not path:
+        raise UsageError("empty source path")
+    try:
+        if path == "-":
+            raw = sys.stdin.buffer.read(MAX_INPUT + 1)
+        else:
+            with open(path, "rb") as f:
+                raw = f.read(MAX_INPUT + 1)
+    except FileNotFoundError:
+        raise UnavailableError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UnavailableError(f"{path}: is a directory") from None
+    except PermissionError:
+        raise UnavailableError(f"{path}: permission denied") from None
+    except OSError as exc:
+        raise UnavailableError(f"{path}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_INPUT:
+        raise FormatError(f"{path}: larger than {MAX_INPUT >> 20} MiB; not a config page")
+    if fmt == "hex" or (fmt == "auto" and hexdump.looks_like_text(raw)):
+        try:
+            text = raw.decode("ascii")
+        except UnicodeDecodeError:
+            raise FormatError(f"{path}: not a hex dump (not ASCII text)") from None
+        data, hints = hexdump.parse_hexdump(text)
+        return data, "hex", hints
+    return raw, "raw", {}

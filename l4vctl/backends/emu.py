@@ -1,0 +1,162 @@
+"""``emu:TYPE[?OPT=VALUE&...]`` — an emulator started for one command.
+
+The device is built in this process (so that bad options are reported
+here), then a child process forked from this one serves it over one end of
+a socket pair while the session talks through the other.  The child ends
+when the connection closes; :meth:`EmuBackend.close` reaps it and kills it
+if it does not end in time.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+from urllib.parse import parse_qsl
+
+from l4vctl.backends import Backend
+from l4vctl.backends.unix import SocketChannel
+from l4vctl.errors import UnavailableError, UsageError
+
+REAP_TIMEOUT = 2.0
+
+
+def parse_emu_target(target: str) -> tuple[str, dict[str, str]]:
+    kind, _, query = target.partition("?")
+    if not kind:
+        raise UsageError("emu: needs a device type (emu:blk, emu:net, emu:console, emu:rng)")
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise UsageError(f"emu:{target}: options must look like ?size=64M&abi=classic") from None
+    return kind, dict(pairs)
+
+
+def build_device(kind: str, raw: dict[str, str]):
+    """Model and device from a type and raw options; usage errors for bad ones."""
+    from l4vctl.emulator.device import Device
+    from l4vctl.emulator.models import model_class, parse_options
+
+    options = parse_options(kind, raw)
+    model = model_class(kind)(options)
+    if model.num_queues() < model.MIN_QUEUES:
+        raise UsageError(f"{kind}: needs at least {model.MIN_QUEUES} queues")
+    try:
+        return Device(model)
+    except ValueError as exc:
+        model.close()
+        raise UsageError(f"{kind}: {exc}") from None
+
+
+class EmuBackend(Backend):
+    scheme = "emu"
+
+    def __init__(self, url: str, target: str):
+        super().__init__(url, target)
+        self.kind, self.options = parse_emu_target(target)
+        self.pid: int | None = None
+        self.exit_status: int | None = None
+        self._used = False
+
+    def connect(self, role: str = "driver", timeout: float = 5.0) -> SocketChannel:
+        if self._used:
+            raise UnavailableError(f"{self.url}: an embedded emulator serves one connection")
+        self._used = True
+        device = build_device(self.kind, self.options)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            ours.close()
+            theirs.close()
+            device.close()
+            raise UnavailableError(f"cannot start the emulator: {exc.strerror}") from None
+        if pid == 0:  # the child: serve, then leave without running the parent's cleanups
+            code = 0
+            try:
+                ours.close()
+                code = _serve_child(device, theirs)
+            except BaseException:  # noqa: BLE001 - report, then leave
+                import traceback
+
+                traceback.print_exc()
+                code = 1
+            finally:
+                os._exit(code)
+        self.pid = pid
+        theirs.close()
+        device.close()  # the child holds its own copies
+        try:
+            return SocketChannel(ours, self.url, role, timeout, self._why_dead)
+        except BaseException:
+            ours.close()
+            self.close()
+            raise
+
+    def _why_dead(self) -> str | None:
+        if self.pid is None:
+            return None
+        deadline = time.monotonic() + 0.2
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.pid = None
+                self.exit_status = os.waitstatus_to_exitcode(status)
+                return f"the emulator exited with status {self.exit_status}"
+            time.sleep(0.005)
+        return None
+
+    def close(self) -> None:
+        """Reap the emulator process (it ends when its connection closes)."""
+        if self.pid is None:
+            return
+        if not _wait_exit(self.pid, REAP_TIMEOUT):
+            os.kill(self.pid, signal.SIGKILL)
+        _pid, status = os.waitpid(self.pid, 0)
+        self.exit_status = os.waitstatus_to_exitcode(status)
+        self.pid = None
+
+
+def _wait_exit(pid: int, timeout: float) -> bool:
+    """Wait until the process ``pid`` (our child) has exited; False on timeout."""
+    if hasattr(os, "pidfd_open"):
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            fd = -1
+        if fd >= 0:
+            import select
+
+            try:
+                p = select.poll()
+                p.register(fd, select.POLLIN)
+                return bool(p.poll(int(timeout * 1000)))
+            finally:
+                os.close(fd)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+            return True
+        time.sleep(0.002)
+    return False
+
+
+def _serve_child(device, conn: socket.socket) -> int:
+    from l4vctl.emulator.server import Server
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and closes the socket
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    from l4vctl.emulator import log
+
+    log.configure(os.environ.get("L4VCTL_EMU_LOG", "ERROR"), f"l4vctl emu:{device.model.KIND}")
+    server = Server(device, connection=conn)
+    try:
+        server.serve()
+    finally:
+        server.close()
+        device.close()
+    return 0

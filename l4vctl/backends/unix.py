@@ -1,0 +1,163 @@
+"""``unix:PATH`` — a running emulator, reached over an AF_UNIX SOCK_SEQPACKET socket."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import time
+
+from l4vctl import catalog as cat
+from l4vctl import wire
+from l4vctl.backends import Backend
+from l4vctl.caps import close_fds
+from l4vctl.errors import ProtocolError, TimeoutExpired, UnavailableError
+
+ROLE_CODES = {"driver": cat.ROLE_DRIVER, "monitor": cat.ROLE_MONITOR}
+#: Seconds to poll for a reply before sleeping (replies usually take tens of microseconds).
+REPLY_SPIN = 200e-6
+
+
+class Response:
+    """A reply: result code, output words, capability items and their fds."""
+
+    __slots__ = ("result", "words", "caps", "fds")
+
+    def __init__(self, result: int, words, caps, fds):
+        self.result = result
+        self.words = words
+        self.caps = caps
+        self.fds = fds
+
+    def fd(self, index: int = 0, kind: int | None = None) -> int:
+        """Take the descriptor of capability ``index`` (the caller now owns it)."""
+        cap = self.caps[index] if index < len(self.caps) else None
+        if cap is None or (kind is not None and cap.type != kind) or not 0 <= cap.handle < len(self.fds):
+            raise ProtocolError(f"reply lacks the expected {cat.CAP_TYPES.get(kind, 'capability')} item")
+        fd = self.fds[cap.handle]
+        self.fds[cap.handle] = -1
+        return fd
+
+    def close(self) -> None:
+        close_fds(fd for fd in self.fds if fd >= 0)
+        self.fds = []
+
+
+_OP_NAMES = {**cat.VIRTIO_OPCODES["classic"], **cat.VIRTIO_OPCODES["current"]}
+
+
+def describe_op(label: int, opcode: int) -> str:
+    if label == cat.L4VIRTIO_PROTOCOL:
+        return _OP_NAMES.get(opcode, f"opcode {opcode}")
+    if label == cat.L4_PROTO_IRQ:
+        return "ICU " + cat.ICU_OPCODES.get(opcode, str(opcode))
+    return f"label {label} opcode {opcode}"
+
+
+class SocketChannel:
+    """One connection to an emulator: HELLO, then request/reply calls."""
+
+    def __init__(self, sock: socket.socket, name: str, role: str, timeout: float, exit_status=None):
+        self.sock = sock
+        self.name = name
+        self.timeout = timeout
+        self.seq = 0
+        self._exit_status = exit_status  # callable giving why the peer ended, if known
+        self._hello(ROLE_CODES[role])
+
+    def _dead(self, what: str) -> UnavailableError:
+        why = self._exit_status() if self._exit_status else None
+        return UnavailableError(f"{self.name}: the device closed the connection {what}" + (f" ({why})" if why else ""))
+
+    def _hello(self, role: int) -> None:
+        self.seq += 1
+        data = wire.encode(cat.KIND_HELLO, self.seq, 0, 0, [cat.WIRE_VERSION, cat.WIRE_VERSION, role, cat.PROFILE_FD])
+        try:
+            wire.send(self.sock, data)
+            frame = wire.recv(self.sock, self.timeout, any_version=True)
+        except wire.Closed:
+            raise self._dead("during HELLO") from None
+        except TimeoutError:
+            raise TimeoutExpired(f"{self.name}: no answer to HELLO within {self.timeout:g} s") from None
+        except wire.WireError as exc:
+            raise ProtocolError(f"{self.name}: not an l4vctl emulator ({exc})") from None
+        except OSError as exc:
+            raise UnavailableError(f"{self.name}: {exc.strerror or exc}") from None
+        frame.close_fds()
+        if frame.kind != cat.KIND_WELCOME:
+            raise ProtocolError(f"{self.name}: expected WELCOME, got frame kind {frame.kind}")
+        if frame.label == -cat.L4_EBUSY:
+            raise UnavailableError(f"{self.name}: device busy: another driver is attached")
+        version = frame.words[0] if frame.words else 0
+        if frame.label == -cat.L4_EBADPROTO or version != cat.WIRE_VERSION:
+            raise ProtocolError(
+                f"{self.name}: the emulator speaks wire protocol {version}, l4vctl speaks {cat.WIRE_VERSION}"
+            )
+        if frame.label != 0:
+            raise ProtocolError(f"{self.name}: HELLO refused with {cat.l4_error_name(frame.label)}")
+
+    def call(self, label: int, opcode: int, words=(), caps=(), fds=(), timeout: float | None = None) -> Response:
+        """One IPC: send the request, wait for its reply (``timeout`` seconds)."""
+        self.seq = (self.seq + 1) & 0xFFFFFFFF
+        seq = self.seq
+        data = wire.encode(cat.KIND_REQUEST, seq, label, opcode, words, caps)
+        timeout = self.timeout if timeout is None else timeout
+        try:
+            wire.send(self.sock, data, fds)
+        except OSError as exc:
+            if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                raise self._dead(f"before {describe_op(label, opcode)}") from None
+            raise UnavailableError(f"{self.name}: {exc.strerror or exc}") from None
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                frame = wire.recv(self.sock, max(left, 0), spin=REPLY_SPIN)
+            except TimeoutError:
+                raise TimeoutExpired(
+                    f"{self.name}: no reply to {describe_op(label, opcode)} within {timeout:g} s"
+                ) from None
+            except wire.Closed:
+                raise self._dead(f"while waiting for {describe_op(label, opcode)}") from None
+            except wire.WireError as exc:
+                raise ProtocolError(f"{self.name}: malformed reply to {describe_op(label, opcode)}: {exc}") from None
+            except ConnectionResetError:
+                raise self._dead(f"while waiting for {describe_op(label, opcode)}") from None
+            if frame.kind == cat.KIND_REPLY and frame.seq == seq:
+                return Response(frame.label, frame.words, frame.caps, frame.fds)
+            frame.close_fds()  # a stale reply (an earlier call timed out): skip it
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+class UnixBackend(Backend):
+    scheme = "unix"
+
+    def connect(self, role: str = "driver", timeout: float = 5.0) -> SocketChannel:
+        path = self.target
+        if not path:
+            raise UnavailableError("unix: needs a socket path (unix:/run/dev.sock)")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            sock.settimeout(None)
+        except FileNotFoundError:
+            sock.close()
+            raise UnavailableError(f"{path}: no such socket (is 'l4vctl emulate' running?)") from None
+        except ConnectionRefusedError:
+            sock.close()
+            raise UnavailableError(f"{path}: connection refused (no emulator is listening)") from None
+        except socket.timeout:
+            sock.close()
+            raise TimeoutExpired(f"{path}: connecting took longer than {timeout:g} s") from None
+        except OSError as exc:
+            sock.close()
+            raise UnavailableError(f"{path}: {exc.strerror or exc}") from None
+        try:
+            return SocketChannel(sock, path, role, timeout)
+        except BaseException:
+            sock.close()
+            raise

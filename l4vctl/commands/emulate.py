@@ -1,0 +1,158 @@
+"""``l4vctl emulate``: serve an emulated L4-VIRTIO device on a Unix socket."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from l4vctl.commands._common import begin, examples, json_option
+from l4vctl.errors import UsageError
+
+
+def _model_options():
+    """click options for every model option (valid for the types that have it)."""
+    from l4vctl.emulator.models import MODELS, model_class
+
+    seen: dict[str, tuple] = {}
+    for kind in MODELS:
+        for opt in model_class(kind).OPTIONS:
+            if opt.name in seen:
+                seen[opt.name][1].append(kind)
+            else:
+                seen[opt.name] = (opt, [kind])
+    decorators = []
+    for name, (opt, kinds) in seen.items():
+        flag = "--" + name.replace("_", "-")
+        label = "/".join(kinds)
+        if isinstance(opt.default, bool):
+            decorators.append(click.option(flag, name, is_flag=True, default=None, help=f"[{label}] {opt.help}"))
+        else:
+            decorators.append(click.option(flag, name, default=None, metavar="VALUE",
+                                           help=f"[{label}] {opt.help}"))  # fmt: skip
+    return list(seen), decorators
+
+
+_MODEL_OPTION_NAMES, _MODEL_DECORATORS = _model_options()
+
+
+def _apply(decorators):
+    def wrap(f):
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+
+    return wrap
+
+
+@click.command(
+    epilog=examples(
+        ("l4vctl emulate blk --socket /tmp/blk.sock", "Serve a 64 MiB block device:"),
+        ("l4vctl probe unix:/tmp/blk.sock", "Then, from another shell:"),
+        ("l4vctl emulate net --socket /tmp/net.sock --abi classic --cmd-mode", "A classic-era net device in cmd mode:"),
+        ("l4vctl emulate blk --socket /tmp/bad.sock --inject refuse-features-ok", "A device that refuses FEATURES_OK:"),
+    ),
+    context_settings={"max_content_width": 100},
+)
+@click.argument("kind", metavar="TYPE", type=click.Choice(["blk", "net", "console", "rng"]))
+@click.option("--socket", "socket_path", required=True, metavar="PATH", help="Unix socket to listen on (mode 0600).")
+@click.option("--abi", type=click.Choice(["classic", "current"]), default="current", show_default=True,
+              help="Header layout era of the emulated device.")  # fmt: skip
+@click.option("--cmd-mode", is_flag=True, help="Offer L4VIRTIO_FEATURE_CMD_CONFIG: status and queue setup via cmd.")
+@click.option("--queues", type=click.IntRange(1, 64), default=None, help="Number of queues (default: the type's).")
+@click.option("--num-max", type=click.IntRange(1, 32768), default=None, help="Largest queue size offered.")
+@click.option("--feature", "features", multiple=True, metavar="NAME",
+              help="Offer an extra feature bit (name or number); repeatable.")  # fmt: skip
+@click.option("--inject", multiple=True, metavar="FAULT",
+              help="Inject a fault to test drivers (see below); repeatable.")  # fmt: skip
+@click.option("--ds-offset", default=None, metavar="BYTES", help="Offset of the config page in its dataspace.")
+@click.option("--max-regions", default=None, metavar="N", help="Size of the REGISTER_DS region table (default 8).")
+@click.option("--vendor", default=None, metavar="ID", help="Vendor id in the header (default 0x44).")
+@_apply(_MODEL_DECORATORS)
+@click.option("-v", "--verbose", count=True, help="Log every request (-v) and more (-vv).")
+@click.option("-q", "--quiet", is_flag=True, help="Log only errors.")
+@json_option
+@click.pass_context
+def emulate(ctx, kind, socket_path, abi, cmd_mode, queues, num_max, features, inject, ds_offset, max_regions,
+            vendor, verbose, quiet, json_mode, **model_opts):  # fmt: skip
+    """Serve an emulated L4-VIRTIO device on a Unix socket.
+
+    The device follows the rules of L4Re's device side: the status state
+    machine, feature publication on reset, CONFIG_QUEUE and REGISTER_DS
+    checks, cmd-word processing, irq_status.  Point any l4vctl command at it
+    with 'unix:PATH'.  One driver at a time (a second gets -L4_EBUSY);
+    monitors such as 'queue-stats' may watch.  When the driver disconnects,
+    the device is reset for the next one.  SIGTERM or Ctrl-C stop it and
+    remove the socket.
+
+    When the device is ready, its URL is printed on stdout (with --json: an
+    envelope), so scripts can wait for that line.
+
+    \b
+    Faults for --inject:
+      refuse-features-ok         never accept FEATURES_OK
+      never-clear-cmd            never consume a cmd word
+      needs-reset-on-driver-ok   answer DRIVER_OK with DEVICE_NEEDS_RESET
+      die-on-status=N            exit when status N is written
+      no-reply=OP                never reply to L4-VIRTIO opcode OP
+      queues-offset-outside      publish a queue array outside the page
+      bad-magic                  publish a wrong magic value
+    """
+    out = begin(ctx, "emulate", json_mode)
+    out.abi = abi
+    from l4vctl.backends.emu import build_device
+    from l4vctl.emulator.server import Server, listen
+
+    raw: dict[str, object] = {"abi": abi, "cmd_mode": cmd_mode}
+    for key, value in (("queues", queues), ("num_max", num_max), ("ds_offset", ds_offset),
+                       ("max_regions", max_regions), ("vendor", vendor)):  # fmt: skip
+        if value is not None:
+            raw[key] = value
+    if features:
+        raw["features"] = ",".join(features)
+    if inject:
+        raw["inject"] = ",".join(inject)
+    from l4vctl.emulator.models import model_class
+
+    valid = {o.name for o in model_class(kind).OPTIONS}
+    for name, value in model_opts.items():
+        if value is None:
+            continue
+        if name not in valid:
+            raise UsageError(f"--{name.replace('_', '-')} is not an option of {kind} devices")
+        raw[name] = value
+    device = build_device(kind, raw)
+    from l4vctl.emulator import log
+
+    level = log.ERROR if quiet else (log.WARNING, log.INFO, log.DEBUG)[min(verbose, 2)]
+    log.configure(level, f"l4vctl emulate {kind}")
+    try:
+        listener = listen(socket_path)
+    except BaseException:
+        device.close()
+        raise
+    server = Server(device, listener=listener, path=socket_path)
+    server.install_signal_handlers()
+    url = f"unix:{socket_path}"
+    out.device = url
+    result = {
+        "url": url,
+        "socket": os.path.abspath(socket_path),
+        "pid": os.getpid(),
+        "type": kind,
+        "abi": abi,
+        "device_id": device.model.DEVICE_ID,
+        "cmd_mode": device.cmd_mode,
+        "num_queues": device.num_queues,
+        "offered": sorted(device.offered),
+    }
+    out.emit(result, lambda: url + "\n")
+    if not quiet:
+        from l4vctl.output import info
+
+        info(f"emulating {device.model.describe()} ({abi} ABI{', cmd mode' if device.cmd_mode else ''}) on {url}")
+    try:
+        server.serve()
+    finally:
+        server.close()
+        device.close()

@@ -1,0 +1,505 @@
+"""The device side of L4-VIRTIO: config page, status machine, queues, cmd, IRQs.
+
+This follows the rules of L4Re's generic device (protocol notes §3 and §5):
+the status state machine with its ordering check and feature acceptance,
+feature publication on reset, CONFIG_QUEUE validation, REGISTER_DS with all
+its checks, cmd-word processing and ``irq_status``.  Where L4Re skips a
+check that matters for robustness, the emulator checks it and logs that it
+does.  Every field the driver may read concurrently is written with one
+store through a typed memoryview.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+from l4vctl import catalog as cat
+from l4vctl.emulator import log
+from l4vctl import page as pg
+from l4vctl.caps import PAGE, RIGHT_W, Dataspace, Irq, fd_kind
+from l4vctl.formats.fast import ring as ring_geometry
+
+
+EOK = 0
+EIO = -cat.L4_EIO
+EINVAL = -cat.L4_EINVAL
+ERANGE = -cat.L4_ERANGE
+ENOMEM = -cat.L4_ENOMEM
+ENOSYS = -cat.L4_ENOSYS
+EMSGTOOSHORT = -cat.L4_EMSGTOOSHORT
+
+FAIL = cat.STATUS_FAIL_MASK
+ACK_DRIVER = cat.STATUS_ACKNOWLEDGE | cat.STATUS_DRIVER
+
+
+def _round_up(value: int, align: int) -> int:
+    return -(-value // align) * align
+
+
+class Region:
+    """A registered dataspace region as the device sees it."""
+
+    __slots__ = ("base", "size", "writable", "mm", "view")
+
+    def __init__(self, base: int, size: int, writable: bool, mm: mmap.mmap):
+        self.base = base
+        self.size = size
+        self.writable = writable
+        self.mm = mm
+        self.view = memoryview(mm)
+
+    def contains(self, addr: int, length: int) -> bool:
+        return self.base <= addr and addr + length <= self.base + self.size
+
+    def close(self) -> None:
+        try:
+            self.view.release()
+            self.mm.close()
+        except BufferError:
+            pass  # a ring view still refers to it; the mapping goes with the last view
+
+
+class Queue:
+    """Device-side state of one virtqueue."""
+
+    __slots__ = (
+        "index", "enabled", "num", "desc_addr", "avail_addr", "used_addr", "desc", "avail",
+        "used_hdr", "used_ring", "used_event_view", "avail_event_view", "next_avail",
+        "completed", "notified", "regions",
+    )  # fmt: skip
+
+    def __init__(self, index: int):
+        self.index = index
+        self.completed = 0
+        self.notified = 0
+        self.disable()
+
+    def disable(self) -> None:
+        self.enabled = False
+        self.num = 0
+        self.desc_addr = self.avail_addr = self.used_addr = 0
+        self.desc = self.avail = self.used_hdr = self.used_ring = None
+        self.used_event_view = self.avail_event_view = None
+        self.next_avail = 0
+
+    def snapshot(self) -> dict:
+        """Ring indices as the monitor shows them (0 while disabled)."""
+        if not self.enabled:
+            return {"avail_idx": 0, "avail_flags": 0, "used_idx": 0, "used_flags": 0}
+        return {
+            "avail_idx": self.avail[1],
+            "avail_flags": self.avail[0],
+            "used_idx": self.used_hdr[1],
+            "used_flags": self.used_hdr[0],
+        }
+
+
+class Device:
+    """One emulated L4-VIRTIO device serving a model."""
+
+    def __init__(self, model):
+        opts = model.options
+        self.model = model
+        model.device = self
+        self.abi = opts["abi"]
+        self.cmd_mode = opts["cmd_mode"]
+        self.faults = dict(opts["inject"])
+        self.max_regions = opts["max_regions"]
+        self.ds_offset = opts["ds_offset"]
+        if self.ds_offset % PAGE:
+            raise ValueError(f"ds_offset {self.ds_offset:#x} is not a multiple of the page size")
+        self.hc = pg.header_codec(self.abi)
+        self.qc = pg.queue_codec()
+        self.offered = self._offered_bits()
+        self.offered_words = pg.feature_words(self.abi, self.offered)
+        self.num_queues_cfg = model.num_queues()
+        self.num_max = model.num_max()
+
+        self.config_ds = Dataspace.create(f"l4vctl-{model.KIND}-config", self.ds_offset + cat.PAGE_SIZE)
+        self._page_map = self.config_ds.map()
+        page = memoryview(self._page_map)[self.ds_offset : self.ds_offset + cat.PAGE_SIZE]
+        self.page = page
+        self.w16 = page.cast("H")
+        self.w32 = page.cast("I")
+        self.w64 = page.cast("Q")
+        self.kick_irq = Irq.create()  # the device IRQ drivers trigger (GET_DEVICE_IRQ 0)
+        self.driver_irq: Irq | None = None  # bound with ICU bind
+        self.regions: list[Region] = []
+        self.status = 0  # the trusted copy
+        self.kicks = 0
+        self.irqs_sent = 0
+        self.device_errors = 0
+        self._build_page()
+        self.queues = [Queue(i) for i in range(self.num_queues)]
+
+    # -- page ------------------------------------------------------------------------
+
+    def _offered_bits(self) -> set[int]:
+        m = self.model
+        bits = set(m.features()) | {cat.VERSION_1_BIT}
+        if self.cmd_mode:
+            bits.add(cat.CMD_CONFIG_BIT[self.abi])
+        table = cat.feature_table(self.abi, m.DEVICE_ID)
+        by_name = {}
+        for f in table.values():
+            by_name[f.short] = by_name[f.name.lower()] = f.bit
+        for item in m.options["features"]:
+            if isinstance(item, int) or str(item).isdigit():
+                bits.add(int(item))
+            elif str(item).lower() in by_name:
+                bits.add(by_name[str(item).lower()])
+            else:
+                raise ValueError(f"unknown feature {item!r} for a {m.KIND} device")
+        words = 32 * self.hc.fields["dev_features_map"][3]
+        bad = [b for b in bits if b >= words]
+        if bad:
+            raise ValueError(f"feature bits {bad} do not fit the {self.abi} map ({words} bits)")
+        return bits
+
+    def _build_page(self) -> None:
+        m = self.model
+        built = pg.build_page(
+            self.abi,
+            m.DEVICE_ID,
+            vendor=m.options["vendor"],
+            features=self.offered,
+            device_config=m.config(),
+            num_queues=self.num_queues_cfg,
+            num_max=self.num_max,
+        )
+        self.page[:] = built
+        self.num_queues = self.get("num_queues")
+        self.queues_offset = self.get("queues_offset")
+        if self.num_queues < self.num_queues_cfg:
+            log.warning("queue array does not fit the page: the device publishes no queues")
+        if self.faults.get("queues-offset-outside"):
+            self.queues_offset = cat.PAGE_SIZE - 8
+            self.set("queues_offset", self.queues_offset)
+        if self.faults.get("bad-magic"):
+            self.set("magic", 0x56495254)
+
+    def _field(self, name: str):
+        return self.hc.fields[name]
+
+    def get(self, name: str) -> int:
+        off, size, _fmt, _count = self.hc.fields[name]
+        return self.w32[off >> 2] if size == 4 else self.w64[off >> 3]
+
+    def set(self, name: str, value: int) -> None:
+        off, size, _fmt, _count = self.hc.fields[name]
+        if size == 4:
+            self.w32[off >> 2] = value & 0xFFFFFFFF
+        else:
+            self.w64[off >> 3] = value & 0xFFFFFFFFFFFFFFFF
+
+    def get_words(self, name: str) -> list[int]:
+        off, _size, _fmt, count = self.hc.fields[name]
+        return list(self.w32[off >> 2 : (off >> 2) + count])
+
+    def set_words(self, name: str, words: list[int]) -> None:
+        off, _size, _fmt, count = self.hc.fields[name]
+        for i in range(count):
+            self.w32[(off >> 2) + i] = words[i] if i < len(words) else 0
+
+    def queue_entry(self, index: int) -> dict:
+        return self.qc.unpack(self.page, self.queues_offset + index * cat.QUEUE_ENTRY_STRIDE)
+
+    def _queue_store(self, index: int, name: str, value: int) -> None:
+        off, size, _fmt, _count = self.qc.fields[name]
+        pos = self.queues_offset + index * cat.QUEUE_ENTRY_STRIDE + off
+        if size == 2:
+            self.w16[pos >> 1] = value
+        else:
+            self.w64[pos >> 3] = value
+
+    def _store_status(self, value: int) -> None:
+        self.status = value & 0xFF
+        self.set("status", self.status)
+
+    # -- reset and status (§5.1) --------------------------------------------------------
+
+    def reset(self) -> None:
+        """Driver-initiated reset: model hook, header restore, generation + 1."""
+        self.model.reset()
+        for q in self.queues:
+            q.disable()
+            if self._array_ok():
+                self._queue_store(q.index, "num_max", self.num_max)
+                self._queue_store(q.index, "num", 0)
+                self._queue_store(q.index, "ready", 0)
+                self._queue_store(q.index, "device_notify_index", 0)
+        self.set("magic", cat.L4VIRTIO_MAGIC if not self.faults.get("bad-magic") else 0x56495254)
+        self.set("version", cat.L4VIRTIO_VERSION)
+        self.set("device", self.model.DEVICE_ID)
+        self.set("vendor", self.model.options["vendor"])
+        self._store_status(0)
+        self.set("irq_status", 0)
+        self.set("num_queues", self.num_queues)
+        self.set("queues_offset", self.queues_offset)
+        self.set_words("dev_features_map", self.offered_words)
+        self.set("generation", self.get("generation") + 1)
+        log.info("reset: generation %d", self.get("generation"))
+
+    def _array_ok(self) -> bool:
+        return bool(self.num_queues) and self.queues_offset + self.num_queues * 40 <= cat.PAGE_SIZE
+
+    def set_status(self, value: int) -> None:
+        """The status state machine of L4Re's generic device."""
+        s = value & 0xFF
+        cur = self.status
+        if value == 0:
+            self.reset()
+            return
+        if s == 0:
+            self._store_status(0)
+            return
+        if (cur | s) & FAIL:
+            if (cur & FAIL) != (s & FAIL):
+                self._store_status(cur | (s & FAIL))
+            log.info("status %#x in fail state: now %#x (only a reset leaves it)", value, self.status)
+            return
+        if (
+            (s & cat.STATUS_DRIVER and not s & cat.STATUS_ACKNOWLEDGE)
+            or (s & cat.STATUS_FEATURES_OK and not s & cat.STATUS_DRIVER)
+            or (s & cat.STATUS_DRIVER_OK and not s & cat.STATUS_FEATURES_OK)
+        ):
+            log.warning("status %#x skips a step of the handshake: DEVICE_NEEDS_RESET", s)
+            self._store_status(cur | cat.STATUS_DEVICE_NEEDS_RESET)
+            return
+        if s & cat.STATUS_FEATURES_OK and not s & cat.STATUS_DRIVER_OK:
+            ok, why = self._check_features()
+            if not ok:
+                log.warning("FEATURES_OK refused: %s", why)
+                s &= ~cat.STATUS_FEATURES_OK
+        if s == cat.STATUS_RUNNING:
+            missing = [i for i in self.model.required_queues() if i >= len(self.queues) or not self.queues[i].enabled]
+            if missing or self.faults.get("needs-reset-on-driver-ok"):
+                why = f"queues {missing} not enabled" if missing else "injected fault"
+                log.warning("DRIVER_OK refused (%s): DEVICE_NEEDS_RESET", why)
+                self._store_status(cur | cat.STATUS_DEVICE_NEEDS_RESET)
+                return
+        self._store_status(s)
+        log.info("status %#04x", s)
+
+    def _check_features(self) -> tuple[bool, str]:
+        if self.faults.get("refuse-features-ok"):
+            return False, "injected fault"
+        driver = self.get_words("driver_features_map")
+        if not driver[1] & 1:
+            return False, "the driver did not accept VERSION_1"
+        for i, (d, o) in enumerate(zip(driver, self.offered_words)):
+            if d & ~o:
+                return False, f"the driver accepted bits {cat.bits_of([0] * i + [d & ~o])} that are not offered"
+        if not self.model.check_features(set(cat.bits_of(driver))):
+            return False, "the device-specific feature check failed"
+        return True, ""
+
+    def device_error(self, reason: str) -> None:
+        """A fatal device-detected error: DEVICE_NEEDS_RESET and a config interrupt."""
+        self.device_errors += 1
+        log.warning("device error: %s: DEVICE_NEEDS_RESET", reason)
+        was_running = self.status & cat.STATUS_DRIVER_OK
+        self.model.reset()
+        for q in self.queues:
+            q.disable()
+        self._store_status(self.status | cat.STATUS_DEVICE_NEEDS_RESET)
+        if was_running:
+            self.notify(cat.IRQ_STATUS_CONFIG)
+
+    def notify(self, bits: int) -> None:
+        """Interrupt the driver: set irq_status bits (current era), trigger its IRQ."""
+        if self.abi == "current":
+            self.set("irq_status", self.get("irq_status") | bits)
+        if self.driver_irq is not None:
+            self.driver_irq.trigger()
+            self.irqs_sent += 1
+
+    # -- queues (§5.3) ------------------------------------------------------------------
+
+    def config_queue(self, index: int) -> int:
+        """The CONFIG_QUEUE IPC: status gate, then queue setup."""
+        if self.status & FAIL or (self.status & ACK_DRIVER) != ACK_DRIVER:
+            log.warning("CONFIG_QUEUE %d in status %#x: -L4_EIO", index, self.status)
+            return EIO
+        return self.setup_queue(index)
+
+    def setup_queue(self, index: int) -> int:
+        if index >= self.num_queues or not self._array_ok():
+            log.warning("queue %d does not exist (%d queues): -L4_ERANGE", index, self.num_queues)
+            return ERANGE
+        q = self.queues[index]
+        e = self.queue_entry(index)
+        if e["ready"] == 0:
+            q.disable()
+            log.info("queue %d disabled", index)
+            return EOK
+        num = e["num"]
+        desc, avail, used = e["desc_addr"], e["avail_addr"], e["used_addr"]
+        why = None
+        if num == 0 or num > self.num_max or num & (num - 1):
+            why = f"num {num} is not a power of two in 1..{self.num_max}"
+        elif desc % cat.DESC_ALIGN or avail % cat.AVAIL_ALIGN or used % cat.USED_ALIGN:
+            why = f"misaligned rings desc={desc:#x} avail={avail:#x} used={used:#x}"
+        r = ring_geometry()
+        dv = self.translate(desc, r.desc_size(num))
+        av = self.translate(avail, r.avail_size(num))
+        uv = self.translate(used, r.used_size(num), write=True)
+        if why is None:
+            if dv is None:
+                why = f"descriptor table {desc:#x}+{r.desc_size(num):#x} is not inside one registered region"
+            elif av is None:
+                why = f"available ring {avail:#x}+{r.avail_size(num):#x} is not inside one registered region"
+            elif uv is None:
+                why = f"used ring {used:#x}+{r.used_size(num):#x} is not inside one writable registered region"
+        if why:
+            q.disable()
+            log.warning("queue %d rejected: %s (ready stays 1 in the page, as on L4Re)", index, why)
+            return EINVAL
+        q.enabled = True
+        q.num = num
+        q.desc_addr, q.avail_addr, q.used_addr = desc, avail, used
+        q.desc = dv
+        q.avail = av.cast("H")
+        q.used_hdr = uv[0:4].cast("H")
+        q.used_ring = uv[4 : 4 + 8 * num].cast("I")
+        q.avail_event_view = uv[4 + 8 * num : 6 + 8 * num].cast("H")
+        q.used_event_view = q.avail[2 + num : 3 + num]
+        q.next_avail = 0
+        log.info("queue %d enabled: num %d desc %#x avail %#x used %#x", index, num, desc, avail, used)
+        return EOK
+
+    # -- memory (§3.4) -------------------------------------------------------------------
+
+    def translate(self, addr: int, length: int, write: bool = False) -> memoryview | None:
+        """The bytes at device address ``addr``, if one region holds them all."""
+        for region in self.regions:
+            if region.contains(addr, length):
+                if write and not region.writable:
+                    return None
+                start = addr - region.base
+                return region.view[start : start + length]
+        return None
+
+    def register_ds(self, ds_fd: int | None, rights: int, base: int, offset: int, size: int) -> int:
+        """REGISTER_DS: map a driver dataspace at device address ``base``."""
+        if ds_fd is None:
+            log.warning("REGISTER_DS without a capability: -L4_EINVAL")
+            return EINVAL
+        kind = fd_kind(ds_fd)
+        if kind not in ("memfd", "file"):
+            log.warning("REGISTER_DS with a %s instead of a dataspace: -L4_EINVAL", kind)
+            return EINVAL
+        ds_size = os.fstat(ds_fd).st_size
+        if ds_size < PAGE:
+            log.warning("REGISTER_DS: dataspace of %d bytes is smaller than a page: -L4_EINVAL", ds_size)
+            return EINVAL
+        offset_t = offset & ~(PAGE - 1)
+        base_t = base & ~(PAGE - 1)
+        if offset_t >= _round_up(ds_size, PAGE):
+            log.warning("REGISTER_DS: offset %#x beyond the dataspace (%#x): -L4_ERANGE", offset, ds_size)
+            return ERANGE
+        length = _round_up(size + (offset - offset_t), PAGE)
+        if size == 0 or length > _round_up(ds_size, PAGE) or offset + size > ds_size:
+            log.warning("REGISTER_DS: offset %#x size %#x do not fit the dataspace (%#x): -L4_EINVAL",
+                        offset, size, ds_size)  # fmt: skip
+            return EINVAL
+        if base + size > 1 << 64:
+            log.warning("REGISTER_DS: base %#x + size %#x overflows 64 bits: -L4_EINVAL", base, size)
+            return EINVAL
+        if len(self.regions) >= self.max_regions:
+            log.warning("REGISTER_DS: region table full (%d): -L4_ENOMEM", self.max_regions)
+            return ENOMEM
+        writable = bool(rights & RIGHT_W)
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        try:
+            mm = mmap.mmap(ds_fd, length, mmap.MAP_SHARED, prot, offset=offset_t)
+        except (OSError, ValueError) as exc:
+            if writable:  # e.g. a dataspace the driver can only read: map it read-only
+                try:
+                    mm = mmap.mmap(ds_fd, length, mmap.MAP_SHARED, mmap.PROT_READ, offset=offset_t)
+                    writable = False
+                except (OSError, ValueError) as exc2:
+                    log.warning("REGISTER_DS: cannot map the dataspace: %s: -L4_EINVAL", exc2)
+                    return EINVAL
+            else:
+                log.warning("REGISTER_DS: cannot map the dataspace: %s: -L4_EINVAL", exc)
+                return EINVAL
+        self.regions.append(Region(base_t, length, writable, mm))
+        log.info("region %#x-%#x registered (%s)", base_t, base_t + length, "rw" if writable else "ro")
+        return EOK
+
+    # -- IRQs and cmd (§5.4) -----------------------------------------------------------
+
+    def bind(self, irq: Irq) -> None:
+        if self.driver_irq is not None:
+            self.driver_irq.close()
+        self.driver_irq = irq
+
+    def kicked(self) -> None:
+        """The device IRQ fired: run a pending cmd, then look at every queue."""
+        self.kicks += 1
+        if self.cmd_mode:
+            self.handle_cmd()
+        for q in self.queues:
+            if q.enabled:
+                self.model.process(q)
+
+    def handle_cmd(self) -> None:
+        value = self.get("cmd")
+        command = value & cat.CMD_MASK
+        if not command:
+            return
+        arg = value & cat.CMD_ARG_MASK
+        if command == cat.CMD_SET_STATUS:
+            self.set_status(arg)
+        elif command == cat.CMD_CFG_QUEUE:
+            result = self.setup_queue(arg)
+            log.info("cmd CFG_QUEUE %d: %s", arg, cat.l4_error_name(result))
+        elif command == cat.CMD_CFG_CHANGED and self.abi == "current":
+            self.model.config_changed(arg)
+        elif command == cat.CMD_NOTIFY_QUEUE and self.abi == "current":
+            pass  # every kick already looks at all queues
+        else:
+            log.warning("cmd %#010x is not a command of the %s era: ignored", value, self.abi)
+        if self.faults.get("never-clear-cmd"):
+            log.warning("cmd %#010x left in place (injected fault)", value)
+            return
+        self.set("cmd", 0)
+
+    # -- driver life cycle ---------------------------------------------------------------
+
+    def driver_left(self) -> None:
+        """The driver disconnected: forget its memory and IRQ, reset for the next one."""
+        self.reset()
+        for region in self.regions:
+            region.close()
+        self.regions.clear()
+        if self.driver_irq is not None:
+            self.driver_irq.close()
+            self.driver_irq = None
+        self.kick_irq.drain()
+
+    def stats(self) -> list[int]:
+
+        words = [cat.STATS_VERSION, 0, self.status, self.get("generation"), self.kicks, self.irqs_sent,
+                 len(self.regions), self.device_errors, len(self.queues)]  # fmt: skip
+        for q in self.queues:
+            snap = q.snapshot()
+            words += [int(q.enabled), q.num, q.next_avail, snap["avail_idx"], snap["avail_flags"],
+                      snap["used_idx"], snap["used_flags"], q.completed, q.notified]  # fmt: skip
+        return words
+
+    def close(self) -> None:
+        for q in self.queues:
+            q.disable()
+        for region in self.regions:
+            region.close()
+        self.regions.clear()
+        if self.driver_irq is not None:
+            self.driver_irq.close()
+        self.kick_irq.close()
+        self.model.close()
+        for view in (self.w16, self.w32, self.w64, self.page):
+            view.release()
+        self.config_ds.close()

@@ -1,0 +1,126 @@
+"""The base of every device model and the options all models share."""
+
+from __future__ import annotations
+
+from l4vctl import catalog as cat
+from l4vctl.emulator.models import Option, parse_bool, parse_int
+
+#: Faults the emulator can inject, for testing drivers against bad devices.
+FAULTS = {
+    "refuse-features-ok": "never accept FEATURES_OK (negotiation always fails)",
+    "never-clear-cmd": "never consume a cmd word (the driver's cmd wait times out)",
+    "needs-reset-on-driver-ok": "answer DRIVER_OK with DEVICE_NEEDS_RESET",
+    "die-on-status": "exit the emulator when this status value is written (die-on-status=3)",
+    "no-reply": "never reply to this L4-VIRTIO opcode (no-reply=0 for SET_STATUS)",
+    "queues-offset-outside": "publish a queue array that lies outside the page",
+    "bad-magic": "publish a wrong magic value",
+}
+
+
+def parse_faults(text) -> dict:
+    """'never-clear-cmd,die-on-status=3' -> {'never-clear-cmd': True, 'die-on-status': 3}."""
+    out: dict = {}
+    if isinstance(text, dict):
+        return dict(text)
+    for item in str(text or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, _, value = item.partition("=")
+        if name not in FAULTS:
+            raise ValueError(f"unknown fault {name!r} (faults: {', '.join(FAULTS)})")
+        out[name] = parse_int(value) if value else True
+    return out
+
+
+def parse_feature_list(text) -> list:
+    """Feature names or numbers, comma separated (resolved per device class later)."""
+    if isinstance(text, (list, tuple)):
+        return list(text)
+    return [t.strip() for t in str(text or "").split(",") if t.strip()]
+
+
+def parse_abi(text) -> str:
+    if text not in cat.ABIS:
+        raise ValueError(f"{text!r} is not an ABI (classic or current)")
+    return text
+
+
+def _positive(text) -> int:
+    value = parse_int(text)
+    if value < 1:
+        raise ValueError(f"{text!r} must be at least 1")
+    return value
+
+
+COMMON_OPTIONS = (
+    Option("abi", parse_abi, cat.DEFAULT_ABI, "header layout era: classic or current"),
+    Option("cmd_mode", parse_bool, False, "offer L4VIRTIO_FEATURE_CMD_CONFIG (status and queues via cmd)"),
+    Option("queues", _positive, None, "number of queues (default: the model's)"),
+    Option("num_max", _positive, None, "largest queue size offered (default: the model's)"),
+    Option("features", parse_feature_list, [], "extra feature bits to offer (names or numbers)"),
+    Option("vendor", parse_int, cat.L4VIRTIO_VENDOR_KK, "vendor id in the header"),
+    Option("ds_offset", parse_int, 0, "offset of the config page inside its dataspace (page multiple)"),
+    Option("max_regions", _positive, 8, "size of the device's region table for REGISTER_DS"),
+    Option("inject", parse_faults, {}, "faults to inject: " + ", ".join(FAULTS)),
+)
+
+
+class Model:
+    """A device model: identity, features, config and queues.
+
+    Subclasses set ``KIND``, ``DEVICE_ID``, ``OPTIONS``, ``DEFAULT_QUEUES``
+    and ``DEFAULT_NUM_MAX`` and override the hooks they need.
+    """
+
+    KIND = "generic"
+    DEVICE_ID = 0
+    OPTIONS: tuple[Option, ...] = ()
+    DEFAULT_QUEUES = 1
+    DEFAULT_NUM_MAX = 256
+    MIN_QUEUES = 1
+
+    def __init__(self, options: dict):
+        self.options = options
+        self.device = None  # set by the Device that serves this model
+
+    # -- identity ----------------------------------------------------------------
+
+    def features(self) -> set[int]:
+        """Device-class feature bits offered (transport bits are added by the device)."""
+        return set()
+
+    def config(self) -> dict:
+        """Values of the device-specific config struct (missing fields are 0)."""
+        return {}
+
+    def num_queues(self) -> int:
+        return self.options.get("queues") or self.DEFAULT_QUEUES
+
+    def num_max(self) -> int:
+        return self.options.get("num_max") or self.DEFAULT_NUM_MAX
+
+    def required_queues(self) -> list[int]:
+        """Queues that must be enabled when the driver sets DRIVER_OK."""
+        return [0]
+
+    # -- hooks -------------------------------------------------------------------
+
+    def check_features(self, accepted: set[int]) -> bool:
+        """Device-specific feature check at FEATURES_OK."""
+        return True
+
+    def reset(self) -> None:
+        """The device is reset (status 0 or a driver left)."""
+
+    def config_changed(self, offset: int) -> None:
+        """The driver wrote device config at 0x100 + offset (CMD_CFG_CHANGED)."""
+
+    def process(self, queue) -> None:
+        """Handle available buffers of an enabled queue."""
+
+    def close(self) -> None:
+        """Release files and other resources."""
+
+    def describe(self) -> str:
+        return self.KIND

@@ -1,0 +1,419 @@
+"""The emulator's socket server: frames in, device calls, replies out.
+
+One event loop serves a listening socket (or one pre-connected socket for an
+embedded emulator), its clients, the device's kick IRQ and a wake-up pipe for
+signals.  One client at a time may be the driver; monitors may watch.
+Malformed input is answered with the L4 error the protocol names, or the
+client is closed; the loop itself never dies of a client's behaviour.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import signal
+import socket
+import stat
+import time
+
+from l4vctl import catalog as cat
+from l4vctl.emulator import log
+from l4vctl import wire
+from l4vctl.caps import RIGHT_W, RIGHTS_RO, RIGHTS_RW, Irq, close_fds, fd_kind
+from l4vctl.emulator.device import EINVAL, EMSGTOOSHORT, ENOSYS, ERANGE
+
+
+EPERM = -cat.L4_EPERM
+EBUSY = -cat.L4_EBUSY
+EBADPROTO = -cat.L4_EBADPROTO
+EMSGTOOLONG = -cat.L4_EMSGTOOLONG
+NO_REPLY = object()
+#: Seconds to keep polling a client for its next request before sleeping.
+REQUEST_SPIN = 200e-6
+
+
+class Client:
+    __slots__ = ("sock", "id", "role")
+
+    def __init__(self, sock: socket.socket, cid: int):
+        self.sock = sock
+        self.id = cid
+        self.role: int | None = None
+
+
+class Reply:
+    __slots__ = ("result", "words", "caps", "fds")
+
+    def __init__(self, result: int = 0, words=(), caps=(), fds=()):
+        self.result = result
+        self.words = list(words)
+        self.caps = list(caps)
+        self.fds = list(fds)
+
+
+class Server:
+    """Serve one device over Unix sockets."""
+
+    def __init__(self, device, *, listener: socket.socket | None = None, path: str | None = None,
+                 connection: socket.socket | None = None):  # fmt: skip
+        self.device = device
+        self.listener = listener
+        self.path = path
+        self.selector = selectors.DefaultSelector()
+        self.clients: dict[int, Client] = {}
+        self.driver: Client | None = None
+        self.next_id = 1
+        self.running = False
+        self.single = connection is not None
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self.selector.register(device.kick_irq.fd, selectors.EVENT_READ, "kick")
+        if listener is not None:
+            listener.setblocking(False)
+            self.selector.register(listener, selectors.EVENT_READ, "accept")
+        if connection is not None:
+            self._add_client(connection)
+
+    # -- life cycle -------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT end the loop cleanly (the socket file is removed)."""
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        log.info("signal %d: shutting down", signum)
+        self.running = False
+
+    def stop(self) -> None:
+        self.running = False
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:
+            pass
+
+    def serve(self) -> None:
+        self.running = True
+        while self.running:
+            for key, _events in self.selector.select():
+                what = key.data
+                if what == "kick":
+                    self._kicked()
+                elif what == "accept":
+                    self._accept()
+                elif what == "wake":
+                    try:
+                        while os.read(self._wake_r, 512):
+                            pass
+                    except BlockingIOError:
+                        pass
+                else:
+                    self._readable(what)
+                if not self.running:
+                    break
+            if self.single and not self.clients:
+                self.running = False
+
+    def close(self) -> None:
+        for client in list(self.clients.values()):
+            self._drop(client, "emulator shutting down")
+        if self.listener is not None:
+            self.selector.unregister(self.listener)
+            self.listener.close()
+            self.listener = None
+        if self.path:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        self.selector.close()
+        for fd in (self._wake_r, self._wake_w):
+            close_fds([fd])
+
+    # -- connections ----------------------------------------------------------------------
+
+    def _kicked(self) -> None:
+        """Handle kicks, then poll the kick IRQ briefly for the next one."""
+        end = time.perf_counter() + REQUEST_SPIN
+        while time.perf_counter() < end:
+            if self.device.kick_irq.drain():
+                self.device.kicked()
+                end = time.perf_counter() + REQUEST_SPIN
+            if self.driver is not None and self._handle_one(self.driver, 0):
+                end = time.perf_counter() + REQUEST_SPIN
+
+    def _accept(self) -> None:
+        try:
+            conn, _addr = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        self._add_client(conn)
+
+    def _add_client(self, conn: socket.socket) -> None:
+        conn.setblocking(True)
+        client = Client(conn, self.next_id)
+        self.next_id += 1
+        self.clients[client.id] = client
+        self.selector.register(conn, selectors.EVENT_READ, client)
+        log.info("client %d connected", client.id)
+
+    def _drop(self, client: Client, why: str) -> None:
+        if client.id not in self.clients:
+            return
+        del self.clients[client.id]
+        try:
+            self.selector.unregister(client.sock)
+        except (KeyError, ValueError):
+            pass
+        client.sock.close()
+        log.info("client %d closed: %s", client.id, why)
+        if client is self.driver:
+            self.driver = None
+            self.device.driver_left()
+            log.info("driver left: device reset for the next one")
+
+    def _readable(self, client: Client) -> None:
+        """Handle the client's frame, then poll briefly for its next one."""
+        self._handle_one(client, None)
+        end = time.perf_counter() + REQUEST_SPIN
+        while client.id in self.clients and time.perf_counter() < end:
+            busy = self._handle_one(client, 0)
+            if self.device.kick_irq.drain():  # a kick (or cmd) during the spin
+                self.device.kicked()
+                busy = True
+            if busy:
+                end = time.perf_counter() + REQUEST_SPIN
+
+    def _handle_one(self, client: Client, timeout: float | None) -> bool:
+        """Receive and answer one frame; False if none was waiting (timeout 0)."""
+        try:
+            frame = wire.recv(client.sock, timeout, any_version=client.role is None)
+        except TimeoutError:
+            return False
+        except wire.Closed:
+            self._drop(client, "peer closed the connection")
+            return False
+        except wire.WireError as exc:
+            if client.role is None or exc.seq is None:
+                self._drop(client, f"malformed frame: {exc}")
+            else:
+                code = EMSGTOOLONG if "longer" in str(exc) or "more than" in str(exc) else EMSGTOOSHORT
+                log.warning("client %d: malformed frame: %s: %s", client.id, exc, cat.l4_error_name(code))
+                self._send(client, cat.KIND_REPLY, exc.seq, code, 0, Reply(code))
+            return True
+        except OSError as exc:
+            self._drop(client, f"receive failed: {exc}")
+            return False
+        try:
+            if client.role is None:
+                self._hello(client, frame)
+            elif frame.kind != cat.KIND_REQUEST:
+                log.warning("client %d sent a %s frame: -L4_EBADPROTO", client.id, cat.KINDS.get(frame.kind, frame.kind))
+                self._send(client, cat.KIND_REPLY, frame.seq, EBADPROTO, frame.opcode, Reply(EBADPROTO))
+            else:
+                try:
+                    reply = self._request(client, frame)
+                except Exception:  # noqa: BLE001 - a bug must not take the device down
+                    log.exception("request label %d opcode %d failed inside the emulator: -L4_EIO",
+                                  frame.label, frame.opcode)  # fmt: skip
+                    reply = Reply(-cat.L4_EIO)
+                if reply is not NO_REPLY:
+                    self._send(client, cat.KIND_REPLY, frame.seq, reply.result, frame.opcode, reply)
+        finally:
+            frame.close_fds()
+        return True
+
+    def _send(self, client: Client, kind: int, seq: int, label: int, opcode: int, reply: Reply) -> None:
+        data = wire.encode(kind, seq, label, opcode, reply.words, reply.caps)
+        try:
+            wire.send(client.sock, data, reply.fds)
+        except OSError as exc:
+            self._drop(client, f"send failed: {exc}")
+        finally:
+            close_fds(reply.fds)
+
+    def _hello(self, client: Client, frame: wire.Frame) -> None:
+        if frame.kind != cat.KIND_HELLO:
+            self._drop(client, "first frame is not HELLO")
+            return
+        lo, hi, role, profile = (frame.words + [cat.WIRE_VERSION, cat.WIRE_VERSION, cat.ROLE_DRIVER, cat.PROFILE_FD])[:4]
+        result = 0
+        if not lo <= cat.WIRE_VERSION <= hi:
+            log.warning("client %d speaks wire versions %d..%d, not %d", client.id, lo, hi, cat.WIRE_VERSION)
+            result = EBADPROTO
+        elif profile != cat.PROFILE_FD or role not in cat.ROLES:
+            result = EBADPROTO
+        elif role == cat.ROLE_DRIVER and self.driver is not None:
+            log.warning("client %d: a driver is already attached: -L4_EBUSY", client.id)
+            result = EBUSY
+        self._send(client, cat.KIND_WELCOME, frame.seq, result, 0,
+                   Reply(result, [cat.WIRE_VERSION, role, cat.MAX_FRAME, self.device.model.DEVICE_ID]))  # fmt: skip
+        if result:
+            self._drop(client, f"HELLO refused ({cat.l4_error_name(result)})")
+            return
+        client.role = role
+        if role == cat.ROLE_DRIVER:
+            self.driver = client
+        log.info("client %d is a %s", client.id, cat.ROLES[role])
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _request(self, client: Client, f: wire.Frame):
+        if f.label == cat.L4VIRTIO_PROTOCOL:
+            if client.role != cat.ROLE_DRIVER and f.opcode != cat.OP_DEVICE_CONFIG:
+                return Reply(EPERM)
+            return self._virtio(f, read_only=client.role != cat.ROLE_DRIVER)
+        if f.label == cat.L4_PROTO_IRQ:
+            if client.role != cat.ROLE_DRIVER and f.opcode != cat.ICU_OP_INFO:
+                return Reply(EPERM)
+            return self._icu(f)
+        if f.label == cat.L4VCTL_PROTO_MONITOR:
+            if f.opcode == cat.MONITOR_OP_STATS:
+                words = self.device.stats()
+                words[1] = int(self.driver is not None)
+                return Reply(0, words)
+            return Reply(ENOSYS)
+        log.warning("request with unknown protocol label %d: -L4_EBADPROTO", f.label)
+        return Reply(EBADPROTO)
+
+    def _virtio(self, f: wire.Frame, read_only: bool):
+        dev = self.device
+        op = f.opcode
+        faults = dev.faults
+        if "no-reply" in faults and faults["no-reply"] is not True and op == faults["no-reply"]:
+            log.warning("opcode %d left without a reply (injected fault)", op)
+            return NO_REPLY
+        if op == cat.OP_SET_STATUS:
+            if not f.words:
+                return Reply(EMSGTOOSHORT)
+            value = f.words[0] & 0xFFFFFFFF
+            self._maybe_die(value)
+            dev.set_status(value)
+            return Reply(0)
+        if op == cat.OP_CONFIG_QUEUE:
+            if not f.words:
+                return Reply(EMSGTOOSHORT)
+            return Reply(dev.config_queue(f.words[0] & 0xFFFFFFFF))
+        if op == cat.OP_REGISTER_IFACE:
+            if dev.abi != "classic":
+                return Reply(ENOSYS)
+            if not f.caps:
+                return Reply(EMSGTOOSHORT)
+            if dev.ds_offset:
+                return Reply(ENOSYS)
+            irq = self._irq_arg(f, f.caps[0])
+            if irq is None:
+                return Reply(EINVAL)
+            dev.bind(irq)
+            return Reply(0, [], *self._caps_of(dev.kick_irq.fd, dev.config_ds, RIGHTS_RW))
+        if op == cat.OP_REGISTER_DS:
+            if len(f.words) < 3 or not f.caps:
+                return Reply(EMSGTOOSHORT)
+            cap = f.caps[0]
+            fd = f.fd_of(cap) if cap.type == cat.CAP_DATASPACE else None
+            base, offset, size = f.words[:3]
+            return Reply(dev.register_ds(fd, cap.rights, base, offset, size))
+        if op == cat.OP_DEVICE_CONFIG:
+            rights = RIGHTS_RO if read_only else RIGHTS_RW
+            return Reply(0, [dev.ds_offset], *self._ds_cap(dev.config_ds, rights))
+        if op == cat.OP_GET_DEVICE_IRQ:
+            if not f.words:
+                return Reply(EMSGTOOSHORT)
+            if f.words[0] & 0xFFFFFFFF != 0:
+                return Reply(ENOSYS)
+            fd = os.dup(dev.kick_irq.fd)
+            return Reply(0, [], [wire.Cap(cat.CAP_IRQ, RIGHT_W, 0, 0)], [fd])
+        return Reply(ENOSYS)
+
+    def _maybe_die(self, value: int) -> None:
+        target = self.device.faults.get("die-on-status")
+        if target is not None and target is not True and value == target:
+            log.warning("status %#x written: the emulator dies now (injected fault)", value)
+            os._exit(70)
+
+    def _icu(self, f: wire.Frame):
+        op = f.opcode
+        if op == cat.ICU_OP_BIND:
+            if not f.caps or not f.words:
+                return Reply(EMSGTOOSHORT)
+            if f.words[0] != 0:
+                return Reply(ERANGE)
+            irq = self._irq_arg(f, f.caps[0])
+            if irq is None:
+                return Reply(EINVAL)
+            self.device.bind(irq)
+            log.info("driver IRQ bound")
+            return Reply(0)
+        if op == cat.ICU_OP_INFO:
+            return Reply(0, [0, 1, 0])
+        if op == cat.ICU_OP_UNMASK:
+            return NO_REPLY  # L4Re devices never answer unmask
+        return Reply(ENOSYS)
+
+    def _irq_arg(self, f: wire.Frame, cap: wire.Cap) -> Irq | None:
+        """The driver's IRQ from a capability item, kept open; None if it is not one."""
+        fd = f.fd_of(cap) if cap.type == cat.CAP_IRQ else None
+        if fd is None:
+            return None
+        kind = fd_kind(fd)
+        if kind != "eventfd":
+            log.warning("expected an IRQ (eventfd), got a %s: -L4_EINVAL", kind)
+            return None
+        f.keep(fd)
+        return Irq(fd)
+
+    def _ds_cap(self, ds, rights: int):
+        """Capability items and descriptors for sending a dataspace."""
+        if rights & RIGHT_W:
+            fd = os.dup(ds.fd)
+        else:  # a read-only open of the same memory
+            fd = os.open(f"/proc/self/fd/{ds.fd}", os.O_RDONLY | os.O_CLOEXEC)
+        return [wire.Cap(cat.CAP_DATASPACE, rights, 0, ds.size)], [fd]
+
+    def _caps_of(self, irq_fd: int, ds, rights: int):
+        dfd = os.dup(ds.fd)
+        ifd = os.dup(irq_fd)
+        caps = [wire.Cap(cat.CAP_IRQ, RIGHT_W, 0, 0), wire.Cap(cat.CAP_DATASPACE, rights, 1, ds.size)]
+        return caps, [ifd, dfd]
+
+
+def listen(path: str) -> socket.socket:
+    """A listening SOCK_SEQPACKET socket at ``path`` with mode 0600.
+
+    A stale socket file (nobody listening) is replaced; a live one or a file
+    that is not a socket is an error.
+    """
+    from l4vctl.errors import UnavailableError
+
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise UnavailableError(f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            probe.connect(path)
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+                raise UnavailableError(f"{path}: {exc.strerror}") from None
+            os.unlink(path)
+        else:
+            raise UnavailableError(f"{path} is in use by a running emulator")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise UnavailableError(f"cannot listen on {path}: {exc.strerror}") from None
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(8)
+    return sock

@@ -1,0 +1,570 @@
+"""The driver side of L4-VIRTIO: attach, register, negotiate, handshake, queues.
+
+A :class:`Session` is a context manager over a backend::
+
+    with Session("emu:blk") as s:
+        s.handshake(want={"flush"})
+        print(s.status_flags(), s.negotiated)
+
+It attaches (current: DEVICE_CONFIG + GET_DEVICE_IRQ + ICU bind; classic:
+REGISTER_IFACE), checks magic and version, resets the device, sets
+ACKNOWLEDGE and DRIVER, negotiates features, sets FEATURES_OK and reads it
+back, configures queues in memory it registers with REGISTER_DS, and sets
+DRIVER_OK.  Status writes and queue configuration go through IPC or, in cmd
+mode, through the cmd word.  Every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import time
+
+from l4vctl import catalog as cat
+from l4vctl import page as pg
+from l4vctl.caps import PAGE, RIGHT_W, RIGHTS_RW, Dataspace, Irq
+from l4vctl.errors import (
+    DeviceStateError,
+    NegotiationError,
+    ProtocolError,
+    TimeoutExpired,
+    UnavailableError,
+    UsageError,
+)
+from l4vctl.formats.fast import ring as ring_geometry
+from l4vctl.wire import Cap
+
+DEFAULT_TIMEOUT = 5.0
+#: Seconds to poll the cmd word before sleeping between polls.
+CMD_SPIN = 500e-6
+#: First device address the session hands out (L4Re drivers start at the superpage size).
+DEVICE_ADDRESS_BASE = 0x200000
+#: Transport features the session's driver implements (others are never accepted by default).
+SUPPORTED_TRANSPORT = {cat.INDIRECT_DESC_BIT, cat.EVENT_IDX_BIT, cat.VERSION_1_BIT}
+
+
+def resolve_features(names, abi: str, device_id: int | None) -> set[int]:
+    """Bit numbers for feature names (short or macro names) or numbers."""
+    table = cat.feature_table(abi, device_id)
+    by_name: dict[str, int] = {}
+    for f in table.values():
+        by_name[f.short] = f.bit
+        by_name[f.name.lower()] = f.bit
+    out = set()
+    for name in names:
+        key = str(name).strip().lower()
+        if not key:
+            continue
+        if key.isdigit():
+            bit = int(key)
+        elif key.startswith("0x"):
+            try:
+                bit = int(key, 16)
+            except ValueError:
+                bit = -1
+        else:
+            bit = by_name.get(key, -1)
+        words = 8 if abi == "classic" else 6
+        if not 0 <= bit < 32 * words:
+            known = ", ".join(sorted(f.short for f in table.values()))
+            raise UsageError(f"unknown feature {name!r} for this device", hint=f"known: {known}")
+        out.add(bit)
+    return out
+
+
+class Transition:
+    """One status write and what the device made of it."""
+
+    __slots__ = ("via", "wrote", "status")
+
+    def __init__(self, via: str, wrote: int, status: int):
+        self.via = via
+        self.wrote = wrote
+        self.status = status
+
+    def to_json(self) -> dict:
+        names, unknown = cat.flag_names(self.status, cat.STATUS_BITS)
+        return {"via": self.via, "wrote": self.wrote, "status": self.status, "flags": names}
+
+
+class QueueSetup:
+    """A queue the session configured: size, device addresses, offsets in its memory."""
+
+    __slots__ = ("index", "num", "desc", "avail", "used", "offset", "accepted", "result")
+
+    def __init__(self, index, num, desc, avail, used, offset):
+        self.index = index
+        self.num = num
+        self.desc = desc
+        self.avail = avail
+        self.used = used
+        self.offset = offset
+        self.accepted: bool | None = None
+        self.result: int | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "index": self.index, "num": self.num, "desc_addr": self.desc, "avail_addr": self.avail,
+            "used_addr": self.used, "accepted": self.accepted, "result": self.result,
+        }  # fmt: skip
+
+
+class Session:
+    """A driver (or monitor) session with one device."""
+
+    def __init__(self, device, *, abi: str = "auto", mode: str = "auto", timeout: float = DEFAULT_TIMEOUT,
+                 role: str = "driver", stride: int = cat.QUEUE_ENTRY_STRIDE, check: bool = True):  # fmt: skip
+        if mode not in ("auto", "ipc", "cmd"):
+            raise ValueError(f"mode must be auto, ipc or cmd, not {mode!r}")
+        if timeout <= 0:
+            raise UsageError("the timeout must be positive")
+        from l4vctl.backends import open_backend
+
+        self.url = device if isinstance(device, str) else device.url
+        self.backend = open_backend(device) if isinstance(device, str) else device
+        self.abi_request = abi
+        self.mode_request = mode
+        self.timeout = timeout
+        self.role = role
+        self.stride = stride
+        self.check = check
+        self.channel = None
+        self.abi_choice: pg.AbiChoice | None = None
+        self.page: memoryview | None = None
+        self.hints: dict = {}
+        self.source_format = "live"
+        self.transitions: list[Transition] = []
+        self.negotiated: set[int] = set()
+        self.queues: list[QueueSetup] = []
+        self.mode = "ipc"
+        self._config_ds: Dataspace | None = None
+        self._ring_ds: Dataspace | None = None
+        self._driver_irq: Irq | None = None
+        self._device_irq: Irq | None = None
+        self._views = []
+        self._drove = False
+        self._broken = False  # the channel failed: no more calls on it
+
+    # -- context management ------------------------------------------------------------
+
+    def __enter__(self) -> "Session":
+        try:
+            self.open()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+
+    @property
+    def live(self) -> bool:
+        return self.backend.live
+
+    @property
+    def abi(self) -> str:
+        return self.abi_choice.abi
+
+    # -- attach ---------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Connect and map the config page (no change of device state)."""
+        if not self.backend.live:
+            self._open_saved_page()
+            return
+        self.channel = self.backend.connect(self.role, self.timeout)
+        if self.role == "driver" and self.abi_request == "classic":
+            self._attach_register_iface()
+        else:
+            self._attach_device_config()
+            if self.role == "driver":
+                self._attach_irqs()
+
+    def _open_saved_page(self) -> None:
+        data, fmt, hints = self.backend.load()
+        pg.check_size(data)
+        self.hints = hints
+        self.source_format = fmt
+        self.page = memoryview(bytearray(data))
+        self._choose_abi()
+        if self.check:
+            self._check_identity()
+
+    def _choose_abi(self) -> None:
+        self.abi_choice = pg.choose_abi(self.page, self.abi_request, self.hints)
+        self.hc = pg.header_codec(self.abi_choice.abi)
+        self._w32 = self.page.cast("I") if len(self.page) % 4 == 0 else None
+        self._views.append(self._w32)
+
+    def _map_config(self, fd: int, size: int, ds_offset: int, writable: bool) -> None:
+        if ds_offset % PAGE:
+            raise ProtocolError(f"config page offset {ds_offset:#x} is not page aligned")
+        ds = Dataspace(fd, size, RIGHTS_RW if writable else 0, "config")
+        self._config_ds = ds
+        try:
+            import os
+
+            real = os.fstat(fd).st_size
+            if real < ds_offset + cat.PAGE_SIZE:
+                raise ProtocolError(f"config dataspace of {real} bytes is too small for a page at {ds_offset:#x}")
+            m = ds.map(ds_offset, cat.PAGE_SIZE, writable=writable)
+        except OSError as exc:
+            raise ProtocolError(f"cannot map the config page: {exc.strerror or exc}") from None
+        self.page = memoryview(m)
+        self._views.append(self.page)
+        self._choose_abi()
+        if self.check or self.role == "driver":
+            self._check_identity()
+
+    def _check_identity(self) -> None:
+        magic = self.get("magic")
+        if magic != cat.L4VIRTIO_MAGIC:
+            raise ProtocolError(f"bad magic {magic:#010x} {bytes(self.page[:4])!r} (expected b'virt'): not an L4-VIRTIO device")
+        version = self.get("version")
+        if version != cat.L4VIRTIO_VERSION:
+            raise ProtocolError(f"unsupported version {version} (expected 2)")
+
+    def _attach_device_config(self) -> None:
+        r = self._call(cat.L4VIRTIO_PROTOCOL, cat.OP_DEVICE_CONFIG)
+        try:
+            if r.result < 0:
+                raise ProtocolError(f"DEVICE_CONFIG failed: {cat.l4_error_name(r.result)}")
+            if not r.words:
+                raise ProtocolError("DEVICE_CONFIG reply carries no page offset")
+            cap = r.caps[0] if r.caps else None
+            fd = r.fd(0, cat.CAP_DATASPACE)
+            self._map_config(fd, cap.size, r.words[0], writable=self.role == "driver")
+        finally:
+            r.close()
+
+    def _attach_irqs(self) -> None:
+        index = self.get("cfg_device_notify_index")
+        r = self._call(cat.L4VIRTIO_PROTOCOL, cat.OP_GET_DEVICE_IRQ, [index])
+        try:
+            if r.result < 0:
+                raise ProtocolError(f"GET_DEVICE_IRQ({index}) failed: {cat.l4_error_name(r.result)}")
+            self._device_irq = Irq(r.fd(0, cat.CAP_IRQ))
+        finally:
+            r.close()
+        self._driver_irq = Irq.create()
+        r = self._call(cat.L4_PROTO_IRQ, cat.ICU_OP_BIND, [0], [Cap(cat.CAP_IRQ, RIGHT_W, 0)],
+                              [self._driver_irq.fd])  # fmt: skip
+        r.close()
+        if r.result < 0:
+            raise ProtocolError(f"ICU bind failed: {cat.l4_error_name(r.result)}")
+
+    def _attach_register_iface(self) -> None:
+        self._driver_irq = Irq.create()
+        r = self._call(cat.L4VIRTIO_PROTOCOL, cat.OP_REGISTER_IFACE, [], [Cap(cat.CAP_IRQ, RIGHT_W, 0)],
+                              [self._driver_irq.fd])  # fmt: skip
+        try:
+            if r.result == -cat.L4_ENOSYS:
+                raise ProtocolError("REGISTER_IFACE is not implemented: not a classic-era device (try --abi current)")
+            if r.result < 0:
+                raise ProtocolError(f"REGISTER_IFACE failed: {cat.l4_error_name(r.result)}")
+            self._device_irq = Irq(r.fd(0, cat.CAP_IRQ))
+            size = r.caps[1].size if len(r.caps) > 1 else 0
+            self._map_config(r.fd(1, cat.CAP_DATASPACE), size, 0, writable=True)
+        finally:
+            r.close()
+
+    def _call(self, label: int, opcode: int, words=(), caps=(), fds=()):
+        """One IPC; a channel that failed (timeout, peer gone) is not used again."""
+        if self._broken:
+            raise UnavailableError(f"{self.url}: the connection to the device failed earlier")
+        try:
+            return self.channel.call(label, opcode, words, caps, fds)
+        except (TimeoutExpired, UnavailableError, ProtocolError):
+            self._broken = True
+            raise
+
+    # -- page access (single loads and stores) ----------------------------------------------
+
+    def get(self, name: str) -> int:
+        off, size, fmt, count = self.hc.fields[name]
+        if size == 4 and self._w32 is not None:
+            return self._w32[off >> 2]
+        return int.from_bytes(self.page[off : off + size], "little")
+
+    def _set(self, name: str, value: int) -> None:
+        off, _size, _fmt, _count = self.hc.fields[name]
+        self._w32[off >> 2] = value & 0xFFFFFFFF
+
+    def words(self, name: str) -> list[int]:
+        off, _size, _fmt, count = self.hc.fields[name]
+        return list(self._w32[off >> 2 : (off >> 2) + count])
+
+    def header(self) -> dict:
+        return self.hc.unpack(self.page)
+
+    @property
+    def status(self) -> int:
+        return self.get("status")
+
+    def offered(self) -> set[int]:
+        return set(cat.bits_of(self.words("dev_features_map")))
+
+    def decode(self) -> pg.Decoded:
+        """The whole page decoded (as ``dump-config`` shows it)."""
+        return pg.decode_page(bytes(self.page), self.abi_choice, stride=self.stride)
+
+    # -- status writes ----------------------------------------------------------------------------
+
+    def _need_driver(self, what: str) -> None:
+        if not self.live:
+            raise UnavailableError(f"{self.url} is a saved page: {what} needs a live device (emu:, unix:)")
+        if self.role != "driver":
+            raise UsageError(f"{what} needs a driver session")
+
+    def write_status(self, value: int) -> int:
+        """Write a status value (IPC or cmd) and return what the device accepted."""
+        self._need_driver("a status write")
+        self._drove = True
+        if self.mode == "cmd":
+            self.send_cmd(cat.cmd_word(cat.CMD_SET_STATUS, value))
+        else:
+            r = self._call(cat.L4VIRTIO_PROTOCOL, cat.OP_SET_STATUS, [value])
+            r.close()
+        status = self.status
+        self.transitions.append(Transition(self.mode, value, status))
+        return status
+
+    def send_cmd(self, word: int) -> None:
+        """Post a cmd word, kick the device and wait until it is consumed."""
+        self._set("cmd", word)
+        self._device_irq.trigger()
+        start = time.perf_counter()
+        spin_until = start + CMD_SPIN
+        deadline = start + self.timeout
+        delay = 50e-6
+        while self.get("cmd"):
+            now = time.perf_counter()
+            if now < spin_until:
+                continue
+            if now > deadline:
+                self._broken = True
+                raise TimeoutExpired(f"the device did not consume cmd {word:#010x} within {self.timeout:g} s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.001)
+
+    def _fail_check(self, after: str) -> None:
+        st = self.status
+        if st & cat.STATUS_FAIL_MASK:
+            names, _ = cat.flag_names(st & cat.STATUS_FAIL_MASK, cat.STATUS_BITS)
+            raise DeviceStateError(f"device in error state after {after}: status {st:#04x} ({'+'.join(names)})")
+
+    def give_up(self) -> None:
+        """Tell the device the driver gave up (FAILED), as far as it still listens."""
+        if not self.live or self.channel is None or self.role != "driver" or self._broken:
+            return
+        try:
+            self.write_status(self.status | cat.STATUS_FAILED)
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
+
+    # -- the handshake -------------------------------------------------------------------------------
+
+    def _choose_mode(self) -> None:
+        offers_cmd = cat.CMD_CONFIG_BIT[self.abi] in self.offered()
+        if self.mode_request == "auto":
+            self.mode = "cmd" if offers_cmd else "ipc"
+        elif self.mode_request == "cmd" and not offers_cmd:
+            raise NegotiationError("cmd mode asked for, but the device does not offer L4VIRTIO_FEATURE_CMD_CONFIG")
+        else:
+            self.mode = self.mode_request
+
+    def reset(self) -> int:
+        """Reset the device (status 0)."""
+        self._need_driver("a reset")
+        self._choose_mode()
+        return self.write_status(0)
+
+    def handshake(self, want=None, require=(), refuse=(), *, queues: bool = True, queue_size: int | None = None) -> dict:
+        """Reset, negotiate and bring the device to DRIVER_OK.
+
+        ``want``: features to accept if offered (None: every device-class bit
+        and the transport bits the session implements; ``"all"``: everything
+        offered).  ``require``: features whose absence fails the negotiation.
+        ``refuse``: features never accepted.  Returns a summary dict.
+        """
+        self._need_driver("the handshake")
+        device_id = self.get("device")
+        try:
+            self.reset()
+            self._choose_mode()
+            self.write_status(cat.STATUS_ACKNOWLEDGE)
+            self.write_status(cat.STATUS_ACKNOWLEDGE | cat.STATUS_DRIVER)
+            self._fail_check("ACKNOWLEDGE|DRIVER")
+            summary = self.negotiate(want, require, refuse, device_id)
+            if queues:
+                self.setup_queues(queue_size)
+            st = self.write_status(self.status | cat.STATUS_DRIVER_OK)
+            self._fail_check("DRIVER_OK")
+            if not st & cat.STATUS_DRIVER_OK:
+                raise DeviceStateError(f"DRIVER_OK was not accepted: status {st:#04x}")
+            return summary
+        except (NegotiationError, DeviceStateError, ProtocolError):
+            self.give_up()
+            raise
+
+    def negotiate(self, want, require, refuse, device_id: int) -> dict:
+        offered = self.offered()
+        table = cat.feature_table(self.abi, device_id)
+        required = resolve_features(require, self.abi, device_id)
+        refused = resolve_features(refuse, self.abi, device_id)
+        cmd_bit = cat.CMD_CONFIG_BIT[self.abi]
+        if want is None:
+            default = {b for b in offered if b not in cat.TRANSPORT_FEATURES[self.abi] or b in SUPPORTED_TRANSPORT}
+            wanted = default | required
+        elif want == "all":
+            wanted = set(offered) | required
+        else:
+            wanted = resolve_features(want, self.abi, device_id) | required
+        if self.mode == "cmd":
+            wanted.add(cmd_bit)
+        else:
+            wanted.discard(cmd_bit)
+        both = required & refused
+        if both:
+            raise UsageError(f"features both required and refused: {sorted(both)}")
+        accept = (wanted & offered) - refused
+        if cat.VERSION_1_BIT not in offered:
+            raise NegotiationError("the device does not offer VIRTIO_F_VERSION_1 (bit 32)")
+        if cat.VERSION_1_BIT in refused:
+            raise NegotiationError("VIRTIO_F_VERSION_1 cannot be refused: L4Re devices require it")
+        accept.add(cat.VERSION_1_BIT)
+        missing = required - offered
+        if missing:
+            names = [table[b].name if b in table else f"bit {b}" for b in sorted(missing)]
+            raise NegotiationError(f"required feature not offered: {', '.join(names)}")
+        words = pg.feature_words(self.abi, accept)
+        off = self.hc.fields["driver_features_map"][0]
+        for i, word in enumerate(words):
+            self._w32[(off >> 2) + i] = word
+        st = self.write_status(self.status | cat.STATUS_FEATURES_OK)
+        if not st & cat.STATUS_FEATURES_OK:
+            self._fail_check("FEATURES_OK")
+            raise NegotiationError(f"the device refused FEATURES_OK (status {st:#04x})")
+        self.negotiated = accept
+        rows = []
+        for bit in sorted(offered | wanted | required | refused):
+            rows.append({
+                "bit": bit,
+                "name": table[bit].name if bit in table else None,
+                "offered": bit in offered,
+                "wanted": bit in wanted,
+                "required": bit in required,
+                "refused": bit in refused,
+                "negotiated": bit in accept,
+            })  # fmt: skip
+        return {"features": rows, "negotiated": sorted(accept), "offered": sorted(offered)}
+
+    # -- queues ------------------------------------------------------------------------------------
+
+    def setup_queues(self, queue_size: int | None = None) -> list[QueueSetup]:
+        """Lay out every queue in one registered dataspace and enable it."""
+        n = self.get("num_queues")
+        qoff = self.get("queues_offset")
+        if n and (qoff < cat.HEADER_SIZE or qoff + n * self.stride > cat.PAGE_SIZE):
+            raise ProtocolError(f"queue array at {qoff:#x} with {n} entries does not fit the page")
+        geometry = ring_geometry()
+        qc = pg.queue_codec(self.stride)
+        plan = []
+        total = 0
+        for i in range(n):
+            entry = qc.unpack(self.page, qoff + i * self.stride)
+            num_max = entry["num_max"]
+            if num_max == 0:
+                raise ProtocolError(f"queue {i}: num_max is 0")
+            num = min(queue_size or num_max, num_max)
+            num = 1 << (num.bit_length() - 1)  # the largest power of two not above it
+            layout = geometry.simple_layout(num)
+            plan.append((i, num, total, layout))
+            total += -(-layout["total"] // PAGE) * PAGE
+        if not plan:
+            return []
+        self._ring_ds = Dataspace.create("l4vctl-rings", total)
+        ring_map = self._ring_ds.map()
+        r = self._call(cat.L4VIRTIO_PROTOCOL, cat.OP_REGISTER_DS,
+                              [DEVICE_ADDRESS_BASE, 0, self._ring_ds.size],
+                              [Cap(cat.CAP_DATASPACE, RIGHTS_RW, 0, self._ring_ds.size)], [self._ring_ds.fd])  # fmt: skip
+        r.close()
+        if r.result < 0:
+            raise ProtocolError(f"REGISTER_DS of the ring memory failed: {cat.l4_error_name(r.result)}")
+        self.ring_memory = memoryview(ring_map)
+        self._views.append(self.ring_memory)
+        w16 = self.page.cast("H")
+        w64 = self.page.cast("Q")
+        self._views += [w16, w64]
+        self.queues = []
+        for i, num, offset, layout in plan:
+            base = DEVICE_ADDRESS_BASE + offset
+            q = QueueSetup(i, num, base + layout["desc"], base + layout["avail"], base + layout["used"], offset)
+            entry = qoff + i * self.stride
+            f = qc.fields
+            w16[(entry + f["num"][0]) >> 1] = num
+            w16[(entry + f["driver_notify_index"][0]) >> 1] = 0
+            w64[(entry + f["desc_addr"][0]) >> 3] = q.desc
+            w64[(entry + f["avail_addr"][0]) >> 3] = q.avail
+            w64[(entry + f["used_addr"][0]) >> 3] = q.used
+            w16[(entry + f["ready"][0]) >> 1] = 1
+            if self.mode == "cmd":
+                self.send_cmd(cat.cmd_word(cat.CMD_CFG_QUEUE, i))
+                q.accepted = None  # cmd mode reports nothing
+            else:
+                r = self._call(cat.L4VIRTIO_PROTOCOL, cat.OP_CONFIG_QUEUE, [i])
+                r.close()
+                q.result = r.result
+                q.accepted = r.result >= 0
+                if r.result < 0:
+                    raise NegotiationError(f"queue {i} was rejected: CONFIG_QUEUE answered {cat.l4_error_name(r.result)}")
+            self.queues.append(q)
+        return self.queues
+
+    # -- monitor ------------------------------------------------------------------------------------
+
+    def stats(self) -> dict | None:
+        """Device-side queue state from the emulator's monitor interface, if it has one."""
+        if not self.live:
+            return None
+        r = self._call(cat.L4VCTL_PROTO_MONITOR, cat.MONITOR_OP_STATS)
+        r.close()
+        if r.result < 0:
+            return None
+        words = r.words
+        ng = len(cat.STATS_GLOBAL)
+        nq_words = len(cat.STATS_QUEUE)
+        if len(words) < ng or words[0] != cat.STATS_VERSION:
+            raise ProtocolError("monitor STATS reply has an unknown layout")
+        out = dict(zip(cat.STATS_GLOBAL, words[:ng]))
+        queues = []
+        for i in range(out["num_queues"]):
+            chunk = words[ng + i * nq_words : ng + (i + 1) * nq_words]
+            if len(chunk) != nq_words:
+                raise ProtocolError("monitor STATS reply is truncated")
+            queues.append(dict(zip(cat.STATS_QUEUE, chunk)))
+        out["queues"] = queues
+        return out
+
+    # -- teardown -------------------------------------------------------------------------------------
+
+    def close(self, reset: bool = True) -> None:
+        """Detach; a driver that drove the device resets it first (status 0)."""
+        if self.channel is not None and reset and self._drove and self.role == "driver" and not self._broken:
+            try:
+                if not self.mode == "cmd" or not self.get("cmd"):
+                    self.write_status(0)
+            except Exception:  # noqa: BLE001 - the device may be gone already
+                pass
+        for view in reversed(self._views):
+            if view is not None:
+                view.release()
+        self._views.clear()
+        self.page = None
+        for obj in (self._ring_ds, self._config_ds, self._driver_irq, self._device_irq):
+            if obj is not None:
+                obj.close()
+        self._ring_ds = self._config_ds = self._driver_irq = self._device_irq = None
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        self.backend.close()
