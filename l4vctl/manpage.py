@@ -18,7 +18,9 @@ from l4vctl import __version__
 from l4vctl.errors import EXIT_CODES
 
 ENVIRONMENT = (
+    ("L4VCTL_DEVICE", "Default device URL (else emu:blk)."),
     ("L4VCTL_ABI", "Default for --abi (classic, current or auto)."),
+    ("L4VCTL_EMU_LOG", "Log level of emu: emulators on stderr: DEBUG, INFO, WARNING or ERROR (default)."),
     ("L4VCTL_DEBUG", "If set, behave as if --debug was given: show tracebacks."),
     ("NO_COLOR", "If set, text output has no colour even on a terminal."),
     ("COLUMNS", "Width used for help texts."),
@@ -101,7 +103,9 @@ def render(command: click.Command, name: str, summary: str) -> str:
     examples = parse_examples(command.epilog)
     if isinstance(command, click.Group):
         examples = [
-            ("l4vctl layout --abi classic", "Show the classic-era structs:"),
+            ("l4vctl probe emu:blk", "Identify an emulated block device started just for this:"),
+            ("l4vctl emulate blk --socket /tmp/blk.sock", "Serve a device for several commands:"),
+            ("l4vctl negotiate unix:/tmp/blk.sock --require flush", "Handshake with it, insisting on a feature:"),
             ("l4vctl dump-config page.bin --json", "Decode a saved config page for a script:"),
         ]
     out.append(".SH EXAMPLES")

@@ -208,10 +208,10 @@ class Output:
         env.update(payload)
         return env
 
-    def emit(self, result: dict, text: Callable[[], Doc | str]) -> None:
-        """Print the result: the JSON envelope, or the text document."""
+    def emit(self, result: dict, text: Callable[[], Doc | str], compact: bool = False) -> None:
+        """Print the result: the JSON envelope (on one line if ``compact``), or the text."""
         if self.json_mode:
-            write_json(self.envelope(True, {"result": result}))
+            write_json(self.envelope(True, {"result": result}), compact)
             return
         doc = text()
         if isinstance(doc, str):
@@ -230,10 +230,11 @@ class Output:
             write_json(self.envelope(False, {"error": error}))
 
 
-def write_json(obj: Any) -> None:
+def write_json(obj: Any, compact: bool = False) -> None:
     import json
 
-    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+    text = json.dumps(obj, separators=(",", ":")) if compact else json.dumps(obj, indent=2)
+    sys.stdout.write(text + "\n")
     sys.stdout.flush()
 
 

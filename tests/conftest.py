@@ -59,3 +59,43 @@ def run_cli(*args: str, input: bytes | str | None = None, env: dict | None = Non
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def _children() -> set[int]:
+    out: set[int] = set()
+    task_dir = f"/proc/{os.getpid()}/task"
+    for tid in os.listdir(task_dir):
+        try:
+            with open(f"{task_dir}/{tid}/children") as f:
+                out.update(int(p) for p in f.read().split())
+        except OSError:
+            pass
+    return out
+
+
+def _fds() -> dict[int, str]:
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            pass
+    return out
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """Every test closes the fds it opens and leaves no child process behind."""
+    before_fds = _fds()
+    before_children = _children()
+    yield
+    import gc
+    import time
+
+    gc.collect()
+    deadline = time.monotonic() + 2
+    while _children() - before_children and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not _children() - before_children, "the test left child processes running"
+    leaked = {fd: target for fd, target in _fds().items() if fd not in before_fds}
+    assert not leaked, f"the test leaked file descriptors: {leaked}"

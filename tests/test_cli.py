@@ -23,13 +23,13 @@ def test_version():
 def test_help_lists_commands_and_exit_codes():
     r = run_cli("--help")
     assert r.code == 0
-    for name in ("layout", "dump-config"):
+    for name in ("layout", "dump-config", "probe", "negotiate", "queue-stats", "emulate", "backends"):
         assert name in r.stdout
     for code, _text in EXIT_CODES:
         assert f"{code:>3}  " in r.stdout
 
 
-@pytest.mark.parametrize("command", ["layout", "dump-config"])
+@pytest.mark.parametrize("command", ["layout", "dump-config", "probe", "negotiate", "queue-stats", "emulate", "backends"])
 def test_every_command_has_json_and_examples(command):
     r = run_cli(command, "--help")
     assert r.code == 0 and "--json" in r.stdout and "Examples:" in r.stdout
@@ -116,7 +116,8 @@ def _modules_after(*args: str) -> set[str]:
     return set(r.stderr.split())
 
 
-@pytest.mark.parametrize("args", [["--help"], ["layout", "--help"], ["dump-config", "--help"], ["--version"]])
+@pytest.mark.parametrize("args", [["--help"], ["layout", "--help"], ["dump-config", "--help"], ["--version"],
+                                  ["probe", "--help"], ["negotiate", "--help"], ["emulate", "--help"]])
 def test_help_imports_neither_rich_nor_construct(args):
     mods = _modules_after(*args)
     assert "click" in mods
@@ -131,3 +132,9 @@ def test_dump_config_text_without_tty_does_not_import_rich_or_construct(tmp_path
     mods = _modules_after("dump-config", str(src))
     assert "l4vctl.page" in mods
     assert "rich" not in mods and "construct" not in mods
+
+
+def test_probe_emu_imports_neither_rich_nor_construct():
+    mods = _modules_after("probe", "emu:blk")
+    assert "l4vctl.session" in mods
+    assert "rich" not in mods and "construct" not in mods and "logging" not in mods

@@ -146,7 +146,7 @@ def emulate(ctx, kind, socket_path, abi, cmd_mode, queues, num_max, features, in
         "num_queues": device.num_queues,
         "offered": sorted(device.offered),
     }
-    out.emit(result, lambda: url + "\n")
+    out.emit(result, lambda: url + "\n", compact=True)
     if not quiet:
         from l4vctl.output import info
 

@@ -54,10 +54,7 @@ def queue_stats(ctx, device, device_opt, abi, watch, interval, count, timeout, j
                 result = sample(s, url)
                 n += 1
                 if json_mode and (watch or samples != 1):
-                    import json
-
-                    sys.stdout.write(json.dumps(out.envelope(True, {"result": result}), separators=(",", ":")) + "\n")
-                    sys.stdout.flush()
+                    out.emit(result, str, compact=True)  # JSON lines: one envelope per sample
                 else:
                     if tty and watch:
                         sys.stdout.write("\x1b[H\x1b[2J")
