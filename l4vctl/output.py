@@ -81,12 +81,12 @@ class Doc:
 
 def flags_text(value: int, bits) -> str:
     """lspci style: 'ACKNOWLEDGE+ DRIVER- ...', unknown bits as hex."""
+    from l4vctl.catalog import flag_names
+
     text = " ".join(f"{name}{'+' if value & mask else '-'}" for mask, name in bits)
-    known = 0
-    for mask, _ in bits:
-        known |= mask
-    if value & ~known:
-        text += f" unknown:{value & ~known:#x}"
+    _names, unknown = flag_names(value, bits)
+    if unknown:
+        text += f" unknown:{unknown:#x}"
     return text
 
 

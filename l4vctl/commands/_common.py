@@ -127,3 +127,15 @@ def timeout_option(f):
         metavar="SECONDS",
         help="Longest wait for any answer from the device.",
     )(f)
+
+
+def queue_stride_option(f):
+    from l4vctl.catalog import QUEUE_ENTRY_STRIDE, QUEUE_ENTRY_STRIDE_I386
+
+    return click.option(
+        "--queue-stride",
+        type=click.Choice([str(QUEUE_ENTRY_STRIDE), str(QUEUE_ENTRY_STRIDE_I386)]),
+        default=str(QUEUE_ENTRY_STRIDE),
+        show_default=True,
+        help="Size of a queue-config entry: 40 (64-bit and ARM peers) or 36 (32-bit x86 peers).",
+    )(f)

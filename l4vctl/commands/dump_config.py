@@ -6,8 +6,8 @@ import sys
 
 import click
 
-from l4vctl.catalog import QUEUE_ENTRY_STRIDE, QUEUE_ENTRY_STRIDE_I386
-from l4vctl.commands._common import abi_option, begin, examples, json_option, timeout_option
+
+from l4vctl.commands._common import abi_option, begin, examples, json_option, queue_stride_option, timeout_option
 from l4vctl.errors import FormatError, UnavailableError, UsageError
 
 
@@ -40,13 +40,7 @@ from l4vctl.errors import FormatError, UnavailableError, UsageError
     metavar="BYTES",
     help="Where the page starts inside SOURCE (decimal or 0x hex).",
 )
-@click.option(
-    "--queue-stride",
-    type=click.Choice([str(QUEUE_ENTRY_STRIDE), str(QUEUE_ENTRY_STRIDE_I386)]),
-    default=str(QUEUE_ENTRY_STRIDE),
-    show_default=True,
-    help="Queue-config entry size: 40 (64-bit and ARM peers) or 36 (32-bit x86 peers).",
-)
+@queue_stride_option
 @click.option("--force", is_flag=True, help="Decode a page that fails validation; problems become warnings.")
 @click.option("--hex", "as_hex", is_flag=True, help="Print the page as a hex dump (hexdump -C form) instead.")
 @click.option("--raw", "as_raw", is_flag=True, help="Write the page as raw bytes instead (needs -o or a pipe).")

@@ -6,8 +6,8 @@ import fnmatch
 
 import click
 
-from l4vctl.catalog import MAX_QUEUE_SIZE, QUEUE_ENTRY_STRIDE, QUEUE_ENTRY_STRIDE_I386
-from l4vctl.commands._common import abi_option, begin, examples, json_option
+from l4vctl.catalog import MAX_QUEUE_SIZE
+from l4vctl.commands._common import abi_option, begin, examples, json_option, queue_stride_option
 from l4vctl.errors import UsageError
 
 
@@ -37,13 +37,7 @@ def _queue_size(ctx, param, value):
     callback=_queue_size,
     help="Queue size used for vring_avail and vring_used (a power of two).",
 )
-@click.option(
-    "--queue-stride",
-    type=click.Choice([str(QUEUE_ENTRY_STRIDE), str(QUEUE_ENTRY_STRIDE_I386)]),
-    default=str(QUEUE_ENTRY_STRIDE),
-    show_default=True,
-    help="Size of a queue-config entry: 40 (64-bit and ARM peers) or 36 (32-bit x86 peers).",
-)
+@queue_stride_option
 @json_option
 @click.pass_context
 def layout(ctx, structs, abi, num, queue_stride, json_mode):
