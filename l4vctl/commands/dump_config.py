@@ -6,7 +6,6 @@ import sys
 
 import click
 
-
 from l4vctl.commands._common import abi_option, begin, examples, json_option, queue_stride_option, timeout_option
 from l4vctl.errors import FormatError, UnavailableError, UsageError
 
