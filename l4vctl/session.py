@@ -136,10 +136,12 @@ class Session:
         self.queues: list[QueueSetup] = []
         self.mode = "ipc"
         self._config_ds: Dataspace | None = None
-        self._ring_ds: Dataspace | None = None
         self._driver_irq: Irq | None = None
         self._device_irq: Irq | None = None
         self._views = []
+        self._memory: list[Dataspace] = []
+        self._vqs: dict[int, object] = {}
+        self.next_address = DEVICE_ADDRESS_BASE
         self._drove = False
         self._broken = False  # the channel failed: no more calls on it
 
@@ -482,22 +484,13 @@ class Session:
             total += -(-layout["total"] // PAGE) * PAGE
         if not plan:
             return []
-        self._ring_ds = Dataspace.create("l4vctl-rings", total)
-        ring_map = self._ring_ds.map()
-        r = self._call(cat.L4VIRTIO_PROTOCOL, cat.OP_REGISTER_DS,
-                              [DEVICE_ADDRESS_BASE, 0, self._ring_ds.size],
-                              [Cap(cat.CAP_DATASPACE, RIGHTS_RW, 0, self._ring_ds.size)], [self._ring_ds.fd])  # fmt: skip
-        r.close()
-        if r.result < 0:
-            raise ProtocolError(f"REGISTER_DS of the ring memory failed: {cat.l4_error_name(r.result)}")
-        self.ring_memory = memoryview(ring_map)
-        self._views.append(self.ring_memory)
+        self.ring_memory, ring_base = self.alloc(total, "l4vctl-rings")
         w16 = self.page.cast("H")
         w64 = self.page.cast("Q")
         self._views += [w16, w64]
         self.queues = []
         for i, num, offset, layout in plan:
-            base = DEVICE_ADDRESS_BASE + offset
+            base = ring_base + offset
             q = QueueSetup(i, num, base + layout["desc"], base + layout["avail"], base + layout["used"], offset)
             entry = qoff + i * self.stride
             f = qc.fields
@@ -519,6 +512,57 @@ class Session:
                     raise NegotiationError(f"queue {i} was rejected: CONFIG_QUEUE answered {cat.l4_error_name(r.result)}")
             self.queues.append(q)
         return self.queues
+
+    # -- memory and I/O ------------------------------------------------------------------------------
+
+    def alloc(self, size: int, name: str = "l4vctl-buffers") -> tuple[memoryview, int]:
+        """Shared memory lent to the device: a mapping and its device address."""
+        self._need_driver("lending memory")
+        ds = Dataspace.create(name, size)
+        self._memory.append(ds)
+        mem = memoryview(ds.map())
+        self._views.append(mem)
+        addr = self.next_address
+        r = self._call(cat.L4VIRTIO_PROTOCOL, cat.OP_REGISTER_DS, [addr, 0, ds.size],
+                       [Cap(cat.CAP_DATASPACE, RIGHTS_RW, 0, ds.size)], [ds.fd])  # fmt: skip
+        r.close()
+        if r.result < 0:
+            raise ProtocolError(f"REGISTER_DS of {ds.size} bytes failed: {cat.l4_error_name(r.result)}")
+        self.next_address = addr + ds.size
+        return mem, addr
+
+    def virtqueue(self, index: int):
+        """The driver-side virtqueue of a configured queue."""
+        from l4vctl.virtqueue import Virtqueue
+
+        vq = self._vqs.get(index)
+        if vq is not None:
+            return vq
+        setup = next((q for q in self.queues if q.index == index), None)
+        if setup is None:
+            raise UsageError(f"queue {index} is not configured")
+        total = ring_geometry().simple_layout(setup.num)["total"]
+        vq = Virtqueue(
+            self.ring_memory[setup.offset : setup.offset + total],
+            setup.num,
+            kick_irq=self._device_irq,
+            irq=self._driver_irq,
+            event_idx=cat.EVENT_IDX_BIT in self.negotiated,
+            indirect=cat.INDIRECT_DESC_BIT in self.negotiated,
+            index=index,
+            check=self.check_device,
+        )
+        self._vqs[index] = vq
+        return vq
+
+    def check_device(self) -> None:
+        """Raise DeviceStateError if the device entered a fail state."""
+        self._fail_check("I/O")
+
+    def device_config(self) -> dict:
+        """The device-specific config, decoded (empty for unknown devices)."""
+        dc = pg.device_config_codec(self.get("device"), self.abi)
+        return dc.unpack(self.page, cat.HEADER_SIZE) if dc is not None and dc.size else {}
 
     # -- monitor ------------------------------------------------------------------------------------
 
@@ -555,15 +599,21 @@ class Session:
                     self.write_status(0)
             except Exception:  # noqa: BLE001 - the device may be gone already
                 pass
+        for vq in self._vqs.values():
+            vq.close()
+        self._vqs.clear()
         for view in reversed(self._views):
             if view is not None:
                 view.release()
         self._views.clear()
         self.page = None
-        for obj in (self._ring_ds, self._config_ds, self._driver_irq, self._device_irq):
+        for ds in self._memory:
+            ds.close()
+        self._memory.clear()
+        for obj in (self._config_ds, self._driver_irq, self._device_irq):
             if obj is not None:
                 obj.close()
-        self._ring_ds = self._config_ds = self._driver_irq = self._device_irq = None
+        self._config_ds = self._driver_irq = self._device_irq = None
         if self.channel is not None:
             self.channel.close()
             self.channel = None

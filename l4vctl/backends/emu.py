@@ -40,8 +40,12 @@ def build_device(kind: str, raw: dict[str, str]):
     from l4vctl.emulator.models import model_class, parse_options
 
     options = parse_options(kind, raw)
-    model = model_class(kind)(options)
+    try:
+        model = model_class(kind)(options)
+    except ValueError as exc:
+        raise UsageError(f"{kind}: {exc}") from None
     if model.num_queues() < model.MIN_QUEUES:
+        model.close()
         raise UsageError(f"{kind}: needs at least {model.MIN_QUEUES} queues")
     try:
         return Device(model)

@@ -121,6 +121,8 @@ def emulate(ctx, kind, socket_path, abi, cmd_mode, queues, num_max, features, in
         if name not in valid:
             raise UsageError(f"--{name.replace('_', '-')} is not an option of {kind} devices")
         raw[name] = value
+    if kind == "console" and "io" not in raw:
+        raw["io"] = "stdio"  # a console served from a terminal talks to that terminal
     device = build_device(kind, raw)
     from l4vctl.emulator import log
 

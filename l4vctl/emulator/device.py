@@ -18,6 +18,7 @@ from l4vctl import catalog as cat
 from l4vctl.emulator import log
 from l4vctl import page as pg
 from l4vctl.caps import PAGE, RIGHT_W, Dataspace, Irq, fd_kind
+from l4vctl.emulator.ring import BadChain, DeviceRing
 from l4vctl.formats.fast import ring as ring_geometry
 
 
@@ -66,7 +67,7 @@ class Queue:
     __slots__ = (
         "index", "enabled", "num", "desc_addr", "avail_addr", "used_addr", "desc", "avail",
         "used_hdr", "used_ring", "used_event_view", "avail_event_view", "next_avail",
-        "completed", "notified", "regions",
+        "completed", "notified", "ring",
     )  # fmt: skip
 
     def __init__(self, index: int):
@@ -82,6 +83,7 @@ class Queue:
         self.desc = self.avail = self.used_hdr = self.used_ring = None
         self.used_event_view = self.avail_event_view = None
         self.next_avail = 0
+        self.ring = None  # the DeviceRing while enabled
 
     def snapshot(self) -> dict:
         """Ring indices as the monitor shows them (0 while disabled)."""
@@ -123,14 +125,19 @@ class Device:
         self.w16 = page.cast("H")
         self.w32 = page.cast("I")
         self.w64 = page.cast("Q")
+        self.server = None  # the Server serving this device, once there is one
+        self.last_error = ""  # the reason of the last device error
         self.kick_irq = Irq.create()  # the device IRQ drivers trigger (GET_DEVICE_IRQ 0)
         self.driver_irq: Irq | None = None  # bound with ICU bind
         self.regions: list[Region] = []
+        self._last_region: Region | None = None
+        self.negotiated: set[int] = set()  # features accepted at FEATURES_OK
         self.status = 0  # the trusted copy
         self.kicks = 0
         self.irqs_sent = 0
         self.device_errors = 0
         self._build_page()
+        self._cmd_index = self.hc.fields["cmd"][0] >> 2
         self.queues = [Queue(i) for i in range(self.num_queues)]
 
     # -- page ------------------------------------------------------------------------
@@ -234,6 +241,7 @@ class Device:
         self.set("device", self.model.DEVICE_ID)
         self.set("vendor", self.model.options["vendor"])
         self._store_status(0)
+        self.negotiated = set()
         self.set("irq_status", 0)
         self.set("num_queues", self.num_queues)
         self.set("queues_offset", self.queues_offset)
@@ -272,6 +280,8 @@ class Device:
             if not ok:
                 log.warning("FEATURES_OK refused: %s", why)
                 s &= ~cat.STATUS_FEATURES_OK
+            else:
+                self.negotiated = set(cat.bits_of(self.get_words("driver_features_map")))
         if s == cat.STATUS_RUNNING:
             missing = [i for i in self.model.required_queues() if i >= len(self.queues) or not self.queues[i].enabled]
             if missing or self.faults.get("needs-reset-on-driver-ok"):
@@ -298,6 +308,7 @@ class Device:
     def device_error(self, reason: str) -> None:
         """A fatal device-detected error: DEVICE_NEEDS_RESET and a config interrupt."""
         self.device_errors += 1
+        self.last_error = reason
         log.warning("device error: %s: DEVICE_NEEDS_RESET", reason)
         was_running = self.status & cat.STATUS_DRIVER_OK
         self.model.reset()
@@ -366,20 +377,42 @@ class Device:
         q.avail_event_view = uv[4 + 8 * num : 6 + 8 * num].cast("H")
         q.used_event_view = q.avail[2 + num : 3 + num]
         q.next_avail = 0
+        q.ring = DeviceRing(self, q)
         log.info("queue %d enabled: num %d desc %#x avail %#x used %#x", index, num, desc, avail, used)
         return EOK
 
     # -- memory (§3.4) -------------------------------------------------------------------
 
-    def translate(self, addr: int, length: int, write: bool = False) -> memoryview | None:
-        """The bytes at device address ``addr``, if one region holds them all."""
+    def _region(self, addr: int, length: int) -> Region | None:
+        """The first region that holds all of [addr, addr + length)."""
+        last = self._last_region
+        if last is not None and last.base <= addr and addr + length <= last.base + last.size:
+            return last
         for region in self.regions:
-            if region.contains(addr, length):
-                if write and not region.writable:
-                    return None
-                start = addr - region.base
-                return region.view[start : start + length]
+            if region.base <= addr and addr + length <= region.base + region.size:
+                self._last_region = region
+                return region
         return None
+
+    def translate(self, addr: int, length: int, write: bool = False) -> memoryview | None:
+        """The bytes at device address ``addr``, if one region holds them all
+        (and, with ``write``, the region is writable)."""
+        region = self._region(addr, length)
+        if region is None or (write and not region.writable):
+            return None
+        start = addr - region.base
+        return region.view[start : start + length]
+
+    def translate_any(self, addr: int, length: int) -> tuple[memoryview | None, bool]:
+        """The bytes at ``addr`` and whether the device may write them."""
+        region = self._region(addr, length)
+        if region is None:
+            return None, False
+        start = addr - region.base
+        return region.view[start : start + length], region.writable
+
+    def negotiated_bit(self, bit: int) -> bool:
+        return bit in self.negotiated
 
     def register_ds(self, ds_fd: int | None, rights: int, base: int, offset: int, size: int) -> int:
         """REGISTER_DS: map a driver dataspace at device address ``base``."""
@@ -439,11 +472,38 @@ class Device:
     def kicked(self) -> None:
         """The device IRQ fired: run a pending cmd, then look at every queue."""
         self.kicks += 1
-        if self.cmd_mode:
+        self.service()
+
+    def service(self) -> bool:
+        """Run a pending cmd and serve every queue; True if there was work."""
+        busy = False
+        if self.cmd_mode and self.w32[self._cmd_index]:
             self.handle_cmd()
+            busy = True
+        if not self.status & cat.STATUS_DRIVER_OK or self.status & FAIL:
+            return busy
         for q in self.queues:
-            if q.enabled:
-                self.model.process(q)
+            ring = q.ring
+            if ring is None:
+                continue
+            try:
+                if ring.available():
+                    self.model.process(q, ring)
+                    busy = True
+                if ring.pending:
+                    ring.publish()
+            except BadChain as exc:
+                self.device_error(str(exc))
+                return True
+        return busy
+
+    def poll_mode(self, on: bool) -> None:
+        """While the server polls the rings, drivers need not kick."""
+        if not self.status & cat.STATUS_DRIVER_OK:
+            return
+        for q in self.queues:
+            if q.ring is not None:
+                q.ring.suppress_kicks(on)
 
     def handle_cmd(self) -> None:
         value = self.get("cmd")
@@ -475,6 +535,7 @@ class Device:
         for region in self.regions:
             region.close()
         self.regions.clear()
+        self._last_region = None
         if self.driver_irq is not None:
             self.driver_irq.close()
             self.driver_irq = None

@@ -116,8 +116,20 @@ class Model:
     def config_changed(self, offset: int) -> None:
         """The driver wrote device config at 0x100 + offset (CMD_CFG_CHANGED)."""
 
-    def process(self, queue) -> None:
-        """Handle available buffers of an enabled queue."""
+    def process(self, queue, ring) -> None:
+        """Handle the available buffers of an enabled queue.
+
+        The default consumes every chain and completes it with nothing
+        written (a sink).  ``ring`` is the queue's DeviceRing.
+        """
+        while ring.available():
+            head = ring.pop()
+            ring.chain(head)
+            ring.complete(head, 0)
+
+    def watch(self) -> list:
+        """(fd, callback) pairs the server should watch for this model (input sources)."""
+        return []
 
     def close(self) -> None:
         """Release files and other resources."""

@@ -1,9 +1,29 @@
-"""virtio-console model."""
+"""virtio-console model: port 0 bridged to stdio, files, a pty, or an echo.
+
+Queue 0 (receiveq) carries input to the driver, queue 1 (transmitq) its
+output.  ``io`` chooses the other end: ``stdio`` (the emulator's stdin and
+stdout), ``pty`` (a new pseudo terminal; its name is logged), ``echo``
+(output comes back as input), ``null``; ``output=FILE`` appends output to a
+file and ``input=FILE`` feeds a file's bytes as input.
+"""
 
 from __future__ import annotations
 
+import os
+
+from l4vctl.emulator import log
 from l4vctl.emulator.models import Option, parse_int
 from l4vctl.emulator.models.base import Model
+from l4vctl.emulator.ring import BadChain
+
+RX, TX = 0, 1
+PENDING_MAX = 1 << 20
+
+
+def parse_io(text) -> str:
+    if text not in ("stdio", "pty", "echo", "null"):
+        raise ValueError(f"{text!r} is not one of stdio, pty, echo, null")
+    return text
 
 
 class ConsoleModel(Model):
@@ -15,7 +35,47 @@ class ConsoleModel(Model):
     OPTIONS = (
         Option("cols", parse_int, 80, "columns (VIRTIO_CONSOLE_F_SIZE)"),
         Option("rows", parse_int, 25, "rows (VIRTIO_CONSOLE_F_SIZE)"),
+        Option("io", parse_io, None, "other end of port 0: stdio, pty, echo or null (default: stdio for "
+                                     "'emulate', echo for emu:)"),  # fmt: skip
+        Option("output", str, None, "append the driver's output to this file"),
+        Option("input", str, None, "feed this file to the driver as input"),
     )
+
+    def __init__(self, options: dict):
+        super().__init__(options)
+        self.io = options["io"] or "echo"
+        self.in_fd = self.out_fd = -1
+        self.pty_slave = None
+        self.file_in = -1
+        self.pending = bytearray()
+        self.transmitted = 0
+        if self.io == "stdio":
+            self.out_fd = os.dup(1)
+            try:
+                self.in_fd = os.dup(0)
+                os.set_blocking(self.in_fd, False)
+            except OSError as exc:  # no usable stdin (closed, or a file that refuses O_NONBLOCK)
+                log.info("console input from stdin unavailable: %s", exc.strerror)
+                if self.in_fd >= 0:
+                    os.close(self.in_fd)
+                self.in_fd = -1
+        elif self.io == "pty":
+            master, slave = os.openpty()
+            self.pty_slave = os.ttyname(slave)
+            self._slave_fd = slave  # kept open so the pty survives until a terminal attaches
+            os.set_blocking(master, False)
+            self.in_fd = self.out_fd = master
+            log.warning("console port 0 is the pty %s", self.pty_slave)
+        if options["output"]:
+            try:
+                self.out_fd = os.open(options["output"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise ValueError(f"cannot open {options['output']}: {exc.strerror}") from None
+        if options["input"]:
+            try:
+                self.file_in = os.open(options["input"], os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise ValueError(f"cannot open {options['input']}: {exc.strerror}") from None
 
     def features(self) -> set[int]:
         return {0}  # SIZE
@@ -24,4 +84,121 @@ class ConsoleModel(Model):
         return {"cols": self.options["cols"], "rows": self.options["rows"], "max_nr_ports": 1}
 
     def required_queues(self) -> list[int]:
-        return [0, 1]
+        return [RX, TX]
+
+    def describe(self) -> str:
+        return f"console ({self.pty_slave or self.io})"
+
+    # -- input side ---------------------------------------------------------------------
+
+    def watch(self) -> list:
+        if self.in_fd >= 0 and self.io in ("stdio", "pty"):
+            return [(self.in_fd, self._input_ready)]
+        return []
+
+    def _input_ready(self) -> None:
+        try:
+            data = os.read(self.in_fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._stop_input()
+            return
+        self._queue_input(data)
+        self.deliver()
+
+    def _stop_input(self) -> None:
+        server = getattr(self.device, "server", None)
+        if server is not None:
+            server.unwatch(self.in_fd)
+
+    def _queue_input(self, data: bytes) -> None:
+        room = PENDING_MAX - len(self.pending)
+        if len(data) > room:
+            log.warning("console input buffer full: %d bytes dropped", len(data) - room)
+            data = data[:room]
+        self.pending += data
+
+    def deliver(self) -> None:
+        """Move pending input (and file input) into the driver's receive buffers."""
+        dev = self.device
+        if dev is None or RX >= len(dev.queues):
+            return
+        q = dev.queues[RX]
+        ring = q.ring
+        if ring is None:
+            return
+        while ring.available() and (self.pending or self.file_in >= 0):
+            head = ring.pop()
+            segs = ring.chain(head)
+            written = 0
+            for seg in segs:
+                if not seg.writable:
+                    raise BadChain("queue 0: a receive buffer lies in read-only memory")
+                view = seg.view
+                if self.pending:
+                    n = min(len(view), len(self.pending))
+                    view[:n] = self.pending[:n]
+                    del self.pending[:n]
+                elif self.file_in >= 0:
+                    n = os.readv(self.file_in, [view])
+                    if n == 0:
+                        os.close(self.file_in)
+                        self.file_in = -1
+                else:
+                    n = 0
+                written += n
+                if n < len(view):
+                    break
+            if written == 0:
+                ring.rewind()
+                break
+            ring.complete(head, written)
+        ring.publish()
+
+    # -- queues -----------------------------------------------------------------------
+
+    def process(self, queue, ring) -> None:
+        if queue.index == TX:
+            for _ in range(ring.available()):
+                head = ring.pop()
+                data = b"".join(bytes(s.view) for s in ring.chain(head))
+                self.transmitted += len(data)
+                if self.io == "echo":
+                    self._queue_input(data)
+                if self.out_fd >= 0 and data:
+                    self._write_out(data)
+                ring.complete(head, 0)
+            if self.io == "echo":
+                self.deliver()
+        elif queue.index == RX:
+            self.deliver()
+        else:  # control queues of a multiport console are not emulated: consume
+            super().process(queue, ring)
+
+    def _write_out(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self.out_fd, view)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                log.warning("console output failed: %s (output dropped)", exc.strerror)
+                return
+            view = view[n:]
+
+    def reset(self) -> None:
+        self.pending.clear()
+
+    def close(self) -> None:
+        fds = {self.in_fd, self.out_fd, self.file_in, getattr(self, "_slave_fd", -1)}
+        for fd in fds:
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.in_fd = self.out_fd = self.file_in = -1

@@ -1,10 +1,31 @@
-"""virtio-net model."""
+"""virtio-net model: frames over a virtual cable.
+
+Queue 0 receives, queue 1 transmits; every buffer starts with the 12-byte
+virtio-net header.  ``link=NAME`` plugs the device into the cable NAME: two
+emulated net devices (in any processes of this machine) that use the same
+name exchange frames.  ``loop=1`` makes transmitted frames come back.  A
+frame sent while nobody is on the other end is dropped, as on a real cable.
+"""
 
 from __future__ import annotations
 
+import collections
+import errno
+
+import socket
+
 from l4vctl import catalog as cat
-from l4vctl.emulator.models import Option, parse_int
+from l4vctl.emulator import log
+from l4vctl.emulator.models import Option, parse_bool, parse_int
 from l4vctl.emulator.models.base import Model
+from l4vctl.emulator.ring import BadChain
+from l4vctl.formats.fast import codec
+
+RX, TX = cat.NET_RX_QUEUE, cat.NET_TX_QUEUE
+_NET_HDR = codec("l4virtio_net_header_t").struct
+HDR_SIZE = _NET_HDR.size
+MAX_FRAME = 65535
+PENDING_FRAMES = 256
 
 
 def parse_mac(text) -> bytes:
@@ -14,9 +35,22 @@ def parse_mac(text) -> bytes:
     if len(parts) != 6:
         raise ValueError(f"{text!r} is not a MAC address like 52:54:00:12:34:56")
     try:
-        return bytes(int(p, 16) for p in parts)
+        out = bytes(int(p, 16) for p in parts)
     except ValueError:
         raise ValueError(f"{text!r} is not a MAC address like 52:54:00:12:34:56") from None
+    return out
+
+
+def parse_link(text) -> str:
+    name = str(text)
+    if not name or len(name) > 64 or "/" in name or "\0" in name:
+        raise ValueError(f"{text!r} is not a link name (1-64 characters, no '/')")
+    return name
+
+
+def link_address(name: str, end: str) -> bytes:
+    """The abstract-namespace address of one end of a cable."""
+    return f"\0l4vctl-link/{name}/{end}".encode()
 
 
 class NetModel(Model):
@@ -26,18 +60,153 @@ class NetModel(Model):
     MIN_QUEUES = 2
     DEFAULT_NUM_MAX = 256
     OPTIONS = (
-        Option("mac", parse_mac, bytes.fromhex("525400123456"), "MAC address (VIRTIO_NET_F_MAC)"),
+        Option("mac", parse_mac, None, "MAC address (VIRTIO_NET_F_MAC; default 52:54:00:12:34:56, "
+                                       "or one derived from the link end)"),  # fmt: skip
         Option("mtu", parse_int, 1500, "MTU advice (VIRTIO_NET_F_MTU)"),
+        Option("link", parse_link, None, "plug into the virtual cable NAME shared with one other device"),
+        Option("loop", parse_bool, False, "send transmitted frames back to this device"),
     )
+
+    def __init__(self, options: dict):
+        super().__init__(options)
+        self.sock = None
+        self.peer = None
+        self.end = None
+        self.pending: collections.deque = collections.deque()
+        self.sent = self.received = self.dropped = 0
+        if options["link"]:
+            self._plug(options["link"])
+        mac = options["mac"]
+        if mac is None:
+            mac = bytes.fromhex("525400123456") if self.end != "b" else bytes.fromhex("525400123457")
+        self.mac = mac
+
+    def _plug(self, name: str) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        for end, other in (("a", "b"), ("b", "a")):
+            try:
+                sock.bind(link_address(name, end))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    continue
+                sock.close()
+                raise ValueError(f"cannot plug into link {name!r}: {exc.strerror}") from None
+            self.sock, self.end, self.peer = sock, end, link_address(name, other)
+            return
+        sock.close()
+        raise ValueError(f"link {name!r} already has two devices")
 
     def features(self) -> set[int]:
         return {3, 5, 16}  # MTU, MAC, STATUS
 
     def config(self) -> dict:
-        return {"mac": self.options["mac"], "status": cat.NET_S_LINK_UP, "mtu": self.options["mtu"]}
+        return {"mac": self.mac, "status": cat.NET_S_LINK_UP, "mtu": self.options["mtu"]}
 
     def required_queues(self) -> list[int]:
-        return [cat.NET_RX_QUEUE, cat.NET_TX_QUEUE]
+        return [RX, TX]
 
     def describe(self) -> str:
-        return "net " + ":".join(f"{b:02x}" for b in self.options["mac"])
+        mac = ":".join(f"{b:02x}" for b in self.mac)
+        link = f", link {self.options['link']} end {self.end}" if self.sock else ""
+        return f"net {mac}{link}{', loop' if self.options['loop'] else ''}"
+
+    # -- receive ----------------------------------------------------------------------
+
+    def watch(self) -> list:
+        return [(self.sock.fileno(), self._link_ready)] if self.sock else []
+
+    def _link_ready(self) -> None:
+        while True:
+            try:
+                frame = self.sock.recv(MAX_FRAME)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                log.warning("link receive failed: %s", exc.strerror)
+                break
+            self._arrive(frame)
+        self.deliver()
+
+    def _arrive(self, frame: bytes) -> None:
+        if len(self.pending) >= PENDING_FRAMES:
+            self.dropped += 1
+            return
+        self.pending.append(frame)
+
+    def deliver(self) -> None:
+        """Move arrived frames into the driver's receive buffers."""
+        dev = self.device
+        if dev is None or RX >= len(dev.queues) or dev.queues[RX].ring is None:
+            return
+        ring = dev.queues[RX].ring
+        while self.pending and ring.available():
+            head = ring.pop()
+            segs = ring.chain(head)
+            frame = self.pending[0]
+            room = sum(len(s) for s in segs)
+            if room < HDR_SIZE + len(frame):
+                # too small for this frame: drop the frame, return the buffer empty
+                log.info("receive buffer of %d bytes too small for a %d-byte frame: dropped", room, len(frame))
+                self.pending.popleft()
+                self.dropped += 1
+                ring.complete(head, 0)
+                continue
+            self.pending.popleft()
+            data = bytearray(HDR_SIZE)
+            _NET_HDR.pack_into(data, 0, 0, 0, 0, 0, 0, 0, 1)  # num_buffers = 1
+            data += frame
+            pos = 0
+            for seg in segs:
+                if not seg.writable:
+                    raise BadChain("queue 0: a receive buffer lies in read-only memory")
+                n = min(len(seg), len(data) - pos)
+                seg.view[:n] = data[pos : pos + n]
+                pos += n
+                if pos == len(data):
+                    break
+            self.received += 1
+            ring.complete(head, len(data))
+        ring.publish()
+
+    # -- transmit -----------------------------------------------------------------------
+
+    def process(self, queue, ring) -> None:
+        if queue.index == RX:
+            self.deliver()
+            return
+        if queue.index != TX:
+            super().process(queue, ring)
+            return
+        for _ in range(ring.available()):
+            head = ring.pop()
+            packet = b"".join(bytes(s.view) for s in ring.chain(head))
+            ring.complete(head, 0)
+            if len(packet) < HDR_SIZE:
+                log.warning("queue 1: a transmit chain of %d bytes is shorter than the net header", len(packet))
+                self.dropped += 1
+                continue
+            self._send(packet[HDR_SIZE:])
+        if self.options["loop"]:
+            self.deliver()
+
+    def _send(self, frame: bytes) -> None:
+        self.sent += 1
+        if self.options["loop"]:
+            self._arrive(frame)
+        if self.sock is None:
+            return
+        try:
+            self.sock.sendto(frame, self.peer)
+        except (ConnectionRefusedError, FileNotFoundError, BlockingIOError, OSError):
+            self.dropped += 1  # nobody on the other end, or its queue is full
+
+    def reset(self) -> None:
+        self.pending.clear()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+

@@ -1,9 +1,16 @@
-"""virtio-rng model."""
+"""virtio-rng model: writable buffers filled from the OS entropy source.
+
+As L4Re's rng server does, the device fills the first buffer of each chain
+completely and reports that buffer's length; it does not follow NEXT.
+"""
 
 from __future__ import annotations
 
+import os
+
 from l4vctl import catalog as cat
 from l4vctl.emulator.models.base import Model
+from l4vctl.emulator.ring import BadChain
 
 
 class RngModel(Model):
@@ -12,5 +19,26 @@ class RngModel(Model):
     DEFAULT_QUEUES = 1
     DEFAULT_NUM_MAX = 128
 
+    def __init__(self, options: dict):
+        super().__init__(options)
+        self.fd = os.open("/dev/urandom", os.O_RDONLY | os.O_CLOEXEC)
+
     def features(self) -> set[int]:
         return {cat.INDIRECT_DESC_BIT}
+
+    def process(self, queue, ring) -> None:
+        for _ in range(ring.available()):
+            head = ring.pop()
+            first = ring.chain(head)[0]
+            if not first.writable:
+                raise BadChain(f"queue {queue.index}: the entropy buffer lies in read-only memory")
+            filled = 0
+            view = first.view
+            while filled < len(view):
+                filled += os.readv(self.fd, [view[filled:]])
+            ring.complete(head, filled)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,1 @@
+"""Device-class drivers on top of a Session and its virtqueues."""

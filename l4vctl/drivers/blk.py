@@ -1,0 +1,241 @@
+"""A virtio-blk driver over a Session: read, write, flush, get-id, discard, write-zeroes.
+
+Each request slot owns a fixed piece of lent memory: the 16-byte header, the
+status byte, an indirect table and a data buffer.  Requests are chains
+``header (device reads), data..., status (device writes)``, either in the
+ring's descriptor table or, with VIRTIO_F_INDIRECT_DESC, as one indirect
+descriptor.  Many requests may be in flight; completions are reaped in
+batches.
+"""
+
+from __future__ import annotations
+
+import time
+
+from l4vctl import catalog as cat
+from l4vctl.errors import DeviceStateError, UsageError
+from l4vctl.formats.fast import codec
+
+_HDR = codec("l4virtio_block_header_t").struct
+_SEG = codec("virtio_blk_discard_write_zeroes").struct
+SECTOR = cat.BLK_SECTOR_SIZE
+F_SIZE_MAX, F_SEG_MAX, F_RO, F_FLUSH, F_DISCARD, F_WRITE_ZEROES = 1, 2, 5, 9, 13, 14
+
+
+class BlkIOError(DeviceStateError):
+    """The device answered a request with IOERR or UNSUPP."""
+
+
+class Slot:
+    """One request in flight and the memory it owns."""
+
+    __slots__ = ("index", "ctrl", "ctrl_addr", "data", "data_addr", "type", "sector", "nbytes", "status",
+                 "used", "t0", "user")  # fmt: skip
+
+    def __init__(self, index, ctrl, ctrl_addr, data, data_addr):
+        self.index = index
+        self.ctrl = ctrl
+        self.ctrl_addr = ctrl_addr
+        self.data = data
+        self.data_addr = data_addr
+        self.type = self.sector = self.nbytes = 0
+        self.status = None
+        self.used = 0
+        self.t0 = 0
+        self.user = None
+
+
+class BlkDriver:
+    """Drive queue ``queue`` of a block device whose handshake is done."""
+
+    def __init__(self, session, *, depth: int = 32, max_io: int = 128 * 1024, segments: int = 1,
+                 indirect: bool | None = None, queue: int = 0, timeout: float | None = None):  # fmt: skip
+        if session.get("device") != cat.DEVICE_CLASSES["blk"]:
+            raise UsageError(f"{session.url} is not a block device ({cat.device_name(session.get('device'))})")
+        self.session = session
+        self.timeout = session.timeout if timeout is None else timeout
+        cfg = session.device_config()
+        neg = session.negotiated
+        self.capacity = cfg["capacity"]  # sectors
+        self.read_only = F_RO in neg
+        self.flush_supported = F_FLUSH in neg
+        self.discard_supported = F_DISCARD in neg
+        self.write_zeroes_supported = F_WRITE_ZEROES in neg
+        if segments < 1:
+            raise UsageError("segments must be at least 1")
+        if F_SEG_MAX in neg and cfg["seg_max"] and segments > cfg["seg_max"]:
+            raise UsageError(f"{segments} segments exceed the device's seg_max {cfg['seg_max']}")
+        if F_SIZE_MAX in neg and cfg["size_max"]:
+            max_io = min(max_io, cfg["size_max"] * segments)
+        max_io = max(SECTOR, max_io // SECTOR * SECTOR)
+        self.max_io = max_io
+        self.segments = segments
+        self.vq = vq = session.virtqueue(queue)
+        if indirect and not vq.indirect:
+            raise UsageError("indirect descriptors were asked for but VIRTIO_F_INDIRECT_DESC is not negotiated")
+        self.indirect = vq.indirect if indirect is None else indirect
+        per_request = 1 if self.indirect else segments + 2
+        self.depth = max(1, min(depth, vq.num // per_request))
+        table = 16 * (segments + 2)
+        self.ctrl_size = -(-(32 + table) // 64) * 64
+        mem, addr = session.alloc(self.depth * (self.ctrl_size + max_io), "l4vctl-blk-buffers")
+        data0 = self.depth * self.ctrl_size
+        self.slots = [
+            Slot(i, mem[i * self.ctrl_size : (i + 1) * self.ctrl_size], addr + i * self.ctrl_size,
+                 mem[data0 + i * max_io : data0 + (i + 1) * max_io], addr + data0 + i * max_io)  # fmt: skip
+            for i in range(self.depth)
+        ]
+        self.free = list(reversed(self.slots))
+
+    # -- the asynchronous interface ---------------------------------------------------------
+
+    def submit(self, slot: Slot, rtype: int, sector: int, nbytes: int) -> None:
+        """Queue a request using ``slot``'s memory (its data buffer holds OUT data)."""
+        if nbytes > self.max_io:
+            raise UsageError(f"a request of {nbytes} bytes exceeds {self.max_io}")
+        slot.type, slot.sector, slot.nbytes, slot.status = rtype, sector, nbytes, None
+        _HDR.pack_into(slot.ctrl, 0, rtype, 0, sector)
+        slot.ctrl[16] = 0xFF  # the device overwrites this
+        device_writes = rtype in (cat.BLK_T_IN, cat.BLK_T_GET_ID)
+        bufs = [(slot.ctrl_addr, 16, False)]
+        if nbytes:
+            n = min(self.segments, max(1, nbytes // SECTOR))
+            step = -(-(nbytes // n) // SECTOR) * SECTOR if nbytes >= SECTOR * n else nbytes
+            pos = 0
+            while pos < nbytes:
+                length = min(step, nbytes - pos) if len(bufs) < n else nbytes - pos
+                bufs.append((slot.data_addr + pos, length, device_writes))
+                pos += length
+        bufs.append((slot.ctrl_addr + 16, 1, True))
+        slot.t0 = time.perf_counter_ns()
+        if self.indirect:
+            self.vq.add_indirect(slot.ctrl[32:], slot.ctrl_addr + 32, bufs, slot)
+        else:
+            self.vq.add(bufs, slot)
+
+    def kick(self) -> None:
+        self.vq.kick()
+
+    def wait(self, timeout: float | None = None) -> list[Slot]:
+        """Completed requests (at least one); each slot's ``status`` is set."""
+        done = self.vq.wait(self.timeout if timeout is None else timeout)
+        out = []
+        for slot, used in done:
+            slot.status = slot.ctrl[16]
+            slot.used = used
+            out.append(slot)
+        return out
+
+    def check(self, slot: Slot) -> None:
+        """Raise BlkIOError unless the request succeeded."""
+        if slot.status == cat.BLK_S_OK:
+            return
+        what = cat.BLK_REQUEST_TYPES.get(slot.type, str(slot.type))
+        name = cat.BLK_STATUS.get(slot.status, f"status {slot.status:#x}")
+        where = f" at sector {slot.sector} ({slot.nbytes} bytes)" if slot.type in (cat.BLK_T_IN, cat.BLK_T_OUT) else ""
+        hint = None
+        if slot.type == cat.BLK_T_OUT and self.read_only:
+            hint = "the device is read-only (VIRTIO_BLK_F_RO)"
+        elif slot.type in (cat.BLK_T_IN, cat.BLK_T_OUT) and slot.sector + slot.nbytes // SECTOR > self.capacity:
+            hint = f"the device has {self.capacity} sectors"
+        raise BlkIOError(f"{what}{where} failed: the device answered {name}", hint=hint)
+
+    # -- synchronous operations ------------------------------------------------------------------
+
+    def _run(self, jobs, progress=None) -> None:
+        """Run (rtype, sector, nbytes, before, after) jobs with up to ``depth`` in flight."""
+        jobs = iter(jobs)
+        free = self.free
+        in_flight = 0
+        exhausted = False
+        while True:
+            while free and not exhausted:
+                job = next(jobs, None)
+                if job is None:
+                    exhausted = True
+                    break
+                rtype, sector, nbytes, before, after = job
+                slot = free.pop()
+                if before is not None:
+                    before(slot)
+                slot.user = after
+                self.submit(slot, rtype, sector, nbytes)
+                in_flight += 1
+            self.kick()
+            if not in_flight:
+                return
+            for slot in self.wait():
+                in_flight -= 1
+                free.append(slot)
+                self.check(slot)
+                if slot.user is not None:
+                    slot.user(slot)
+                if progress is not None:
+                    progress(slot.nbytes)
+
+    def _check_range(self, sector: int, nbytes: int) -> None:
+        if sector < 0 or nbytes < 0:
+            raise UsageError("sector and length must not be negative")
+        if nbytes % SECTOR:
+            raise UsageError(f"{nbytes} bytes is not a whole number of 512-byte sectors")
+
+    def read(self, sector: int, nbytes: int, out=None, progress=None) -> bytearray:
+        """Read ``nbytes`` from ``sector`` on (into ``out`` if given)."""
+        self._check_range(sector, nbytes)
+        buf = bytearray(nbytes) if out is None else out
+        view = memoryview(buf)
+        chunk = self.max_io
+
+        def jobs():
+            for pos in range(0, nbytes, chunk):
+                n = min(chunk, nbytes - pos)
+
+                def copy(slot, pos=pos, n=n):
+                    view[pos : pos + n] = slot.data[:n]
+
+                yield cat.BLK_T_IN, sector + pos // SECTOR, n, None, copy
+
+        self._run(jobs(), progress)
+        return buf
+
+    def write(self, sector: int, data, progress=None) -> None:
+        """Write ``data`` (a whole number of sectors) from ``sector`` on."""
+        view = memoryview(data).cast("B")
+        self._check_range(sector, len(view))
+        chunk = self.max_io
+
+        def jobs():
+            for pos in range(0, len(view), chunk):
+                n = min(chunk, len(view) - pos)
+
+                def fill(slot, pos=pos, n=n):
+                    slot.data[:n] = view[pos : pos + n]
+
+                yield cat.BLK_T_OUT, sector + pos // SECTOR, n, fill, None
+
+        self._run(jobs(), progress)
+
+    def flush(self) -> None:
+        self._run([(cat.BLK_T_FLUSH, 0, 0, None, None)])
+
+    def get_id(self) -> str:
+        result = {}
+
+        def grab(slot):
+            result["id"] = bytes(slot.data[: cat.BLK_ID_BYTES])
+
+        self._run([(cat.BLK_T_GET_ID, 0, cat.BLK_ID_BYTES, None, grab)])
+        return result["id"].split(b"\0", 1)[0].decode("utf-8", "replace")
+
+    def _ranges(self, rtype: int, sector: int, count: int) -> None:
+        def fill(slot):
+            _SEG.pack_into(slot.data, 0, sector, count, 0)
+
+        # the 16-byte segment travels as device-readable data
+        self._run([(rtype, 0, _SEG.size, fill, None)])
+
+    def discard(self, sector: int, count: int) -> None:
+        self._ranges(cat.BLK_T_DISCARD, sector, count)
+
+    def write_zeroes(self, sector: int, count: int) -> None:
+        self._ranges(cat.BLK_T_WRITE_ZEROES, sector, count)

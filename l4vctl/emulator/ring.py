@@ -1,0 +1,188 @@
+"""The device side of a split virtqueue, with every bound checked.
+
+L4Re's request processor trusts the driver more than an emulator should:
+it does not range-check head indices or the distance avail.idx moves, and
+its generic walker has no limit on chain length.  This walker checks all of
+it (and logs when it rejects something L4Re would have let through):
+
+* avail.idx may move ahead of the device by at most the queue size;
+* a head index must be below the queue size;
+* an indirect table must lie in one registered region and hold at least one
+  descriptor, may only appear on the head and only if INDIRECT_DESC was
+  negotiated, and may not contain further indirect descriptors;
+* every ``next`` must be inside its table, and a chain may not be longer
+  than its table (a cyclic chain ends there);
+* every buffer must lie inside one registered region; buffers the device
+  writes must lie in a region registered writable.
+
+A violation raises :class:`BadChain`; the device then enters
+DEVICE_NEEDS_RESET with a config interrupt (protocol notes §5.1, §5.5).
+"""
+
+from __future__ import annotations
+
+from l4vctl import catalog as cat
+from l4vctl.barrier import full_barrier
+from l4vctl.emulator import log
+from l4vctl.formats.fast import codec
+
+_DESC = codec("vring_desc").struct
+DESC_SIZE = _DESC.size
+NEXT = cat.VRING_DESC_F_NEXT
+WRITE = cat.VRING_DESC_F_WRITE
+INDIRECT = cat.VRING_DESC_F_INDIRECT
+
+
+class BadChain(Exception):
+    """A descriptor chain (or the ring itself) that the device must not process."""
+
+
+class Segment:
+    """One buffer of a chain: its bytes, the descriptor's WRITE flag and whether
+    the device may write it (the buffer lies in a writable region)."""
+
+    __slots__ = ("view", "write_flag", "writable")
+
+    def __init__(self, view: memoryview, write_flag: bool, writable: bool):
+        self.view = view
+        self.write_flag = write_flag
+        self.writable = writable
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+
+def need_event(event: int, new: int, old: int) -> bool:
+    """virtio's vring_need_event: has the index passed ``event`` going from old to new?"""
+    return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+
+
+class DeviceRing:
+    """Fetch chains from an enabled queue and publish completions."""
+
+    def __init__(self, device, queue):
+        self.device = device
+        self.q = queue
+        self.num = queue.num
+        self.pending: list[tuple[int, int]] = []  # completions not yet published
+
+    # -- fetching ---------------------------------------------------------------------
+
+    def available(self) -> int:
+        """How many heads the driver has offered that the device has not taken."""
+        q = self.q
+        ahead = (q.avail[1] - q.next_avail) & 0xFFFF
+        if ahead > self.num:
+            raise BadChain(
+                f"queue {q.index}: avail.idx {q.avail[1]} is {ahead} ahead of the device "
+                f"({q.next_avail}), more than the queue size {self.num} (L4Re does not check this)"
+            )
+        return ahead
+
+    def pop(self) -> int:
+        """The next head index (the caller checked :meth:`available`)."""
+        q = self.q
+        head = q.avail[2 + q.next_avail % self.num]
+        q.next_avail = (q.next_avail + 1) & 0xFFFF
+        if head >= self.num:
+            raise BadChain(f"queue {q.index}: head index {head} is not below the queue size {self.num} "
+                           f"(L4Re does not check this)")  # fmt: skip
+        return head
+
+    def chain(self, head: int) -> list[Segment]:
+        """The buffers of the chain starting at ``head``, every bound checked."""
+        q = self.q
+        dev = self.device
+        table = q.desc
+        size = self.num
+        addr, length, flags, nxt = _DESC.unpack_from(table, head * DESC_SIZE)
+        if flags & INDIRECT:
+            if not dev.negotiated_bit(cat.INDIRECT_DESC_BIT):
+                raise BadChain(f"queue {q.index}: indirect descriptor at {head} but INDIRECT_DESC was not negotiated")
+            if flags & WRITE:
+                raise BadChain(f"queue {q.index}: indirect descriptor at {head} has the WRITE flag")
+            entries = length // DESC_SIZE
+            if entries == 0:
+                raise BadChain(f"queue {q.index}: indirect table of {length} bytes holds no descriptor")
+            view = dev.translate(addr, entries * DESC_SIZE)
+            if view is None:
+                raise BadChain(f"queue {q.index}: indirect table {addr:#x}+{length:#x} is not inside one registered region")
+            if length % DESC_SIZE and log.enabled(log.INFO):
+                log.info("queue %d: indirect table length %d is not a multiple of 16 (remainder ignored)", q.index, length)
+            table = view
+            size = entries
+            addr, length, flags, nxt = _DESC.unpack_from(table, 0)
+            if flags & INDIRECT:
+                raise BadChain(f"queue {q.index}: indirect table contains another indirect descriptor")
+        segments = []
+        count = 0
+        while True:
+            count += 1
+            if count > size:
+                raise BadChain(f"queue {q.index}: chain from head {head} is longer than its table ({size}): a loop?")
+            write_flag = bool(flags & WRITE)
+            region_view, writable = dev.translate_any(addr, length)
+            if region_view is None:
+                raise BadChain(
+                    f"queue {q.index}: buffer {addr:#x}+{length:#x} of the chain from head {head} "
+                    f"is not inside one registered region"
+                )
+            segments.append(Segment(region_view, write_flag, writable))
+            if not flags & NEXT:
+                return segments
+            if nxt >= size:
+                raise BadChain(f"queue {q.index}: next index {nxt} is outside its table ({size} descriptors)")
+            addr, length, flags, nxt = _DESC.unpack_from(table, nxt * DESC_SIZE)
+            if flags & INDIRECT:
+                raise BadChain(f"queue {q.index}: indirect flag inside a chain (only a head may be indirect)")
+
+    def rewind(self, count: int = 1) -> None:
+        """Give heads back (the device could not handle them yet)."""
+        self.q.next_avail = (self.q.next_avail - count) & 0xFFFF
+
+    # -- completing ----------------------------------------------------------------------
+
+    def complete(self, head: int, written: int) -> None:
+        self.pending.append((head, written))
+
+    def publish(self) -> bool:
+        """Write pending used elements, then used.idx once; notify the driver if it wants.
+
+        Returns True if the driver was interrupted.
+        """
+        if not self.pending:
+            return False
+        q = self.q
+        ring = q.used_ring
+        num = self.num
+        old = q.used_hdr[1]
+        idx = old
+        for head, written in self.pending:
+            slot = (idx % num) * 2
+            ring[slot] = head
+            ring[slot + 1] = written
+            idx = (idx + 1) & 0xFFFF
+        q.completed += len(self.pending)
+        self.pending.clear()
+        q.used_hdr[1] = idx  # one store publishes the batch
+        full_barrier()  # the driver's used_event / NO_INTERRUPT is read after it
+        if self.device.negotiated_bit(cat.EVENT_IDX_BIT):
+            wanted = need_event(q.used_event_view[0], idx, old)
+        else:
+            wanted = not q.avail[0] & cat.VRING_AVAIL_F_NO_INTERRUPT
+        if wanted:
+            q.notified += 1
+            self.device.notify(cat.IRQ_STATUS_VRING)
+        return wanted
+
+    # -- kick suppression ------------------------------------------------------------------
+
+    def suppress_kicks(self, on: bool) -> None:
+        """While the device polls the ring it needs no kicks (NO_NOTIFY or avail_event)."""
+        q = self.q
+        if self.device.negotiated_bit(cat.EVENT_IDX_BIT):
+            # avail_event = next_avail: "kick me when you publish past what I have
+            # seen"; half the index space ahead: "do not kick".
+            q.avail_event_view[0] = (q.next_avail + (0x7FFF if on else 0)) & 0xFFFF
+        else:
+            q.used_hdr[0] = cat.VRING_USED_F_NO_NOTIFY if on else 0
