@@ -29,6 +29,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "emulate",
         "Serve an emulated L4-VIRTIO device (blk, net, console, rng) on a Unix socket.",
     ),
+    "net": (
+        "l4vctl.commands.net",
+        "net",
+        "Network I/O: send, recv and ping Ethernet frames over virtual cables.",
+    ),
     "negotiate": (
         "l4vctl.commands.negotiate",
         "negotiate",
@@ -44,10 +49,30 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "queue_stats",
         "Show every queue: size, addresses, ring indices, requests in flight.",
     ),
+    "bench": (
+        "l4vctl.commands.bench",
+        "bench",
+        "Block I/O load (randread, seqread, randwrite, seqwrite): req/s, MB/s, latency.",
+    ),
+    "blk": (
+        "l4vctl.commands.blk",
+        "blk",
+        "Block device I/O: read, write, flush, id, discard, write-zeroes.",
+    ),
+    "console": (
+        "l4vctl.commands.console",
+        "console",
+        "Console I/O: interactive (Ctrl-] leaves), or send and recv for scripts.",
+    ),
     "dump-config": (
         "l4vctl.commands.dump_config",
         "dump_config",
         "Decode a config page: header, status, features, device config, queues.",
+    ),
+    "rng": (
+        "l4vctl.commands.rng",
+        "rng",
+        "Read entropy from an rng device.",
     ),
     "layout": (
         "l4vctl.commands.layout",

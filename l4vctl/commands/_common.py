@@ -139,3 +139,78 @@ def queue_stride_option(f):
         show_default=True,
         help="Size of a queue-config entry: 40 (64-bit and ARM peers) or 36 (32-bit x86 peers).",
     )(f)
+
+
+def io_options(f):
+    """The options of every command that drives a device: device, --abi, --mode, --timeout, --json."""
+    f = json_option(f)
+    f = timeout_option(f)
+    f = click.option(
+        "--mode",
+        type=click.Choice(["auto", "ipc", "cmd"]),
+        default="auto",
+        show_default=True,
+        help="Status and queue setup by IPC or through the cmd word (auto: cmd if offered).",
+    )(f)
+    f = abi_option(auto=True)(f)
+    f = device_options(f)
+    return f
+
+
+class driven:
+    """A session brought to DRIVER_OK for an I/O command (a context manager)."""
+
+    def __init__(self, ctx, command: str, json_mode: bool, device, device_opt, abi, mode, timeout, **handshake):
+        self.url = resolve_device(ctx, device, device_opt)
+        self.out = begin(ctx, command, json_mode)
+        self.out.device = self.url
+        self.args = dict(abi=abi, mode=mode, timeout=timeout)
+        self.handshake = handshake
+        self.session = None
+
+    def __enter__(self):
+        from l4vctl.session import Session
+
+        self.session = Session(self.url, **self.args)
+        try:
+            self.session.open()
+            self.out.abi = self.session.abi
+            self.session.handshake(**self.handshake)
+        except BaseException:
+            self.session.close()
+            raise
+        return self.session
+
+    def __exit__(self, *exc):
+        self.session.close()
+
+
+class progress:
+    """A progress bar on stderr for long transfers, only on a terminal."""
+
+    def __init__(self, total: int, label: str, enabled: bool = True):
+        import sys
+
+        self.bar = None
+        if enabled and total >= (4 << 20) and sys.stderr.isatty():
+            from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+            from rich.console import Console
+
+            self.bar = Progress(
+                "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                console=Console(stderr=True), transient=True,
+            )  # fmt: skip
+            self.task = self.bar.add_task(label, total=total)
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.bar.start()
+        return self.advance if self.bar is not None else None
+
+    def advance(self, n: int) -> None:
+        self.bar.advance(self.task, n)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()

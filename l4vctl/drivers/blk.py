@@ -135,7 +135,7 @@ class BlkDriver:
         where = f" at sector {slot.sector} ({slot.nbytes} bytes)" if slot.type in (cat.BLK_T_IN, cat.BLK_T_OUT) else ""
         hint = None
         if slot.type == cat.BLK_T_OUT and self.read_only:
-            hint = "the device is read-only (VIRTIO_BLK_F_RO)"
+            hint = "a read-only device: VIRTIO_BLK_F_RO"
         elif slot.type in (cat.BLK_T_IN, cat.BLK_T_OUT) and slot.sector + slot.nbytes // SECTOR > self.capacity:
             hint = f"the device has {self.capacity} sectors"
         raise BlkIOError(f"{what}{where} failed: the device answered {name}", hint=hint)

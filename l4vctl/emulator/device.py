@@ -487,11 +487,14 @@ class Device:
             if ring is None:
                 continue
             try:
+                before = q.next_avail
                 if ring.available():
                     self.model.process(q, ring)
-                    busy = True
                 if ring.pending:
                     ring.publish()
+                    busy = True
+                elif q.next_avail != before:
+                    busy = True
             except BadChain as exc:
                 self.device_error(str(exc))
                 return True

@@ -197,8 +197,9 @@ class NetModel(Model):
             return
         try:
             self.sock.sendto(frame, self.peer)
-        except (ConnectionRefusedError, FileNotFoundError, BlockingIOError, OSError):
-            self.dropped += 1  # nobody on the other end, or its queue is full
+        except OSError as exc:  # nobody on the other end, or its queue is full
+            self.dropped += 1
+            log.info("frame of %d bytes dropped: %s", len(frame), exc.strerror or exc)
 
     def reset(self) -> None:
         self.pending.clear()

@@ -1,0 +1,95 @@
+"""A virtio-net driver: send and receive Ethernet frames."""
+
+from __future__ import annotations
+
+import time
+
+from l4vctl import catalog as cat
+from l4vctl.drivers.buffers import BufferPool
+from l4vctl.errors import UsageError
+from l4vctl.formats.fast import codec
+
+RX, TX = cat.NET_RX_QUEUE, cat.NET_TX_QUEUE
+_NET_HDR = codec("l4virtio_net_header_t").struct
+HDR = _NET_HDR.size
+BUFFER = 2048
+BROADCAST = b"\xff" * 6
+#: IEEE 802 local experimental ethertype, used by l4vctl's own frames.
+ETHERTYPE = 0x88B5
+
+
+def mac_text(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+class NetDriver:
+    def __init__(self, session, *, buffers: int = 32):
+        if session.get("device") != cat.DEVICE_CLASSES["net"]:
+            raise UsageError(f"{session.url} is not a network device ({cat.device_name(session.get('device'))})")
+        self.session = session
+        self.timeout = session.timeout
+        cfg = session.device_config()
+        self.mac = bytes(cfg["mac"]) if 5 in session.negotiated else bytes.fromhex("020000000001")
+        self.rx = session.virtqueue(RX)
+        self.tx = session.virtqueue(TX)
+        n = max(1, min(buffers, self.rx.num, self.tx.num))
+        self.rx_pool = BufferPool(session, n, BUFFER, "l4vctl-net-rx")
+        self.tx_pool = BufferPool(session, n, BUFFER, "l4vctl-net-tx")
+        while self.rx_pool.free:
+            i = self.rx_pool.take()
+            self.rx.add([(self.rx_pool.addrs[i], BUFFER, True)], i)
+        self.rx.kick()
+
+    def send(self, frame: bytes) -> None:
+        if len(frame) > BUFFER - HDR:
+            raise UsageError(f"a frame of {len(frame)} bytes is larger than {BUFFER - HDR}")
+        for i, _used in self.tx.reap():
+            self.tx_pool.give(i)
+        while not self.tx_pool.free:
+            for i, _used in self.tx.wait(self.timeout):
+                self.tx_pool.give(i)
+        i = self.tx_pool.take()
+        view = self.tx_pool.views[i]
+        _NET_HDR.pack_into(view, 0, 0, 0, 0, 0, 0, 0, 0)
+        view[HDR : HDR + len(frame)] = frame
+        self.tx.add([(self.tx_pool.addrs[i], HDR + len(frame), False)], i)
+        self.tx.kick()
+
+    def flush(self) -> None:
+        """Wait until the device has taken every frame sent."""
+        while self.tx.in_flight:
+            for i, _used in self.tx.wait(self.timeout):
+                self.tx_pool.give(i)
+
+    def receive(self, timeout: float) -> list[bytes]:
+        """Frames that arrive within ``timeout`` seconds (at least one, or none at the deadline)."""
+        deadline = time.monotonic() + timeout
+        irq = self.session._driver_irq
+        while True:
+            self.rx.interrupts(True)
+            frames = []
+            pool = self.rx_pool
+            returned = self.rx.reap()
+            for i, used in returned:
+                if used > HDR:
+                    frames.append(bytes(pool.views[i][HDR:used]))
+                self.rx.add([(pool.addrs[i], BUFFER, True)], i)  # the buffer goes back at once
+            if returned:
+                self.rx.kick()
+            if frames:
+                return frames
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.session.check_device()
+                return []
+            irq.wait(min(left, 0.05))
+
+
+def frame(dst: bytes, src: bytes, ethertype: int, payload: bytes) -> bytes:
+    return dst + src + ethertype.to_bytes(2, "big") + payload
+
+
+def parse_frame(data: bytes) -> dict:
+    if len(data) < 14:
+        return {"dst": None, "src": None, "type": None, "payload": data}
+    return {"dst": data[0:6], "src": data[6:12], "type": int.from_bytes(data[12:14], "big"), "payload": data[14:]}

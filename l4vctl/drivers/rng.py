@@ -1,0 +1,41 @@
+"""A virtio-rng driver: entropy from the device."""
+
+from __future__ import annotations
+
+from l4vctl import catalog as cat
+from l4vctl.drivers.buffers import BufferPool
+from l4vctl.errors import ProtocolError, UsageError
+
+
+class RngDriver:
+    def __init__(self, session, *, chunk: int = 4096, depth: int = 8):
+        if session.get("device") != cat.DEVICE_CLASSES["rng"]:
+            raise UsageError(f"{session.url} is not an entropy device ({cat.device_name(session.get('device'))})")
+        self.timeout = session.timeout
+        self.vq = session.virtqueue(0)
+        self.depth = max(1, min(depth, self.vq.num))
+        self.pool = BufferPool(session, self.depth, chunk, "l4vctl-rng-buffers")
+
+    def read(self, nbytes: int, progress=None) -> bytes:
+        """``nbytes`` of entropy."""
+        if nbytes < 0:
+            raise UsageError("the byte count must not be negative")
+        out = bytearray()
+        pool, vq = self.pool, self.vq
+        pending = 0  # bytes asked for and not yet returned
+        while len(out) < nbytes:
+            while pool.free and len(out) + pending < nbytes:
+                i = pool.take()
+                want = min(pool.size, nbytes - len(out) - pending)
+                vq.add([(pool.addrs[i], want, True)], (i, want))
+                pending += want
+            vq.kick()
+            for (i, want), used in vq.wait(self.timeout):
+                pending -= want
+                pool.give(i)
+                if used == 0 or used > want:
+                    raise ProtocolError(f"the entropy device returned {used} bytes for a {want}-byte buffer")
+                out += pool.views[i][:used]
+                if progress is not None:
+                    progress(used)
+        return bytes(out[:nbytes])
