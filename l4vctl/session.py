@@ -141,6 +141,7 @@ class Session:
         self._views = []
         self._memory: list[Dataspace] = []
         self._vqs: dict[int, object] = {}
+        self._rings: tuple | None = None  # (memory, device address, size) of the rings
         self.next_address = DEVICE_ADDRESS_BASE
         self._drove = False
         self._broken = False  # the channel failed: no more calls on it
@@ -484,7 +485,16 @@ class Session:
             total += -(-layout["total"] // PAGE) * PAGE
         if not plan:
             return []
-        self.ring_memory, ring_base = self.alloc(total, "l4vctl-rings")
+        for vq in self._vqs.values():  # rings of an earlier handshake are gone
+            vq.close()
+        self._vqs.clear()
+        if self._rings is not None and self._rings[2] >= total:
+            # a new handshake on the same session reuses its registered ring memory
+            self.ring_memory, ring_base, _size = self._rings
+            self.ring_memory[:total] = bytes(total)
+        else:
+            self.ring_memory, ring_base = self.alloc(total, "l4vctl-rings")
+            self._rings = (self.ring_memory, ring_base, total)
         w16 = self.page.cast("H")
         w64 = self.page.cast("Q")
         self._views += [w16, w64]
