@@ -79,7 +79,7 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
     (3, "device or backend unavailable"),
     (4, "protocol or format error: bad magic, malformed page, frame or file"),
     (5, "negotiation failed: FEATURES_OK refused, a required feature or device missing"),
-    (6, "device in error state: DEVICE_NEEDS_RESET or FAILED"),
+    (6, "device error: DEVICE_NEEDS_RESET or FAILED, or a request failed with IOERR or UNSUPP"),
     (7, "timeout"),
     (130, "interrupted (Ctrl-C)"),
 )

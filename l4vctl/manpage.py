@@ -87,10 +87,9 @@ def render(command: click.Command, name: str, summary: str) -> str:
             out += [".PP", _esc(para)]
     if isinstance(command, click.Group):
         out.append(".SH COMMANDS")
-        from l4vctl.cli import COMMANDS
-
-        for sub in sorted(COMMANDS):
-            out += [".TP", f"\\fB{_esc(sub)}\\fR", _esc(COMMANDS[sub][2]), f"See \\fBl4vctl\\-{_esc(sub)}\\fR(1)."]
+        for sub, summary in _subcommands(command, ctx):
+            page = (name + " " + sub).replace(" ", "\\-")
+            out += [".TP", f"\\fB{_esc(sub)}\\fR", _esc(summary), f"See \\fB{page}\\fR(1)."]
     out.append(".SH OPTIONS")
     for param in command.get_params(ctx):
         out += _option_lines(param)
@@ -101,7 +100,7 @@ def render(command: click.Command, name: str, summary: str) -> str:
     for var, text in ENVIRONMENT:
         out += [".TP", f"\\fB{var}\\fR", _esc(text)]
     examples = parse_examples(command.epilog)
-    if isinstance(command, click.Group):
+    if name == "l4vctl":
         examples = [
             ("l4vctl probe emu:blk", "Identify an emulated block device started just for this:"),
             ("l4vctl emulate blk --socket /tmp/blk.sock", "Serve a device for several commands:"),
@@ -114,10 +113,19 @@ def render(command: click.Command, name: str, summary: str) -> str:
     out.append(".SH SEE ALSO")
     from l4vctl.cli import COMMANDS
 
-    others = ["l4vctl"] + [f"l4vctl-{c}" for c in sorted(COMMANDS)]
     own = name.replace(" ", "-")
+    parent = own.rsplit("-", 1)[0] if own.count("-") > 1 else None
+    others = ["l4vctl"] + ([parent] if parent else []) + [f"l4vctl-{c}" for c in sorted(COMMANDS)]
     out.append(", ".join(f"\\fB{_esc(o)}\\fR(1)" for o in others if o != own))
     return "\n".join(out) + "\n"
+
+
+def _subcommands(group: click.Group, ctx: click.Context) -> list[tuple[str, str]]:
+    from l4vctl.cli import COMMANDS, cli
+
+    if group is cli:
+        return [(c, COMMANDS[c][2]) for c in sorted(COMMANDS)]
+    return [(n, group.get_command(ctx, n).get_short_help_str(200)) for n in group.list_commands(ctx)]
 
 
 def pages() -> dict[str, str]:
@@ -129,6 +137,11 @@ def pages() -> dict[str, str]:
     for name, (_module, _attr, summary) in COMMANDS.items():
         command = cli.get_command(ctx, name)
         out[f"l4vctl-{name}.1"] = render(command, f"l4vctl {name}", summary.rstrip("."))
+        if isinstance(command, click.Group):
+            sub_ctx = click.Context(command, info_name=name, parent=ctx)
+            for sub in command.list_commands(sub_ctx):
+                sc = command.get_command(sub_ctx, sub)
+                out[f"l4vctl-{name}-{sub}.1"] = render(sc, f"l4vctl {name} {sub}", sc.get_short_help_str(200).rstrip("."))
     return out
 
 

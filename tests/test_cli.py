@@ -23,7 +23,7 @@ def test_version():
 def test_help_lists_commands_and_exit_codes():
     r = run_cli("--help")
     assert r.code == 0
-    for name in ("layout", "dump-config", "probe", "negotiate", "queue-stats", "emulate", "backends"):
+    for name in ("layout", "dump-config", "probe", "negotiate", "queue-stats", "emulate", "backends", "blk", "rng", "console", "net", "bench"):
         assert name in r.stdout
     for code, _text in EXIT_CODES:
         assert f"{code:>3}  " in r.stdout

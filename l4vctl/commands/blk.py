@@ -187,7 +187,7 @@ def _read_input(path: str, limit: int | None) -> bytes:
     return data
 
 
-@blk.command()
+@blk.command(epilog=examples(("l4vctl blk flush unix:/tmp/blk.sock", "Make written data durable:")))
 @io_options
 @click.pass_context
 def flush(ctx, device, device_opt, abi, mode, timeout, json_mode):
@@ -201,7 +201,7 @@ def flush(ctx, device, device_opt, abi, mode, timeout, json_mode):
                           lambda: "flushed" + ("" if negotiated else " (VIRTIO_BLK_F_FLUSH was not negotiated)") + "\n")  # fmt: skip
 
 
-@blk.command(name="id")
+@blk.command(name="id", epilog=examples(("l4vctl blk id unix:/tmp/blk.sock", "Print the id:")))
 @io_options
 @click.pass_context
 def get_id(ctx, device, device_opt, abi, mode, timeout, json_mode):
@@ -213,7 +213,11 @@ def get_id(ctx, device, device_opt, abi, mode, timeout, json_mode):
 
 
 def _range_command(name: str, method: str, what: str):
-    @blk.command(name=name, help=f"{what} a range of sectors (VIRTIO_BLK_T_{name.upper().replace('-', '_')}).")
+    @blk.command(
+        name=name,
+        help=f"{what} a range of sectors (VIRTIO_BLK_T_{name.upper().replace('-', '_')}).",
+        epilog=examples((f"l4vctl blk {name} unix:/tmp/blk.sock --sector 2048 --count 8", f"{what} 4 KiB at 1 MiB:")),
+    )
     @io_options
     @click.option("--sector", type=int, required=True, help="First 512-byte sector.")
     @click.option("--count", type=int, required=True, help="Number of sectors.")

@@ -51,7 +51,7 @@ def _driver(s):
     return ConsoleDriver(s)
 
 
-@console.command()
+@console.command(epilog=examples(("l4vctl console attach unix:/tmp/con.sock", "Same as 'l4vctl console URL':")))
 @io_options
 @click.pass_context
 def attach(ctx, device, device_opt, abi, mode, timeout, json_mode):

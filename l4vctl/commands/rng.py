@@ -11,7 +11,7 @@ from l4vctl.commands._common import driven, examples, io_options, progress
 from l4vctl.errors import UnavailableError
 
 
-@click.group()
+@click.group(epilog=examples(("l4vctl rng read emu:rng --bytes 32", "32 bytes of entropy as hex:")))
 def rng():
     """Entropy device I/O through a real virtqueue."""
 
