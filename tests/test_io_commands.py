@@ -126,9 +126,36 @@ def test_console_send_and_recv_through_files(tmp_path):
 
 
 def test_console_pty(tmp_path):
-    with emulator(tmp_path, "console", "--io", "pty", "-v") as (url, proc):
-        env = ok("probe", url)
-        assert env["device"]["name"] == "CONSOLE"
+    path = tmp_path / "pty.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "l4vctl", "emulate", "console", "--pty", "--socket", str(path),
+                             "--json", "-q"], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        ready = json.loads(proc.stdout.readline())["result"]
+        pty = ready["pty"]
+        assert pty.startswith("/dev/pts/")
+        import termios
+        import tty
+
+        fd = os.open(pty, os.O_RDWR | os.O_NOCTTY)
+        try:
+            tty.setraw(fd)
+            os.write(fd, b"typed")
+            r = ok("console", "recv", ready["url"], "--bytes", "5", "--wait", "3")
+            assert r["text"] == "typed"
+            assert ok("console", "send", ready["url"], "shown")["sent"] == 5
+            import select
+
+            got = b""
+            while len(got) < 5 and select.select([fd], [], [], 3)[0]:
+                got += os.read(fd, 100)
+            assert got == b"shown"
+            termios.tcflush(fd, termios.TCIOFLUSH)
+        finally:
+            os.close(fd)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        proc.stdout.close()
 
 
 # -- net ---------------------------------------------------------------------------------------------

@@ -121,13 +121,13 @@ def emulate(ctx, kind, socket_path, abi, cmd_mode, queues, num_max, features, in
         if name not in valid:
             raise UsageError(f"--{name.replace('_', '-')} is not an option of {kind} devices")
         raw[name] = value
-    if kind == "console" and "io" not in raw:
-        raw["io"] = "stdio"  # a console served from a terminal talks to that terminal
-    device = build_device(kind, raw)
     from l4vctl.emulator import log
 
     level = log.ERROR if quiet else (log.WARNING, log.INFO, log.DEBUG)[min(verbose, 2)]
     log.configure(level, f"l4vctl emulate {kind}")
+    if kind == "console" and "io" not in raw and not raw.get("pty"):
+        raw["io"] = "stdio"  # a console served from a terminal talks to that terminal
+    device = build_device(kind, raw)
     try:
         listener = listen(socket_path)
     except BaseException:
@@ -148,6 +148,9 @@ def emulate(ctx, kind, socket_path, abi, cmd_mode, queues, num_max, features, in
         "num_queues": device.num_queues,
         "offered": sorted(device.offered),
     }
+    pty = getattr(device.model, "pty_slave", None)
+    if pty:
+        result["pty"] = pty
     out.emit(result, lambda: url + "\n", compact=True)
     if not quiet:
         from l4vctl.output import info

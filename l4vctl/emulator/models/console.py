@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 from l4vctl.emulator import log
-from l4vctl.emulator.models import Option, parse_int
+from l4vctl.emulator.models import Option, parse_bool, parse_int
 from l4vctl.emulator.models.base import Model
 from l4vctl.emulator.ring import BadChain
 
@@ -37,12 +37,17 @@ class ConsoleModel(Model):
         Option("rows", parse_int, 25, "rows (VIRTIO_CONSOLE_F_SIZE)"),
         Option("io", parse_io, None, "other end of port 0: stdio, pty, echo or null (default: stdio for "
                                      "'emulate', echo for emu:)"),  # fmt: skip
+        Option("pty", parse_bool, False, "same as --io pty: port 0 is a new pseudo terminal"),
         Option("output", str, None, "append the driver's output to this file"),
         Option("input", str, None, "feed this file to the driver as input"),
     )
 
     def __init__(self, options: dict):
         super().__init__(options)
+        if options["pty"]:
+            if options["io"] not in (None, "pty"):
+                raise ValueError("--pty and --io exclude each other")
+            options["io"] = "pty"
         self.io = options["io"] or "echo"
         self.in_fd = self.out_fd = -1
         self.pty_slave = None
@@ -189,9 +194,6 @@ class ConsoleModel(Model):
                 log.warning("console output failed: %s (output dropped)", exc.strerror)
                 return
             view = view[n:]
-
-    def reset(self) -> None:
-        self.pending.clear()
 
     def close(self) -> None:
         fds = {self.in_fd, self.out_fd, self.file_in, getattr(self, "_slave_fd", -1)}
