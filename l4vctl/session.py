@@ -142,6 +142,7 @@ class Session:
         self._memory: list[Dataspace] = []
         self._vqs: dict[int, object] = {}
         self._rings: tuple | None = None  # (memory, device address, size) of the rings
+        self._queue_irqs: dict[int, Irq] = {}  # per-queue kick IRQs by notify index
         self.next_address = DEVICE_ADDRESS_BASE
         self._drove = False
         self._broken = False  # the channel failed: no more calls on it
@@ -308,7 +309,12 @@ class Session:
 
     def decode(self) -> pg.Decoded:
         """The whole page decoded (as ``dump-config`` shows it)."""
-        return pg.decode_page(bytes(self.page), self.abi_choice, stride=self.stride)
+        decoded = pg.decode_page(bytes(self.page), self.abi_choice, stride=self.stride)
+        synthesized = getattr(self.backend, "synthesized", None)
+        if synthesized:
+            decoded.result["synthesized"] = synthesized
+            decoded.result["notes"].insert(0, synthesized)
+        return decoded
 
     # -- status writes ----------------------------------------------------------------------------
 
@@ -555,7 +561,7 @@ class Session:
         vq = Virtqueue(
             self.ring_memory[setup.offset : setup.offset + total],
             setup.num,
-            kick_irq=self._device_irq,
+            kick_irq=self._kick_irq(index),
             irq=self._driver_irq,
             event_idx=cat.EVENT_IDX_BIT in self.negotiated,
             indirect=cat.INDIRECT_DESC_BIT in self.negotiated,
@@ -565,8 +571,32 @@ class Session:
         self._vqs[index] = vq
         return vq
 
+    def _kick_irq(self, queue: int) -> Irq:
+        """The device IRQ that kicks ``queue``: its device_notify_index names it.
+
+        L4Re devices use index 0 for everything (the IRQ fetched at attach);
+        a device may give each queue an IRQ of its own.
+        """
+        entry = pg.queue_codec(self.stride).unpack(self.page, self.get("queues_offset") + queue * self.stride)
+        index = entry["device_notify_index"]
+        if index == self.get("cfg_device_notify_index"):
+            return self._device_irq
+        irq = self._queue_irqs.get(index)
+        if irq is None:
+            r = self._call(cat.L4VIRTIO_PROTOCOL, cat.OP_GET_DEVICE_IRQ, [index])
+            try:
+                if r.result < 0:
+                    raise ProtocolError(f"GET_DEVICE_IRQ({index}) for queue {queue} failed: {cat.l4_error_name(r.result)}")
+                irq = self._queue_irqs[index] = Irq(r.fd(0, cat.CAP_IRQ))
+            finally:
+                r.close()
+        return irq
+
     def check_device(self) -> None:
-        """Raise DeviceStateError if the device entered a fail state."""
+        """Raise if the device entered a fail state or its connection died."""
+        check = getattr(self.channel, "check", None)
+        if check is not None:
+            check()
         self._fail_check("I/O")
 
     def device_config(self) -> dict:
@@ -620,6 +650,9 @@ class Session:
         for ds in self._memory:
             ds.close()
         self._memory.clear()
+        for irq in self._queue_irqs.values():
+            irq.close()
+        self._queue_irqs.clear()
         for obj in (self._config_ds, self._driver_irq, self._device_irq):
             if obj is not None:
                 obj.close()

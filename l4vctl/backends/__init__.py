@@ -32,6 +32,12 @@ SCHEMES: dict[str, tuple[str, str, str, str]] = {
         "unix:PATH",
         "a running emulator ('l4vctl emulate TYPE --socket PATH')",
     ),
+    "vhost-user": (
+        "l4vctl.backends.vhost_user",
+        "VhostUserBackend",
+        "vhost-user:PATH[?type=blk]",
+        "a vhost-user back-end, e.g. qemu-storage-daemon's vhost-user-blk export",
+    ),
     "dump": (
         "l4vctl.backends.dump",
         "DumpBackend",

@@ -464,6 +464,10 @@ class Device:
 
     # -- IRQs and cmd (§5.4) -----------------------------------------------------------
 
+    def irq_for_index(self, index: int) -> Irq | None:
+        """The device IRQ behind a notify index (GET_DEVICE_IRQ); L4Re devices have only 0."""
+        return self.kick_irq if index == 0 else None
+
     def bind(self, irq: Irq) -> None:
         if self.driver_irq is not None:
             self.driver_irq.close()

@@ -1,0 +1,154 @@
+"""The L4-VIRTIO and ICU operations of a device: arguments in, a reply out.
+
+One place decides what every request means and what it answers (protocol
+notes §3), whoever carries the requests: the emulator's socket server, or an
+adapter that presents another kind of device (vhost-user) as an L4-VIRTIO one.
+"""
+
+from __future__ import annotations
+
+import os
+
+from l4vctl import catalog as cat
+from l4vctl import wire
+from l4vctl.caps import RIGHT_W, RIGHTS_RO, RIGHTS_RW, Irq, fd_kind
+from l4vctl.emulator import log
+from l4vctl.emulator.device import EINVAL, EMSGTOOSHORT, ENOSYS, ERANGE
+
+EPERM = -cat.L4_EPERM
+EBADPROTO = -cat.L4_EBADPROTO
+NO_REPLY = object()
+
+
+class Reply:
+    __slots__ = ("result", "words", "caps", "fds")
+
+    def __init__(self, result: int = 0, words=(), caps=(), fds=()):
+        self.result = result
+        self.words = list(words)
+        self.caps = list(caps)
+        self.fds = list(fds)
+
+
+class Dispatcher:
+    def __init__(self, device):
+        self.device = device
+
+    def handle(self, f: wire.Frame, role: int, driver_attached: bool):
+        """The reply to one request (or NO_REPLY) from a client in ``role``."""
+        if f.label == cat.L4VIRTIO_PROTOCOL:
+            if role != cat.ROLE_DRIVER and f.opcode != cat.OP_DEVICE_CONFIG:
+                return Reply(EPERM)
+            return self._virtio(f, read_only=role != cat.ROLE_DRIVER)
+        if f.label == cat.L4_PROTO_IRQ:
+            if role != cat.ROLE_DRIVER and f.opcode != cat.ICU_OP_INFO:
+                return Reply(EPERM)
+            return self._icu(f)
+        if f.label == cat.L4VCTL_PROTO_MONITOR:
+            if f.opcode == cat.MONITOR_OP_STATS:
+                words = self.device.stats()
+                words[1] = int(driver_attached)
+                return Reply(0, words)
+            return Reply(ENOSYS)
+        log.warning("request with unknown protocol label %d: -L4_EBADPROTO", f.label)
+        return Reply(EBADPROTO)
+
+    def _virtio(self, f: wire.Frame, read_only: bool):
+        dev = self.device
+        op = f.opcode
+        faults = dev.faults
+        if "no-reply" in faults and faults["no-reply"] is not True and op == faults["no-reply"]:
+            log.warning("opcode %d left without a reply (injected fault)", op)
+            return NO_REPLY
+        if op == cat.OP_SET_STATUS:
+            if not f.words:
+                return Reply(EMSGTOOSHORT)
+            value = f.words[0] & 0xFFFFFFFF
+            self._maybe_die(value)
+            dev.set_status(value)
+            return Reply(0)
+        if op == cat.OP_CONFIG_QUEUE:
+            if not f.words:
+                return Reply(EMSGTOOSHORT)
+            return Reply(dev.config_queue(f.words[0] & 0xFFFFFFFF))
+        if op == cat.OP_REGISTER_IFACE:
+            if dev.abi != "classic":
+                return Reply(ENOSYS)
+            if not f.caps:
+                return Reply(EMSGTOOSHORT)
+            if dev.ds_offset:
+                return Reply(ENOSYS)
+            irq = self._irq_arg(f, f.caps[0])
+            if irq is None:
+                return Reply(EINVAL)
+            dev.bind(irq)
+            return Reply(0, [], *self._caps_of(dev.kick_irq.fd, dev.config_ds, RIGHTS_RW))
+        if op == cat.OP_REGISTER_DS:
+            if len(f.words) < 3 or not f.caps:
+                return Reply(EMSGTOOSHORT)
+            cap = f.caps[0]
+            fd = f.fd_of(cap) if cap.type == cat.CAP_DATASPACE else None
+            base, offset, size = f.words[:3]
+            return Reply(dev.register_ds(fd, cap.rights, base, offset, size))
+        if op == cat.OP_DEVICE_CONFIG:
+            rights = RIGHTS_RO if read_only else RIGHTS_RW
+            return Reply(0, [dev.ds_offset], *self._ds_cap(dev.config_ds, rights))
+        if op == cat.OP_GET_DEVICE_IRQ:
+            if not f.words:
+                return Reply(EMSGTOOSHORT)
+            irq = dev.irq_for_index(f.words[0] & 0xFFFFFFFF)
+            if irq is None:
+                return Reply(ENOSYS)
+            return Reply(0, [], [wire.Cap(cat.CAP_IRQ, RIGHT_W, 0, 0)], [os.dup(irq.fd)])
+        return Reply(ENOSYS)
+
+    def _maybe_die(self, value: int) -> None:
+        target = self.device.faults.get("die-on-status")
+        if target is not None and target is not True and value == target:
+            log.warning("status %#x written: the emulator dies now (injected fault)", value)
+            os._exit(70)
+
+    def _icu(self, f: wire.Frame):
+        op = f.opcode
+        if op == cat.ICU_OP_BIND:
+            if not f.caps or not f.words:
+                return Reply(EMSGTOOSHORT)
+            if f.words[0] != 0:
+                return Reply(ERANGE)
+            irq = self._irq_arg(f, f.caps[0])
+            if irq is None:
+                return Reply(EINVAL)
+            self.device.bind(irq)
+            log.info("driver IRQ bound")
+            return Reply(0)
+        if op == cat.ICU_OP_INFO:
+            return Reply(0, [0, 1, 0])
+        if op == cat.ICU_OP_UNMASK:
+            return NO_REPLY  # L4Re devices never answer unmask
+        return Reply(ENOSYS)
+
+    def _irq_arg(self, f: wire.Frame, cap: wire.Cap) -> Irq | None:
+        """The driver's IRQ from a capability item, kept open; None if it is not one."""
+        fd = f.fd_of(cap) if cap.type == cat.CAP_IRQ else None
+        if fd is None:
+            return None
+        kind = fd_kind(fd)
+        if kind != "eventfd":
+            log.warning("expected an IRQ (eventfd), got a %s: -L4_EINVAL", kind)
+            return None
+        f.keep(fd)
+        return Irq(fd)
+
+    def _ds_cap(self, ds, rights: int):
+        """Capability items and descriptors for sending a dataspace."""
+        if rights & RIGHT_W:
+            fd = os.dup(ds.fd)
+        else:  # a read-only open of the same memory
+            fd = os.open(f"/proc/self/fd/{ds.fd}", os.O_RDONLY | os.O_CLOEXEC)
+        return [wire.Cap(cat.CAP_DATASPACE, rights, 0, ds.size)], [fd]
+
+    def _caps_of(self, irq_fd: int, ds, rights: int):
+        dfd = os.dup(ds.fd)
+        ifd = os.dup(irq_fd)
+        caps = [wire.Cap(cat.CAP_IRQ, RIGHT_W, 0, 0), wire.Cap(cat.CAP_DATASPACE, rights, 1, ds.size)]
+        return caps, [ifd, dfd]
