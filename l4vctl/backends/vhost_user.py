@@ -407,6 +407,9 @@ class VhostChannel:
         return device
 
     def call(self, label: int, opcode: int, words=(), caps=(), fds=(), timeout: float | None = None) -> Response:
+        if label == cat.L4VCTL_PROTO_MONITOR:
+            # The back-end's ring state is its own: there is nothing truthful to report.
+            return Response(-cat.L4_ENOSYS, [], [], [])
         # Capabilities cross "the wire" as duplicates, as SCM_RIGHTS would make them.
         frame = wire.Frame(cat.KIND_REQUEST, 0, label, opcode, words, caps, [os.dup(fd) for fd in fds])
         try:

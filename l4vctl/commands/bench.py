@@ -121,12 +121,14 @@ def bench(ctx, device, device_opt, abi, mode, timeout, json_mode, workload, bs, 
         while vq.in_flight:
             completed = drv.wait()
             t = now_ns()
-            for slot in completed:
+            for k, slot in enumerate(completed, 1):
                 if slot.status != cat.BLK_S_OK:
                     drv.check(slot)
                 lat.append(t - slot.t0)
                 if submitting:
                     drv.submit(slot, rtype, next_sector(), size)
+                    if k % 8 == 0:
+                        drv.kick()  # publish early: the device may be polling already
             done += len(completed)
             if submitting:
                 drv.kick()

@@ -106,10 +106,14 @@ def dump_config(ctx, source, abi, timeout, fmt, offset, queue_stride, force, as_
         with Session(source, abi=abi, timeout=timeout, role="monitor", check=False) as s:
             data = bytes(s.page)
             choice = s.abi_choice
+            synthesized = getattr(s.backend, "synthesized", None)
         stored_as = "live"
     out.abi = choice.abi
     decoded = pg.decode_page(data, choice, stride=int(queue_stride))
     result = decoded.result
+    if scheme != "dump" and synthesized:
+        result["synthesized"] = synthesized
+        result["notes"].insert(0, synthesized)
     result["source"] = {"name": source, "format": stored_as, "offset": start}
 
     if decoded.problems and not (force or as_hex or as_raw):

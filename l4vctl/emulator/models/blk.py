@@ -26,6 +26,8 @@ _SEG = codec("virtio_blk_discard_write_zeroes").struct
 SECTOR = cat.BLK_SECTOR_SIZE
 F_SIZE_MAX, F_SEG_MAX, F_RO, F_BLK_SIZE, F_FLUSH, F_DISCARD, F_WRITE_ZEROES = 1, 2, 5, 6, 9, 13, 14
 _ZEROS = bytes(1 << 20)
+#: Completions published at a time while a batch of requests is served.
+PUBLISH_EVERY = 8
 
 
 class BlkModel(Model):
@@ -41,6 +43,7 @@ class BlkModel(Model):
         Option("size_max", parse_int, 1 << 20, "largest segment in bytes (0: not offered)"),
         Option("blk_size", parse_int, 512, "logical block size in bytes"),
         Option("serial", str, None, "device id for GET_ID (20 bytes at most; default from the image name)"),
+        Option("io_threads", parse_int, 1, "threads that move the data of a batch of requests (1: none)"),
     )
 
     def __init__(self, options: dict):
@@ -50,6 +53,8 @@ class BlkModel(Model):
         self._open_image()
         self.id_bytes = self._serial().encode()[: cat.BLK_ID_BYTES]
         self._warned_flags = False
+        self.workers = max(1, min(4, options["io_threads"]))
+        self._executor = None
 
     def _open_image(self) -> None:
         o = self.options
@@ -123,6 +128,9 @@ class BlkModel(Model):
         return f"blk {self.capacity_bytes >> 20} MiB ({where}){' read-only' if self.options['ro'] else ''}"
 
     def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -130,12 +138,57 @@ class BlkModel(Model):
     # -- requests -------------------------------------------------------------------------
 
     def process(self, queue, ring) -> None:
+        """Serve every available request.  Completions are published in small
+        batches, so the driver can work on the first ones while the device
+        serves the rest."""
+        parallel = self.workers > 1 and ring.available() > 1
+        if parallel:
+            self._process_parallel(queue, ring)
+            return
         for _ in range(ring.available()):
             head = ring.pop()
-            ring.complete(head, self.request(ring.chain(head), queue.index))
+            status_view, status, written, job = self.request(ring.chain(head), queue.index)
+            if job is not None:
+                error = _transfer(job)
+                if error is not None:
+                    status, written = self._failed(queue.index, job, error)
+            status_view[0] = status
+            ring.complete(head, written + 1)
+            if len(ring.pending) >= PUBLISH_EVERY:
+                ring.publish()
 
-    def request(self, segs, qi: int) -> int:
-        """Serve one request; returns the bytes written into the chain."""
+    def _process_parallel(self, queue, ring) -> None:
+        done = []
+        jobs = []
+        for _ in range(ring.available()):
+            head = ring.pop()
+            status_view, status, written, job = self.request(ring.chain(head), queue.index)
+            done.append((head, status_view, status, written, job))
+            if job is not None:
+                jobs.append(job)
+        outcome = iter(self._pool().map(_transfer, jobs))
+        for head, status_view, status, written, job in done:
+            if job is not None:
+                error = next(outcome)
+                if error is not None:
+                    status, written = self._failed(queue.index, job, error)
+            status_view[0] = status
+            ring.complete(head, written + 1)
+
+    @staticmethod
+    def _failed(qi: int, job, error: str) -> tuple[int, int]:
+        log.warning("queue %d: %s at offset %d failed: %s: IOERR", qi, "read" if job[0] else "write", job[2], error)
+        return cat.BLK_S_IOERR, 0
+
+    def _pool(self):
+        if self._executor is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="l4vctl-blk-io")
+        return self._executor
+
+    def request(self, segs, qi: int):
+        """Parse one request: (status byte view, status, bytes written, transfer job or None)."""
         first = segs[0]
         if len(first) < 16:
             raise BadChain(f"queue {qi}: block request header is {len(first)} bytes, not 16")
@@ -151,12 +204,11 @@ class BlkModel(Model):
         status_view = view[-1:]
         parts[-1] = (view[:-1], seg)
         parts = [(v, s) for v, s in parts if len(v)]
-        status, written = self._serve(rtype, sector, parts, qi)
-        status_view[0] = status
-        return written + 1
+        status, written, job = self._serve(rtype, sector, parts, qi)
+        return status_view, status, written, job
 
-    def _serve(self, rtype: int, sector: int, parts, qi: int) -> tuple[int, int]:
-        """Status and data bytes written for a request whose data buffers are ``parts``."""
+    def _serve(self, rtype: int, sector: int, parts, qi: int):
+        """Status, data bytes written and the data transfer (or None) of a request."""
         data = [v for v, _s in parts]
         o = self.options
         if rtype in (cat.BLK_T_IN, cat.BLK_T_OUT):
@@ -164,59 +216,61 @@ class BlkModel(Model):
             if total % SECTOR:
                 log.warning("queue %d: %s of %d bytes is not a multiple of 512: IOERR", qi,
                             cat.BLK_REQUEST_TYPES[rtype], total)  # fmt: skip
-                return cat.BLK_S_IOERR, 0
+                return cat.BLK_S_IOERR, 0, None
             if o["seg_max"] and len(data) > o["seg_max"]:
                 log.warning("queue %d: %d data segments exceed seg_max %d: IOERR", qi, len(data), o["seg_max"])
-                return cat.BLK_S_IOERR, 0
+                return cat.BLK_S_IOERR, 0, None
             if o["size_max"] and any(len(d) > o["size_max"] for d in data):
                 log.warning("queue %d: a segment exceeds size_max %d: IOERR", qi, o["size_max"])
-                return cat.BLK_S_IOERR, 0
+                return cat.BLK_S_IOERR, 0, None
             offset = sector * SECTOR
             if sector > self.capacity_bytes // SECTOR or offset + total > self.capacity_bytes:
                 log.warning("queue %d: %s sector %d + %d bytes beyond capacity %d sectors: IOERR", qi,
                             cat.BLK_REQUEST_TYPES[rtype], sector, total, self.capacity_bytes // SECTOR)  # fmt: skip
-                return cat.BLK_S_IOERR, 0
+                return cat.BLK_S_IOERR, 0, None
             if rtype == cat.BLK_T_IN:
                 self._check_writable(parts, qi)
-                done = os.preadv(self.fd, data, offset) if data else 0
-                if done < total:  # a short image: the rest reads as zeros
-                    self._zero_tail(data, done)
-                return cat.BLK_S_OK, total
+                return cat.BLK_S_OK, total, (True, self.fd, offset, data, total)
             if o["ro"]:
                 log.warning("queue %d: OUT on a read-only device: IOERR", qi)
-                return cat.BLK_S_IOERR, 0
-            done = 0
-            while done < total:  # pwritev may be short: finish before completing
-                done += os.pwritev(self.fd, _skip(data, done), offset + done)
-            return cat.BLK_S_OK, 0
+                return cat.BLK_S_IOERR, 0, None
+            return cat.BLK_S_OK, 0, (False, self.fd, offset, data, total)
         if rtype == cat.BLK_T_FLUSH:
-            os.fdatasync(self.fd)
-            return cat.BLK_S_OK, 0
+            try:
+                os.fdatasync(self.fd)
+            except OSError as exc:
+                log.warning("queue %d: FLUSH failed: %s: IOERR", qi, exc.strerror)
+                return cat.BLK_S_IOERR, 0, None
+            return cat.BLK_S_OK, 0, None
         if rtype == cat.BLK_T_GET_ID:
             if not data:
-                return cat.BLK_S_IOERR, 0
+                return cat.BLK_S_IOERR, 0, None
             self._check_writable(parts, qi)
             view = data[0]
             n = min(len(view), cat.BLK_ID_BYTES)
             view[:n] = self.id_bytes.ljust(cat.BLK_ID_BYTES, b"\0")[:n]
-            return cat.BLK_S_OK, n
+            return cat.BLK_S_OK, n, None
         if rtype in (cat.BLK_T_DISCARD, cat.BLK_T_WRITE_ZEROES):
             if o["ro"]:
-                return cat.BLK_S_IOERR, 0
+                return cat.BLK_S_IOERR, 0, None
             raw = b"".join(bytes(d) for d in data)
             if not raw or len(raw) % _SEG.size:
                 log.warning("queue %d: %s payload of %d bytes is not whole 16-byte segments: IOERR", qi,
                             cat.BLK_REQUEST_TYPES[rtype], len(raw))  # fmt: skip
-                return cat.BLK_S_IOERR, 0
+                return cat.BLK_S_IOERR, 0, None
             ranges = [_SEG.unpack_from(raw, i) for i in range(0, len(raw), _SEG.size)]
             for start, count, _flags in ranges:
                 if (start + count) * SECTOR > self.capacity_bytes:
-                    return cat.BLK_S_IOERR, 0
-            for start, count, _flags in ranges:
-                self._zero(start * SECTOR, count * SECTOR)
-            return cat.BLK_S_OK, 0
+                    return cat.BLK_S_IOERR, 0, None
+            try:
+                for start, count, _flags in ranges:
+                    self._zero(start * SECTOR, count * SECTOR)
+            except OSError as exc:
+                log.warning("queue %d: %s failed: %s: IOERR", qi, cat.BLK_REQUEST_TYPES[rtype], exc.strerror)
+                return cat.BLK_S_IOERR, 0, None
+            return cat.BLK_S_OK, 0, None
         log.info("queue %d: request type %d is not supported: UNSUPP", qi, rtype)
-        return cat.BLK_S_UNSUPP, 0
+        return cat.BLK_S_UNSUPP, 0, None
 
     def _check_writable(self, parts, qi: int) -> None:
         for _view, s in parts:
@@ -235,14 +289,32 @@ class BlkModel(Model):
             offset += n
             length -= n
 
-    @staticmethod
-    def _zero_tail(views, done: int) -> None:
-        for v in views:
-            if done >= len(v):
-                done -= len(v)
-                continue
-            v[done:] = bytes(len(v) - done)
+
+
+def _zero_tail(views, done: int) -> None:
+    for v in views:
+        if done >= len(v):
+            done -= len(v)
+            continue
+        v[done:] = bytes(len(v) - done)
+        done = 0
+
+
+def _transfer(job) -> str | None:
+    """Move a request's data between the image and the shared buffers; None or the error."""
+    is_read, fd, offset, data, total = job
+    try:
+        if is_read:
+            done = os.preadv(fd, data, offset) if data else 0
+            if done < total:  # a short image: the rest reads as zeros
+                _zero_tail(data, done)
+        else:
             done = 0
+            while done < total:  # pwritev may be short: finish before completing
+                done += os.pwritev(fd, _skip(data, done), offset + done)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def _skip(views, n: int) -> list:

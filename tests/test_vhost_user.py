@@ -1,0 +1,185 @@
+"""The vhost-user backend against a real, independent virtio-blk: qemu-storage-daemon.
+
+qemu-storage-daemon (Debian package qemu-system-common, installed by .ci/run)
+serves a vhost-user-blk export of a temporary image; every test checks what
+it did against the image file itself.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from l4vctl import catalog as cat
+from l4vctl.drivers.blk import BlkDriver, BlkIOError
+from l4vctl.errors import UnavailableError
+from l4vctl.session import Session
+from tests.conftest import run_cli
+
+QSD = shutil.which("qemu-storage-daemon")
+SECTOR = 512
+
+
+class StorageDaemon:
+    def __init__(self, tmp_path, size=16 << 20, queues=2):
+        assert QSD, "qemu-storage-daemon is required (.ci/run installs qemu-system-common)"
+        self.image = tmp_path / "qsd.img"
+        with open(self.image, "wb") as f:
+            f.truncate(size)
+        self.sock = tmp_path / "qsd.sock"
+        self.url = f"vhost-user:{self.sock}"
+        self.proc = subprocess.Popen(
+            [QSD, "--blockdev", f"driver=file,node-name=f0,filename={self.image}",
+             "--blockdev", "driver=raw,node-name=d0,file=f0",
+             "--export", f"type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={self.sock},"
+                         f"writable=on,num-queues={queues}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        deadline = time.monotonic() + 20
+        while not self.sock.exists():
+            assert self.proc.poll() is None, self.proc.stderr.read()
+            assert time.monotonic() < deadline, "qemu-storage-daemon did not create its socket"
+            time.sleep(0.02)
+
+    def image_bytes(self, sector: int, n: int) -> bytes:
+        with open(self.image, "rb") as f:
+            f.seek(sector * SECTOR)
+            return f.read(n)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc.stderr.close()
+
+
+@pytest.fixture
+def qsd(tmp_path):
+    d = StorageDaemon(tmp_path)
+    yield d
+    d.stop()
+
+
+def ok(*args):
+    r = run_cli(*args, "--json")
+    assert r.code == 0, r.stderr
+    return r.json()["result"]
+
+
+def test_probe_shows_a_synthesised_page(qsd):
+    r = ok("probe", qsd.url)
+    assert r["device"]["name"] == "BLOCK" and r["num_queues"] == 2
+    assert {cat.VERSION_1_BIT, cat.INDIRECT_DESC_BIT, cat.EVENT_IDX_BIT} <= set(r["features"]["bits"])
+    assert 30 not in r["features"]["bits"]  # VHOST_USER_F_PROTOCOL_FEATURES is not a device feature
+    assert any("synthesised" in n for n in r["notes"])
+    d = ok("dump-config", qsd.url)
+    assert d["synthesized"] and d["device_config"]["fields"]["capacity"] == (16 << 20) // SECTOR
+
+
+@pytest.mark.parametrize("indirect", [False, True])
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_read_write_against_the_image(qsd, indirect, event_idx):
+    refuse = ([] if indirect else ["indirect_desc"]) + ([] if event_idx else ["event_idx"])
+    with Session(qsd.url) as s:
+        s.handshake(refuse=refuse)
+        assert (cat.EVENT_IDX_BIT in s.negotiated) == event_idx
+        drv = BlkDriver(s, depth=16, max_io=64 * 1024, segments=2 if not indirect else 4, indirect=indirect)
+        data = os.urandom(1 << 20)
+        drv.write(100, data)
+        drv.flush()
+        assert qsd.image_bytes(100, len(data)) == data
+        assert drv.read(100, len(data)) == data
+        with open(qsd.image, "r+b") as f:  # written behind the device's back, read through it
+            f.seek(5000 * SECTOR)
+            f.write(b"\x77" * 4096)
+        assert drv.read(5000, 4096) == b"\x77" * 4096
+
+
+def test_get_id_flush_and_out_of_range(qsd):
+    with Session(qsd.url) as s:
+        s.handshake()
+        drv = BlkDriver(s)
+        assert drv.get_id()  # whatever the daemon calls itself, it answers
+        drv.flush()
+        with pytest.raises(BlkIOError, match="IOERR"):
+            drv.read((16 << 20) // SECTOR - 1, 4096)
+        assert drv.read(0, 512) == bytes(512)  # the device carries on
+
+
+def test_two_queues(qsd):
+    with Session(qsd.url) as s:
+        s.handshake()
+        assert len(s.queues) == 2
+        q0 = BlkDriver(s, queue=0)
+        q1 = BlkDriver(s, queue=1)
+        q0.write(0, b"\x01" * 4096)
+        q1.write(8, b"\x02" * 4096)
+        assert q1.read(0, 4096) == b"\x01" * 4096 and q0.read(8, 4096) == b"\x02" * 4096
+        assert q0.vq.kick_irq is not q1.vq.kick_irq  # each queue has its own kick eventfd
+
+
+def test_reconnect_after_the_front_end_closes(qsd):
+    for i in range(3):
+        with Session(qsd.url) as s:
+            s.handshake()
+            drv = BlkDriver(s)
+            drv.write(i * 8, bytes([i + 1]) * 4096)
+    with Session(qsd.url) as s:
+        s.handshake()
+        drv = BlkDriver(s)
+        assert [drv.read(i * 8, 512)[0] for i in range(3)] == [1, 2, 3]
+
+
+def test_commands_over_vhost_user(qsd, tmp_path):
+    n = ok("negotiate", qsd.url, "--require", "flush")
+    assert n["status"]["value"] == 0x0F and cat.VERSION_1_BIT in n["negotiated"]
+    src = tmp_path / "data.bin"
+    src.write_bytes(os.urandom(64 * 1024))
+    ok("blk", "write", qsd.url, "--sector", "64", "-i", str(src), "--flush")
+    assert qsd.image_bytes(64, 64 * 1024) == src.read_bytes()
+    r = ok("blk", "read", qsd.url, "--sector", "64", "--count", "128")
+    assert bytes.fromhex(r["hex"]) == src.read_bytes()
+    assert ok("blk", "id", qsd.url)["id"]
+    q = ok("queue-stats", qsd.url)
+    assert len(q["queues"]) == 2 and q["device_side"] is None
+    b = ok("bench", qsd.url, "--time", "0.3s", "--qd", "8")
+    assert b["requests"] > 0
+    bad = run_cli("blk", "read", qsd.url, "--sector", "40000", "--count", "1")
+    assert bad.code == 6 and "IOERR" in bad.stderr
+
+
+def test_back_end_dying_gives_a_clear_error(qsd):
+    with Session(qsd.url, timeout=2) as s:
+        s.handshake()
+        drv = BlkDriver(s)
+        drv.write(0, bytes(4096))
+        qsd.proc.send_signal(signal.SIGKILL)
+        qsd.proc.wait(10)
+        t = time.monotonic()
+        with pytest.raises(UnavailableError, match="hung up"):
+            for _ in range(100):
+                drv.read(0, 4096)
+        assert time.monotonic() - t < 5
+
+
+def test_second_front_end_is_not_served(qsd):
+    with Session(qsd.url) as s:
+        s.handshake()
+        r = run_cli("probe", qsd.url, "--timeout", "0.5")
+        assert r.code == 7 and "one front-end at a time" in r.stderr
+
+
+def test_missing_socket():
+    r = run_cli("probe", "vhost-user:/nonexistent/blk.sock")
+    assert r.code == 3 and "no such socket" in r.stderr
+    r = run_cli("probe", "vhost-user:/x?type=gpu")
+    assert r.code == 2 and "not supported" in r.stderr
