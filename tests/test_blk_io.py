@@ -194,3 +194,14 @@ def test_session_memory_is_released(tmp_path):
         s.handshake()
         BlkDriver(s).read(0, 4096)
     assert wait_for(lambda: set(os.listdir("/proc/self/fd")) <= before)
+
+
+def test_io_threads_keep_data_intact(tmp_path):
+    img = tmp_path / "t.img"
+    with Session(f"emu:blk?image={img}&size=4M&io_threads=3") as s:
+        s.handshake()
+        drv = BlkDriver(s, depth=32, max_io=16 * 1024)
+        data = os.urandom(2 << 20)
+        drv.write(0, data)
+        assert drv.read(0, len(data)) == data
+        assert image_bytes(img, 0, len(data)) == data
