@@ -146,3 +146,28 @@ class Backend:
 
     def close(self) -> None:
         """Release what the backend holds (processes, files)."""
+
+
+def connect_unix(path: str, kind: int, timeout: float, listener: str):
+    """A connected AF_UNIX socket, or a clear error naming what should be listening."""
+    import socket
+
+    from l4vctl.errors import TimeoutExpired
+
+    sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.settimeout(None)
+        return sock
+    except FileNotFoundError:
+        why = f"no such socket (is {listener} running?)"
+    except ConnectionRefusedError:
+        why = f"connection refused (no {listener} is listening)"
+    except socket.timeout:
+        sock.close()
+        raise TimeoutExpired(f"{path}: connecting took longer than {timeout:g} s") from None
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+    sock.close()
+    raise UnavailableError(f"{path}: {why}")

@@ -8,7 +8,7 @@ import time
 
 from l4vctl import catalog as cat
 from l4vctl import wire
-from l4vctl.backends import Backend
+from l4vctl.backends import Backend, connect_unix
 from l4vctl.caps import close_fds
 from l4vctl.errors import ProtocolError, TimeoutExpired, UnavailableError
 
@@ -139,23 +139,7 @@ class UnixBackend(Backend):
         path = self.target
         if not path:
             raise UnavailableError("unix: needs a socket path (unix:/run/dev.sock)")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        try:
-            sock.settimeout(timeout)
-            sock.connect(path)
-            sock.settimeout(None)
-        except FileNotFoundError:
-            sock.close()
-            raise UnavailableError(f"{path}: no such socket (is 'l4vctl emulate' running?)") from None
-        except ConnectionRefusedError:
-            sock.close()
-            raise UnavailableError(f"{path}: connection refused (no emulator is listening)") from None
-        except socket.timeout:
-            sock.close()
-            raise TimeoutExpired(f"{path}: connecting took longer than {timeout:g} s") from None
-        except OSError as exc:
-            sock.close()
-            raise UnavailableError(f"{path}: {exc.strerror or exc}") from None
+        sock = connect_unix(path, socket.SOCK_SEQPACKET, timeout, "'l4vctl emulate'")
         try:
             return SocketChannel(sock, path, role, timeout)
         except BaseException:

@@ -33,7 +33,7 @@ from urllib.parse import parse_qsl
 
 from l4vctl import catalog as cat
 from l4vctl import wire
-from l4vctl.backends import Backend
+from l4vctl.backends import Backend, connect_unix
 from l4vctl.backends.unix import Response
 from l4vctl.caps import Irq, close_fds
 from l4vctl.emulator import log
@@ -94,20 +94,7 @@ class VhostUserClient:
         self.path = path
         self.timeout = timeout
         self.protocol = 0
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            sock.settimeout(timeout)
-            sock.connect(path)
-        except FileNotFoundError:
-            sock.close()
-            raise UnavailableError(f"{path}: no such socket (is the vhost-user back-end running?)") from None
-        except ConnectionRefusedError:
-            sock.close()
-            raise UnavailableError(f"{path}: connection refused (no vhost-user back-end is listening)") from None
-        except OSError as exc:
-            sock.close()
-            raise UnavailableError(f"{path}: {exc.strerror or exc}") from None
-        sock.settimeout(None)
+        sock = connect_unix(path, socket.SOCK_STREAM, timeout, "the vhost-user back-end")
         self.sock = sock
 
     def close(self) -> None:

@@ -214,3 +214,14 @@ class progress:
     def __exit__(self, *exc):
         if self.bar is not None:
             self.bar.stop()
+
+
+def write_output(path: str, data) -> None:
+    """Write a command's data file; a file that cannot be written is 'unavailable'."""
+    from l4vctl.errors import UnavailableError
+
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+    except OSError as exc:
+        raise UnavailableError(f"{path}: {exc.strerror or exc}") from None

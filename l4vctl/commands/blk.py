@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from l4vctl.commands._common import driven, examples, io_options, progress
+from l4vctl.commands._common import driven, examples, io_options, progress, write_output
 from l4vctl.errors import UnavailableError, UsageError
 
 SECTOR = 512
@@ -86,7 +86,7 @@ def read(ctx, device, device_opt, abi, mode, timeout, json_mode, sector, count, 
     o = run.out
     result = {"sector": sector, "count": count, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     if output:
-        _write_file(output, data)
+        write_output(output, data)
         result["output"] = output
     if json_mode:
         if len(data) <= 65536 and not output:
@@ -103,14 +103,6 @@ def read(ctx, device, device_opt, abi, mode, timeout, json_mode, sector, count, 
     else:
         sys.stdout.buffer.write(data)
     sys.stdout.flush()
-
-
-def _write_file(path: str, data) -> None:
-    try:
-        with open(path, "wb") as f:
-            f.write(data)
-    except OSError as exc:
-        raise UnavailableError(f"{path}: {exc.strerror or exc}") from None
 
 
 def _pattern(text: str) -> bytes:

@@ -6,8 +6,8 @@ import sys
 
 import click
 
-from l4vctl.commands._common import abi_option, begin, examples, json_option, queue_stride_option, timeout_option
-from l4vctl.errors import FormatError, UnavailableError, UsageError
+from l4vctl.commands._common import abi_option, begin, examples, json_option, queue_stride_option, timeout_option, write_output
+from l4vctl.errors import FormatError, UsageError
 
 
 @click.command(
@@ -157,11 +157,7 @@ def _save(out, data: bytes, result: dict, as_hex: bool, output: str | None) -> N
     else:
         payload = bytes(data)
     if output:
-        try:
-            with open(output, "wb") as f:
-                f.write(payload)
-        except OSError as exc:
-            raise UnavailableError(f"{output}: {exc.strerror or exc}") from None
+        write_output(output, payload)
         if out.json_mode:
             out.emit({"written": output, "format": "hex" if as_hex else "raw", "bytes": len(payload)}, str)
         else:

@@ -7,8 +7,7 @@ import sys
 
 import click
 
-from l4vctl.commands._common import driven, examples, io_options, progress
-from l4vctl.errors import UnavailableError
+from l4vctl.commands._common import driven, examples, io_options, progress, write_output
 
 
 @click.group(epilog=examples(("l4vctl rng read emu:rng --bytes 32", "32 bytes of entropy as hex:")))
@@ -47,11 +46,7 @@ def read(ctx, device, device_opt, abi, mode, timeout, json_mode, nbytes, output,
             data = RngDriver(s).read(n, progress=tick)
     result = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     if output:
-        try:
-            with open(output, "wb") as f:
-                f.write(data)
-        except OSError as exc:
-            raise UnavailableError(f"{output}: {exc.strerror or exc}") from None
+        write_output(output, data)
         result["output"] = output
     elif json_mode and len(data) <= 65536:
         result["hex"] = data.hex()
