@@ -8,6 +8,7 @@ packet and its capabilities are file descriptors in one SCM_RIGHTS message.
 from __future__ import annotations
 
 import array
+import math
 import select
 import socket
 import struct
@@ -178,11 +179,15 @@ def recv(sock: socket.socket, timeout: float | None = None, any_version: bool = 
             raise TimeoutError("no frame is waiting")
     if timeout is not None:
         deadline = time.monotonic() + timeout
+        p = select.poll()  # not select(): descriptors past 1023 are fine
+        p.register(sock, select.POLLIN)
         while True:
             left = deadline - time.monotonic()
-            r, _, _ = select.select([sock], [], [], max(left, 0))
-            if r:
-                break
+            if p.poll(max(0, math.ceil(left * 1000))):
+                try:
+                    return _recv_now(sock, any_version, socket.MSG_DONTWAIT)
+                except BlockingIOError:  # readable, then not (another reader took it): wait on
+                    pass
             if left <= 0:
                 raise TimeoutError("no frame arrived in time")
     return _recv_now(sock, any_version, 0)

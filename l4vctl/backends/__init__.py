@@ -149,16 +149,33 @@ class Backend:
 
 
 def connect_unix(path: str, kind: int, timeout: float, listener: str):
-    """A connected AF_UNIX socket, or a clear error naming what should be listening."""
+    """A connected AF_UNIX socket, or a clear error naming what should be listening.
+
+    A listener whose backlog is full makes a non-blocking connect fail with
+    EAGAIN at once; that is retried (backing off) until ``timeout``, so many
+    commands started together all get through.
+    """
     import socket
+    import time
 
     from l4vctl.errors import TimeoutExpired
 
     sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
+    deadline = time.monotonic() + timeout
+    pause = 0.0005
     try:
-        sock.settimeout(timeout)
-        sock.connect(path)
-        sock.settimeout(None)
+        sock.setblocking(False)
+        while True:
+            try:
+                sock.connect(path)
+                break
+            except (BlockingIOError, InterruptedError):  # EAGAIN: the backlog is full
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise socket.timeout() from None
+                time.sleep(min(pause, left))
+                pause = min(pause * 2, 0.02)
+        sock.setblocking(True)
         return sock
     except FileNotFoundError:
         why = f"no such socket (is {listener} running?)"
@@ -166,7 +183,9 @@ def connect_unix(path: str, kind: int, timeout: float, listener: str):
         why = f"connection refused (no {listener} is listening)"
     except socket.timeout:
         sock.close()
-        raise TimeoutExpired(f"{path}: connecting took longer than {timeout:g} s") from None
+        raise TimeoutExpired(
+            f"{path}: the listener's queue stayed full for {timeout:g} s (too many clients connecting)"
+        ) from None
     except OSError as exc:
         why = exc.strerror or str(exc)
     sock.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import struct
 import time
 
 from l4vctl import catalog as cat
@@ -53,6 +54,18 @@ def describe_op(label: int, opcode: int) -> str:
     return f"label {label} opcode {opcode}"
 
 
+def set_send_timeout(sock: socket.socket, seconds: float) -> None:
+    """Blocking sends on ``sock`` give up with EAGAIN after ``seconds`` (receives are unaffected)."""
+    seconds = max(seconds, 0.001)
+    whole = int(seconds)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                    struct.pack("@ll", whole, int((seconds - whole) * 1e6)))  # fmt: skip
+
+
+class TooManyClients(UnavailableError):
+    """The emulator refused the connection for now (-L4_EAGAIN): worth another try."""
+
+
 class SocketChannel:
     """One connection to an emulator: HELLO, then request/reply calls."""
 
@@ -72,6 +85,7 @@ class SocketChannel:
         self.seq += 1
         data = wire.encode(cat.KIND_HELLO, self.seq, 0, 0, [cat.WIRE_VERSION, cat.WIRE_VERSION, role, cat.PROFILE_FD])
         try:
+            set_send_timeout(self.sock, self.timeout)  # a peer that stops reading must not hang a send
             wire.send(self.sock, data)
             frame = wire.recv(self.sock, self.timeout, any_version=True)
         except wire.Closed:
@@ -87,6 +101,8 @@ class SocketChannel:
             raise ProtocolError(f"{self.name}: expected WELCOME, got frame kind {frame.kind}")
         if frame.label == -cat.L4_EBUSY:
             raise UnavailableError(f"{self.name}: device busy: another driver is attached")
+        if frame.label == -cat.L4_EAGAIN:
+            raise TooManyClients(f"{self.name}: the emulator serves as many connections as it allows; try again later")
         version = frame.words[0] if frame.words else 0
         if frame.label == -cat.L4_EBADPROTO or version != cat.WIRE_VERSION:
             raise ProtocolError(
@@ -103,6 +119,11 @@ class SocketChannel:
         timeout = self.timeout if timeout is None else timeout
         try:
             wire.send(self.sock, data, fds)
+        except (BlockingIOError, TimeoutError):
+            raise TimeoutExpired(
+                f"{self.name}: the device did not take {describe_op(label, opcode)} within {self.timeout:g} s"
+                " (it does not read its socket)"
+            ) from None
         except OSError as exc:
             if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
                 raise self._dead(f"before {describe_op(label, opcode)}") from None
@@ -139,9 +160,19 @@ class UnixBackend(Backend):
         path = self.target
         if not path:
             raise UnavailableError("unix: needs a socket path (unix:/run/dev.sock)")
-        sock = connect_unix(path, socket.SOCK_SEQPACKET, timeout, "'l4vctl emulate'")
-        try:
-            return SocketChannel(sock, path, role, timeout)
-        except BaseException:
-            sock.close()
-            raise
+        deadline = time.monotonic() + timeout
+        pause = 0.002
+        while True:
+            left = max(deadline - time.monotonic(), 0.001)
+            sock = connect_unix(path, socket.SOCK_SEQPACKET, left, "'l4vctl emulate'")
+            try:
+                return SocketChannel(sock, path, role, timeout)
+            except TooManyClients:
+                sock.close()
+                if time.monotonic() + pause >= deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
+            except BaseException:
+                sock.close()
+                raise

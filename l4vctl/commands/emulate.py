@@ -56,6 +56,12 @@ def _apply(decorators):
 )
 @click.argument("kind", metavar="TYPE", type=click.Choice(["blk", "net", "console", "rng"]))
 @click.option("--socket", "socket_path", required=True, metavar="PATH", help="Unix socket to listen on (mode 0600).")
+@click.option("--max-clients", type=click.IntRange(1, 4096), default=128, show_default=True,
+              help="Connections served at once; more are refused with -L4_EAGAIN (clients retry).")  # fmt: skip
+@click.option("--client-timeout", type=click.FloatRange(0.05), default=5.0, show_default=True, metavar="SECONDS",
+              help="Close connections that send no HELLO, or leave replies unread, this long.")  # fmt: skip
+@click.option("--idle-timeout", type=click.FloatRange(0), default=0, metavar="SECONDS",
+              help="Close attached clients that send nothing for this long (default 0: never).")  # fmt: skip
 @click.option("--abi", type=click.Choice(["classic", "current"]), default="current", show_default=True,
               help="Header layout era of the emulated device.")  # fmt: skip
 @click.option("--cmd-mode", is_flag=True, help="Offer L4VIRTIO_FEATURE_CMD_CONFIG: status and queue setup via cmd.")
@@ -73,7 +79,7 @@ def _apply(decorators):
 @click.option("-q", "--quiet", is_flag=True, help="Log only errors.")
 @json_option
 @click.pass_context
-def emulate(ctx, kind, socket_path, abi, cmd_mode, queues, num_max, features, inject, ds_offset, max_regions,
+def emulate(ctx, kind, socket_path, max_clients, client_timeout, idle_timeout, abi, cmd_mode, queues, num_max, features, inject, ds_offset, max_regions,
             vendor, verbose, quiet, json_mode, **model_opts):  # fmt: skip
     """Serve an emulated L4-VIRTIO device on a Unix socket.
 
@@ -83,7 +89,14 @@ def emulate(ctx, kind, socket_path, abi, cmd_mode, queues, num_max, features, in
     with 'unix:PATH'.  One driver at a time (a second gets -L4_EBUSY);
     monitors such as 'queue-stats' may watch.  When the driver disconnects,
     the device is reset for the next one.  SIGTERM or Ctrl-C stop it and
-    remove the socket.
+    remove the socket (only its own: a newer emulator's socket at the same
+    path is left alone).
+
+    Misbehaving clients cannot stop it serving the others: a connection
+    that sends no HELLO, or leaves its replies unread, for --client-timeout
+    is closed; past --max-clients new connections are
+    refused with -L4_EAGAIN, which l4vctl clients retry until their
+    --timeout.
 
     When the device is ready, its URL is printed on stdout (with --json: an
     envelope), so scripts can wait for that line.
@@ -129,11 +142,12 @@ def emulate(ctx, kind, socket_path, abi, cmd_mode, queues, num_max, features, in
         raw["io"] = "stdio"  # a console served from a terminal talks to that terminal
     device = build_device(kind, raw)
     try:
-        listener = listen(socket_path)
+        listener, socket_id = listen(socket_path)
     except BaseException:
         device.close()
         raise
-    server = Server(device, listener=listener, path=socket_path)
+    server = Server(device, listener=listener, path=socket_path, socket_id=socket_id,
+                    max_clients=max_clients, idle_timeout=idle_timeout, client_timeout=client_timeout)  # fmt: skip
     server.install_signal_handlers()
     url = f"unix:{socket_path}"
     out.device = url

@@ -9,7 +9,9 @@ client is closed; the loop itself never dies of a client's behaviour.
 
 from __future__ import annotations
 
+import collections
 import errno
+import fcntl
 import os
 import selectors
 import signal
@@ -27,33 +29,62 @@ from l4vctl.emulator.dispatch import EBADPROTO, NO_REPLY, Dispatcher, Reply
 
 
 EBUSY = -cat.L4_EBUSY
+EAGAIN = -cat.L4_EAGAIN
 EMSGTOOLONG = -cat.L4_EMSGTOOLONG
 #: Seconds to keep polling a client for its next request before sleeping.
 REQUEST_SPIN = 200e-6
+#: Connections served at once (drivers and monitors); more are refused with -L4_EAGAIN.
+MAX_CLIENTS = 128
+#: Refused connections kept until they have read their refusal; past that they are closed at once.
+MAX_REFUSED = 16
+#: Seconds a new connection has to send its HELLO, and a client may leave replies unread.
+CLIENT_TIMEOUT = 5.0
+#: Replies queued for a client that does not read; one more drops it.
+MAX_QUEUED = 64
+#: Seconds between sweeps for clients past their deadlines.
+SWEEP_INTERVAL = 0.25
+#: Listen backlog (the kernel caps it at net.core.somaxconn).
+BACKLOG = 512
 
 
 class Client:
-    __slots__ = ("sock", "id", "role")
+    __slots__ = ("sock", "id", "role", "out", "since", "last", "refused")
 
-    def __init__(self, sock: socket.socket, cid: int):
+    def __init__(self, sock: socket.socket, cid: int, now: float, refused: bool = False):
         self.sock = sock
         self.id = cid
         self.role: int | None = None
+        self.out: collections.deque = collections.deque()  # (bytes, fds) not yet sent
+        self.since = now  # when it connected, or when its oldest unsent reply was queued
+        self.last = now  # when it last sent a frame
+        self.refused = refused  # over the connection cap: answer HELLO with -L4_EAGAIN, then close
 
 
 class Server:
     """Serve one device over Unix sockets."""
 
     def __init__(self, device, *, listener: socket.socket | None = None, path: str | None = None,
-                 connection: socket.socket | None = None):  # fmt: skip
+                 connection: socket.socket | None = None, max_clients: int = MAX_CLIENTS,
+                 idle_timeout: float = 0.0, client_timeout: float = CLIENT_TIMEOUT, socket_id: tuple[int, int] | None = None):  # fmt: skip
         self.device = device
         self.listener = listener
         self.path = path
+        #: (st_dev, st_ino) of the socket file this server made: only that one is removed at the end
+        self.socket_id = socket_id
         self.selector = selectors.DefaultSelector()
         self.clients: dict[int, Client] = {}
         self.driver: Client | None = None
         self.next_id = 1
-        self.running = False
+        self.max_clients = max_clients
+        self.idle_timeout = idle_timeout
+        self.client_timeout = client_timeout
+        # True from the start: a signal that comes before serve() must still end it
+        self.running = True
+        self._next_sweep = 0.0
+        self._sweep_every = min(SWEEP_INTERVAL, client_timeout / 4, idle_timeout / 4 if idle_timeout else SWEEP_INTERVAL)
+        self._accept_paused_until = 0.0
+        self._warned: dict[str, float] = {}
+        self._reserve_fd = _reserve_fd()
         self.single = connection is not None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.selector.register(self._wake_r, selectors.EVENT_READ, "wake")
@@ -91,9 +122,10 @@ class Server:
             pass
 
     def serve(self) -> None:
-        self.running = True
+        """Serve until stopped (a signal, :meth:`stop`, or the one connection closing)."""
         while self.running:
-            for key, _events in self.selector.select():
+            timeout = self._sweep_every if (self.clients or self._accept_paused_until) else None
+            for key, events in self.selector.select(timeout):
                 what = key.data
                 if what == "kick":
                     self._kicked()
@@ -107,10 +139,14 @@ class Server:
                             pass
                     except BlockingIOError:
                         pass
+                elif events & selectors.EVENT_WRITE:
+                    self._flush(what)
                 else:
                     self._readable(what)
                 if not self.running:
                     break
+            if time.monotonic() >= self._next_sweep:
+                self._sweep()
             if self.single and not self.clients:
                 self.running = False
 
@@ -122,13 +158,12 @@ class Server:
             self.listener.close()
             self.listener = None
         if self.path:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            remove_socket(self.path, self.socket_id)
         self.selector.close()
-        for fd in (self._wake_r, self._wake_w):
-            close_fds([fd])
+        for fd in (self._wake_r, self._wake_w, self._reserve_fd):
+            if fd >= 0:
+                close_fds([fd])
+        self._reserve_fd = -1
 
     # -- connections ----------------------------------------------------------------------
 
@@ -186,16 +221,65 @@ class Server:
             if not dev.service():
                 break
 
+    def _warn_once(self, key: str, msg: str, *args) -> None:
+        """A warning at most once a second per kind (a flood of bad clients must not flood the log)."""
+        now = time.monotonic()
+        if now - self._warned.get(key, -10.0) >= 1.0:
+            self._warned[key] = now
+            log.warning(msg, *args)
+
     def _accept(self) -> None:
-        try:
-            conn, _addr = self.listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        self._add_client(conn)
+        for _ in range(64):  # a burst of connects, but leave time for the others
+            try:
+                conn, _addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._out_of_fds(exc)
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                self._warn_once("accept", "accept failed: %s", exc.strerror or exc)
+                return
+            self._add_client(conn)
+
+    def _out_of_fds(self, exc: OSError) -> None:
+        """No descriptor left for a new connection: refuse it instead of ending or spinning."""
+        self._warn_once("emfile", "cannot accept a connection (%s): closing it; %d clients connected",
+                        exc.strerror, len(self.clients))  # fmt: skip
+        if self._reserve_fd >= 0:
+            close_fds([self._reserve_fd])
+            self._reserve_fd = -1
+            try:
+                conn, _addr = self.listener.accept()
+                conn.close()  # the client sees the connection closed during HELLO
+            except OSError:
+                pass
+            self._reserve_fd = _reserve_fd()
+            if self._reserve_fd >= 0:
+                return
+        # no spare descriptor at all: stop accepting for a moment
+        self._pause_accept(0.1)
+
+    def _pause_accept(self, seconds: float) -> None:
+        if self.listener is not None and not self._accept_paused_until:
+            self.selector.unregister(self.listener)
+        self._accept_paused_until = time.monotonic() + seconds
+        self._next_sweep = min(self._next_sweep, self._accept_paused_until)
 
     def _add_client(self, conn: socket.socket) -> None:
-        conn.setblocking(True)
-        client = Client(conn, self.next_id)
+        now = time.monotonic()
+        refused = len(self.clients) >= self.max_clients
+        if refused:
+            if sum(1 for c in self.clients.values() if c.refused) >= MAX_REFUSED:
+                self._warn_once("cap", "too many connections (%d): closing a new one", len(self.clients))
+                conn.close()
+                return
+            self._warn_once("cap", "%d connections, the maximum: refusing new ones with -L4_EAGAIN",
+                            self.max_clients)  # fmt: skip
+        conn.setblocking(False)
+        client = Client(conn, self.next_id, now, refused)
         self.next_id += 1
         self.clients[client.id] = client
         self.selector.register(conn, selectors.EVENT_READ, client)
@@ -210,11 +294,29 @@ class Server:
         except (KeyError, ValueError):
             pass
         client.sock.close()
+        while client.out:
+            close_fds(client.out.popleft()[1])
         log.info("client %d closed: %s", client.id, why)
         if client is self.driver:
             self.driver = None
             self.device.driver_left()
             log.info("driver left: device reset for the next one")
+
+    def _sweep(self) -> None:
+        """Drop clients past their deadlines; resume accepting after a pause."""
+        now = time.monotonic()
+        self._next_sweep = now + self._sweep_every
+        if self._accept_paused_until and now >= self._accept_paused_until:
+            self._accept_paused_until = 0.0
+            if self.listener is not None:
+                self.selector.register(self.listener, selectors.EVENT_READ, "accept")
+        for client in list(self.clients.values()):
+            if client.out and now - client.since > self.client_timeout:
+                self._drop(client, f"it left replies unread for {self.client_timeout:g} s")
+            elif client.role is None and now - client.since > self.client_timeout:
+                self._drop(client, f"no HELLO within {self.client_timeout:g} s")
+            elif self.idle_timeout and client.role is not None and now - client.last > self.idle_timeout:
+                self._drop(client, f"idle for {self.idle_timeout:g} s")
 
     def _readable(self, client: Client) -> None:
         """Handle the client's frame, then keep polling for a while."""
@@ -223,9 +325,16 @@ class Server:
             self._poll()
 
     def _handle_one(self, client: Client, timeout: float | None) -> bool:
-        """Receive and answer one frame; False if none was waiting (timeout 0)."""
+        """Receive and answer one frame; False if none was waiting.
+
+        A client with replies still queued is not read from until it has
+        taken them (so one that never reads cannot make the server queue
+        without bound); the sockets never block.
+        """
+        if client.out:
+            return False
         try:
-            frame = wire.recv(client.sock, timeout, any_version=client.role is None)
+            frame = wire.recv(client.sock, 0, any_version=client.role is None)
         except TimeoutError:
             return False
         except wire.Closed:
@@ -242,6 +351,8 @@ class Server:
         except OSError as exc:
             self._drop(client, f"receive failed: {exc}")
             return False
+        if self.idle_timeout:
+            client.last = time.monotonic()
         try:
             if client.role is None:
                 self._hello(client, frame)
@@ -262,13 +373,56 @@ class Server:
         return True
 
     def _send(self, client: Client, kind: int, seq: int, label: int, opcode: int, reply: Reply) -> None:
+        """Send a frame, or queue it while the client's socket is full (the queue owns the fds)."""
         data = wire.encode(kind, seq, label, opcode, reply.words, reply.caps)
+        fds = list(reply.fds)
+        if client.id not in self.clients:
+            close_fds(fds)
+            return
+        if client.out:
+            self._queue(client, data, fds)
+            return
         try:
-            wire.send(client.sock, data, reply.fds)
+            wire.send(client.sock, data, fds)
+        except (BlockingIOError, InterruptedError):
+            self._queue(client, data, fds)
+            return
         except OSError as exc:
-            self._drop(client, f"send failed: {exc}")
-        finally:
-            close_fds(reply.fds)
+            close_fds(fds)
+            self._drop(client, f"send failed: {exc.strerror or exc}")
+            return
+        close_fds(fds)
+
+    def _queue(self, client: Client, data: bytes, fds: list[int]) -> None:
+        if len(client.out) >= MAX_QUEUED:
+            close_fds(fds)
+            self._drop(client, f"it does not read its replies ({MAX_QUEUED} queued)")
+            return
+        if not client.out:
+            client.since = time.monotonic()
+            self.selector.modify(client.sock, selectors.EVENT_WRITE, client)
+            log.debug("client %d: its socket is full; replies queued", client.id)
+        client.out.append((data, fds))
+
+    def _flush(self, client: Client) -> None:
+        """The client's socket has room again: send what was queued, then read it again."""
+        while client.out:
+            data, fds = client.out[0]
+            try:
+                wire.send(client.sock, data, fds)
+            except (BlockingIOError, InterruptedError):
+                return  # still full: ``since`` keeps the time of the last progress
+            except OSError as exc:
+                self._drop(client, f"send failed: {exc.strerror or exc}")
+                return
+            client.out.popleft()
+            client.since = time.monotonic()
+            close_fds(fds)
+        self.selector.modify(client.sock, selectors.EVENT_READ, client)
+        if client.role is None:  # its HELLO was refused; the answer is out now
+            self._drop(client, "HELLO refused")
+        elif self._handle_one(client, 0) and client is self.driver:  # requests that waited meanwhile
+            self._poll()
 
     def _hello(self, client: Client, frame: wire.Frame) -> None:
         if frame.kind != cat.KIND_HELLO:
@@ -281,18 +435,22 @@ class Server:
             result = EBADPROTO
         elif profile != cat.PROFILE_FD or role not in cat.ROLES:
             result = EBADPROTO
+        elif client.refused:
+            result = EAGAIN
         elif role == cat.ROLE_DRIVER and self.driver is not None:
             log.warning("client %d: a driver is already attached: -L4_EBUSY", client.id)
             result = EBUSY
+        if not result:
+            # attach before WELCOME goes out: if the client is gone by then, dropping it
+            # also detaches it (and resets the device), so nobody is locked out
+            client.role = role
+            if role == cat.ROLE_DRIVER:
+                self.driver = client
+            log.info("client %d is a %s", client.id, cat.ROLES[role])
         self._send(client, cat.KIND_WELCOME, frame.seq, result, 0,
                    Reply(result, [cat.WIRE_VERSION, role, cat.MAX_FRAME, self.device.model.DEVICE_ID]))  # fmt: skip
-        if result:
+        if result and client.id in self.clients and not client.out:
             self._drop(client, f"HELLO refused ({cat.l4_error_name(result)})")
-            return
-        client.role = role
-        if role == cat.ROLE_DRIVER:
-            self.driver = client
-        log.info("client %d is a %s", client.id, cat.ROLES[role])
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -300,41 +458,115 @@ class Server:
         return self.dispatcher.handle(f, client.role, self.driver is not None)
 
 
-def listen(path: str) -> socket.socket:
-    """A listening SOCK_SEQPACKET socket at ``path`` with mode 0600.
+def _reserve_fd() -> int:
+    """A spare descriptor, given up to accept (and close) a connection when none are left."""
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1
+
+
+class _DirLock:
+    """An exclusive flock on a socket's directory while its file is checked, replaced or removed.
+
+    Emulators started on one path at once take turns, so a stale socket is
+    replaced once and exactly one of them ends up listening.
+    """
+
+    def __init__(self, path: str):
+        self.fd = -1
+        try:
+            self.fd = os.open(os.path.dirname(os.path.abspath(path)) or "/", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return  # no lock where the directory cannot be opened; the checks still run
+
+    def __enter__(self):
+        if self.fd >= 0:
+            deadline = time.monotonic() + 5.0
+            while True:
+                try:
+                    fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        break  # a stuck holder must not stop us for good
+                    time.sleep(0.002)
+                except OSError:
+                    break
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd >= 0:
+            os.close(self.fd)  # releases the lock
+            self.fd = -1
+
+
+def remove_socket(path: str, socket_id: tuple[int, int] | None) -> None:
+    """Remove the socket file at ``path`` if it is still the one ``socket_id`` names."""
+    with _DirLock(path):
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return
+        if socket_id is not None and (st.st_dev, st.st_ino) != socket_id:
+            log.info("%s is another emulator's socket now: left in place", path)
+            return
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def listen(path: str, backlog: int = BACKLOG) -> tuple[socket.socket, tuple[int, int]]:
+    """A listening SOCK_SEQPACKET socket at ``path`` with mode 0600, and its file's (dev, inode).
 
     A stale socket file (nobody listening) is replaced; a live one or a file
-    that is not a socket is an error.
+    that is not a socket is an error.  Pass the identity to :class:`Server`
+    so that it removes only the file it made.
     """
-    from l4vctl.errors import UnavailableError
+    from l4vctl.errors import UnavailableError, UsageError
 
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        st = None
-    if st is not None:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise UnavailableError(f"{path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    limit = len(os.fsencode(path))
+    if limit >= 108:  # sizeof(sun_path), with its terminating NUL
+        raise UsageError(f"socket path {path!r} is {limit} bytes long; Unix sockets allow at most 107")
+    with _DirLock(path):
         try:
-            probe.connect(path)
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
         except OSError as exc:
-            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-                raise UnavailableError(f"{path}: {exc.strerror}") from None
-            os.unlink(path)
-        else:
-            raise UnavailableError(f"{path} is in use by a running emulator")
+            raise UnavailableError(f"cannot listen on {path}: {exc.strerror or exc}") from None
+        if st is not None:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise UnavailableError(f"{path} exists and is not a socket")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            probe.setblocking(False)
+            try:
+                probe.connect(path)
+            except BlockingIOError:
+                # a full backlog: somebody is listening
+                raise UnavailableError(f"{path} is in use by a running emulator") from None
+            except OSError as exc:
+                if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+                    raise UnavailableError(f"{path}: {exc.strerror or exc}") from None
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+            else:
+                raise UnavailableError(f"{path} is in use by a running emulator")
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)
+        try:
+            sock.bind(path)
+            os.chmod(path, 0o600)
+            st = os.lstat(path)
+            sock.listen(backlog)
+        except OSError as exc:
+            sock.close()
+            raise UnavailableError(f"cannot listen on {path}: {exc.strerror or exc}") from None
         finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    old = os.umask(0o177)
-    try:
-        sock.bind(path)
-    except OSError as exc:
-        sock.close()
-        raise UnavailableError(f"cannot listen on {path}: {exc.strerror}") from None
-    finally:
-        os.umask(old)
-    os.chmod(path, 0o600)
-    sock.listen(8)
-    return sock
+            os.umask(old)
+    return sock, (st.st_dev, st.st_ino)
