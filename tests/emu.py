@@ -32,15 +32,21 @@ def emulator(tmp_path, kind: str = "blk", *args: str, name: str = "dev.sock"):
         assert line == f"unix:{path}", (line, proc.stderr.read() if proc.poll() is not None else "")
         yield line, proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
+        reap(proc)
+
+
+def reap(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """Stop a test's process however the test went: SIGTERM, then SIGKILL; close its pipes."""
+    if proc.poll() is None:
+        proc.terminate()
         try:
-            proc.wait(10)
+            proc.wait(timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+    for f in (proc.stdin, proc.stdout, proc.stderr):
+        if f is not None:
+            f.close()
 
 
 def call(s: Session, label: int, opcode: int, words=(), caps=(), fds=(), timeout=None):

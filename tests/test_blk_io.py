@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from l4vctl import catalog as cat
 from l4vctl.drivers.blk import BlkDriver, BlkIOError
 from l4vctl.errors import UsageError
-from tests.emu import Session, emulator, wait_for
+from tests.emu import Session, emulator, reap, wait_for
 
 SECTOR = 512
 
@@ -166,8 +166,7 @@ def test_killed_driver_leaves_every_acknowledged_write_in_the_image(tmp_path):
                     break
         finally:
             w.send_signal(signal.SIGKILL)
-            w.wait(10)
-            w.stdout.close()
+            reap(w)
         assert len(acked) >= 200
         for i in acked:
             assert image_bytes(img, i * 8, 4096) == bytes([i % 251 + 1]) * 4096, i

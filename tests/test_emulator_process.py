@@ -13,7 +13,7 @@ import pytest
 
 from l4vctl import catalog as cat
 from l4vctl.errors import UnavailableError
-from tests.emu import Session, emulator, set_status, wait_for
+from tests.emu import Session, emulator, reap, set_status, wait_for
 
 def test_socket_is_private_and_removed_on_sigterm(tmp_path):
     with emulator(tmp_path) as (url, proc):
@@ -113,9 +113,7 @@ def test_emulate_json_ready_line(tmp_path):
         assert r["url"] == f"unix:{path}" and r["type"] == "net" and r["abi"] == "classic"
         assert cat.CMD_CONFIG_BIT["classic"] in r["offered"]
     finally:
-        proc.terminate()
-        proc.wait(10)
-        proc.stdout.close()
+        reap(proc)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tests.conftest import run_cli
-from tests.emu import emulator
+from tests.emu import emulator, reap, wait_for
 
 SECTOR = 512
 
@@ -153,9 +153,7 @@ def test_console_pty(tmp_path):
         finally:
             os.close(fd)
     finally:
-        proc.terminate()
-        proc.wait(10)
-        proc.stdout.close()
+        reap(proc)
 
 
 # -- net ---------------------------------------------------------------------------------------------
@@ -177,16 +175,17 @@ def test_net_send_recv_between_two_emulator_processes(tmp_path):
         recv = subprocess.Popen([sys.executable, "-m", "l4vctl", "net", "recv", b, "--count", "2", "--wait", "10",
                                  "--json"], stdout=subprocess.PIPE, text=True)  # fmt: skip
         try:
-            import time
+            # the receiver is attached once its RX queue has buffers posted
+            def rx_posted():
+                q = run_cli("queue-stats", b, "--json").json()["result"]["queues"][0]
+                return q["device"]["avail_idx"] > 0
 
-            time.sleep(0.5)  # the receiver has its buffers posted
+            assert wait_for(rx_posted, 20, 0.05)
             sent = ok("net", "send", a, "--text", "hello", "--count", "2")
             assert sent["sent"] == 2 and sent["src"] == "52:54:00:12:34:56"
             out, _ = recv.communicate(timeout=20)
         finally:
-            if recv.poll() is None:
-                recv.kill()
-                recv.wait()
+            reap(recv)
         frames = json.loads(out)["result"]["frames"]
         assert [f["payload_text"] for f in frames] == ["hello", "hello"]
         assert frames[0]["src"] == "52:54:00:12:34:56" and frames[0]["type"] == 0x88B5
