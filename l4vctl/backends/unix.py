@@ -145,7 +145,13 @@ class SocketChannel:
                 raise self._dead(f"while waiting for {describe_op(label, opcode)}") from None
             if frame.kind == cat.KIND_REPLY and frame.seq == seq:
                 return Response(frame.label, frame.words, frame.caps, frame.fds)
-            frame.close_fds()  # a stale reply (an earlier call timed out): skip it
+            frame.close_fds()
+            if frame.kind != cat.KIND_REPLY:
+                raise ProtocolError(
+                    f"{self.name}: the device sent a {cat.KINDS.get(frame.kind, frame.kind)} frame"
+                    f" while l4vctl waited for the reply to {describe_op(label, opcode)}"
+                )
+            # else a stale reply (an earlier call timed out): skip it
 
     def close(self) -> None:
         if self.sock is not None:
