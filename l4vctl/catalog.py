@@ -220,6 +220,9 @@ class DeviceId:
         return f"DeviceId({self.id}, {self.name!r}, {self.cls!r}, {self.era!r})"
 
 
+#: Device ids of the virtio 1.3 specification (chapter "Device Types"), named
+#: as in Linux's virtio_ids.h where Linux has a name.  37 is reserved in the
+#: specification; Linux names it DMABUF.
 DEVICE_IDS: Mapping[int, DeviceId] = {
     d.id: d
     for d in (
@@ -228,21 +231,43 @@ DEVICE_IDS: Mapping[int, DeviceId] = {
         DeviceId(3, "CONSOLE", "console"),
         DeviceId(4, "RNG", "rng"),
         DeviceId(5, "BALLOON", None),
+        DeviceId(6, "IOMEM", None),
         DeviceId(7, "RPMSG", None),
         DeviceId(8, "SCSI", None),
         DeviceId(9, "9P", None),
+        DeviceId(10, "MAC80211_WLAN", None),
         DeviceId(11, "RPROC_SERIAL", None),
         DeviceId(12, "CAIF", None),
+        DeviceId(13, "MEMORY_BALLOON", None),
         DeviceId(16, "GPU", None),
+        DeviceId(17, "CLOCK", None),
         DeviceId(18, "INPUT", "input"),
         DeviceId(19, "VSOCK", "vsock"),
         DeviceId(20, "CRYPTO", None),
+        DeviceId(21, "SIGNAL_DIST", None),
+        DeviceId(22, "PSTORE", None),
+        DeviceId(23, "IOMMU", None),
+        DeviceId(24, "MEM", None),
+        DeviceId(25, "SOUND", None),
         DeviceId(26, "FS", None, "current"),
+        DeviceId(27, "PMEM", None),
+        DeviceId(28, "RPMB", None),
+        DeviceId(29, "MAC80211_HWSIM", None),
+        DeviceId(30, "VIDEO_ENCODER", None),
+        DeviceId(31, "VIDEO_DECODER", None),
         DeviceId(32, "SCMI", None, "current"),
+        DeviceId(33, "NITRO_SEC_MOD", None),
         DeviceId(34, "I2C", None, "current"),
         DeviceId(35, "WATCHDOG", None, "current"),
         DeviceId(36, "CAN", None, "current"),
+        DeviceId(37, "DMABUF", None),
+        DeviceId(38, "PARAM_SERV", None),
+        DeviceId(39, "AUDIO_POLICY", None),
+        DeviceId(40, "BT", None),
         DeviceId(41, "GPIO", None, "current"),
+        DeviceId(42, "RDMA", None),
+        DeviceId(43, "CAMERA", None),
+        DeviceId(44, "ISM", None),
         DeviceId(45, "SPI", None, "current"),
         DeviceId(0x9999, "SOCK", None),
     )
@@ -369,7 +394,12 @@ DEVICE_FEATURES: Mapping[str, Mapping[int, Feature]] = {
             Feature(21, "VIRTIO_NET_F_GUEST_ANNOUNCE", "guest_announce"),
             Feature(22, "VIRTIO_NET_F_MQ", "mq"),
             Feature(23, "VIRTIO_NET_F_CTRL_MAC_ADDR", "ctrl_mac_addr"),
+            Feature(51, "VIRTIO_NET_F_HASH_TUNNEL", "hash_tunnel"),
+            Feature(52, "VIRTIO_NET_F_VQ_NOTF_COAL", "vq_notf_coal"),
             Feature(53, "VIRTIO_NET_F_NOTF_COAL", "notf_coal"),
+            Feature(54, "VIRTIO_NET_F_GUEST_USO4", "guest_uso4"),
+            Feature(55, "VIRTIO_NET_F_GUEST_USO6", "guest_uso6"),
+            Feature(56, "VIRTIO_NET_F_HOST_USO", "host_uso"),
             Feature(57, "VIRTIO_NET_F_HASH_REPORT", "hash_report"),
             Feature(59, "VIRTIO_NET_F_GUEST_HDRLEN", "guest_hdrlen"),
             Feature(60, "VIRTIO_NET_F_RSS", "rss"),
@@ -417,6 +447,13 @@ VRING_DESC_FLAGS: tuple[tuple[int, str], ...] = (
 )
 VRING_AVAIL_F_NO_INTERRUPT = 1
 VRING_USED_F_NO_NOTIFY = 1
+# packed rings (not driven by l4vctl; L4Re uses split rings)
+VRING_PACKED_DESC_F_AVAIL = 7  # bit numbers, not masks
+VRING_PACKED_DESC_F_USED = 15
+VRING_PACKED_EVENT_FLAG_ENABLE = 0x0
+VRING_PACKED_EVENT_FLAG_DISABLE = 0x1
+VRING_PACKED_EVENT_FLAG_DESC = 0x2
+VRING_PACKED_EVENT_F_WRAP_CTR = 15
 DESC_ALIGN = 16
 AVAIL_ALIGN = 2
 USED_ALIGN = 4
@@ -426,24 +463,39 @@ USED_ALIGN = 4
 BLK_SECTOR_SIZE = 512
 BLK_T_IN = 0
 BLK_T_OUT = 1
+BLK_T_SCSI_CMD = 2  # legacy (VIRTIO_BLK_F_SCSI)
 BLK_T_FLUSH = 4
 BLK_T_GET_ID = 8
+BLK_T_GET_LIFETIME = 10
 BLK_T_DISCARD = 11
 BLK_T_WRITE_ZEROES = 13
+BLK_T_SECURE_ERASE = 14
 BLK_REQUEST_TYPES: Mapping[int, str] = {
     BLK_T_IN: "IN",
     BLK_T_OUT: "OUT",
+    BLK_T_SCSI_CMD: "SCSI_CMD",
     BLK_T_FLUSH: "FLUSH",
     BLK_T_GET_ID: "GET_ID",
+    BLK_T_GET_LIFETIME: "GET_LIFETIME",
     BLK_T_DISCARD: "DISCARD",
     BLK_T_WRITE_ZEROES: "WRITE_ZEROES",
+    BLK_T_SECURE_ERASE: "SECURE_ERASE",
+    15: "ZONE_APPEND",
+    16: "ZONE_REPORT",
+    18: "ZONE_OPEN",
+    20: "ZONE_CLOSE",
+    22: "ZONE_FINISH",
+    24: "ZONE_RESET",
+    26: "ZONE_RESET_ALL",
 }
+#: Legacy flag OR-ed into a request type (no VIRTIO_F_VERSION_1).
+BLK_T_BARRIER = 0x80000000
 BLK_S_OK = 0
 BLK_S_IOERR = 1
 BLK_S_UNSUPP = 2
 BLK_STATUS: Mapping[int, str] = {0: "OK", 1: "IOERR", 2: "UNSUPP"}
 BLK_ID_BYTES = 20
-BLK_DISCARD_F_UNMAP = 1
+BLK_DISCARD_F_UNMAP = 1  # flags of virtio_blk_discard_write_zeroes
 
 NET_RX_QUEUE = 0
 NET_TX_QUEUE = 1
@@ -451,16 +503,57 @@ NET_S_LINK_UP = 1
 NET_S_ANNOUNCE = 2
 NET_STATUS_BITS: tuple[tuple[int, str], ...] = ((1, "LINK_UP"), (2, "ANNOUNCE"))
 
+#: flags and gso_type of the net header
+NET_HDR_FLAGS: tuple[tuple[int, str], ...] = ((1, "NEEDS_CSUM"), (2, "DATA_VALID"), (4, "RSC_INFO"))
+NET_HDR_GSO: Mapping[int, str] = {0: "NONE", 1: "TCPV4", 3: "UDP", 4: "TCPV6", 0x80: "ECN"}
+
+#: Hash types (bit masks) of supported_hash_types and the RSS/hash config.
+NET_RSS_HASH_TYPES: tuple[tuple[int, str], ...] = (
+    (1 << 0, "IPv4"), (1 << 1, "TCPv4"), (1 << 2, "UDPv4"), (1 << 3, "IPv6"), (1 << 4, "TCPv6"),
+    (1 << 5, "UDPv6"), (1 << 6, "IP_EX"), (1 << 7, "TCP_EX"), (1 << 8, "UDP_EX"),
+)  # fmt: skip
+#: hash_report values of virtio_net_hdr_v1_hash
+NET_HASH_REPORT: Mapping[int, str] = {
+    0: "NONE", 1: "IPv4", 2: "TCPv4", 3: "UDPv4", 4: "IPv6", 5: "TCPv6", 6: "UDPv6",
+    7: "IPv6_EX", 8: "TCPv6_EX", 9: "UDPv6_EX",
+}  # fmt: skip
+
+#: Control-queue acks, and classes with their commands: class -> (name, {cmd: name}).
+NET_CTRL_ACK: Mapping[int, str] = {0: "OK", 1: "ERR"}
+NET_CTRL_CLASSES: Mapping[int, tuple[str, Mapping[int, str]]] = {
+    0: ("RX", {0: "PROMISC", 1: "ALLMULTI", 2: "ALLUNI", 3: "NOMULTI", 4: "NOUNI", 5: "NOBCAST"}),
+    1: ("MAC", {0: "TABLE_SET", 1: "ADDR_SET"}),
+    2: ("VLAN", {0: "ADD", 1: "DEL"}),
+    3: ("ANNOUNCE", {0: "ACK"}),
+    4: ("MQ", {0: "VQ_PAIRS_SET", 1: "RSS_CONFIG", 2: "HASH_CONFIG"}),
+    5: ("GUEST_OFFLOADS", {0: "SET"}),
+    6: ("NOTF_COAL", {0: "TX_SET", 1: "RX_SET"}),
+}
+NET_CTRL_MQ_VQ_PAIRS_MIN = 1
+NET_CTRL_MQ_VQ_PAIRS_MAX = 0x8000
+
+#: Control events; 1 and 2 are PORT_ADD/PORT_REMOVE in Linux and the specification.
 CONSOLE_EVENTS: Mapping[int, str] = {
     0: "DEVICE_READY",
-    1: "DEVICE_ADD",
-    2: "DEVICE_REMOVE",
+    1: "PORT_ADD",
+    2: "PORT_REMOVE",
     3: "PORT_READY",
     4: "CONSOLE_PORT",
     5: "RESIZE",
     6: "PORT_OPEN",
     7: "PORT_NAME",
 }
+CONSOLE_BAD_ID = 0xFFFFFFFF
+
+#: vsock packet header values and events.
+VSOCK_TYPES: Mapping[int, str] = {1: "STREAM", 2: "SEQPACKET"}
+VSOCK_OPS: Mapping[int, str] = {
+    0: "INVALID", 1: "REQUEST", 2: "RESPONSE", 3: "RST", 4: "SHUTDOWN", 5: "RW",
+    6: "CREDIT_UPDATE", 7: "CREDIT_REQUEST",
+}  # fmt: skip
+VSOCK_SHUTDOWN_BITS: tuple[tuple[int, str], ...] = ((1, "RCV"), (2, "SEND"))
+VSOCK_SEQ_BITS: tuple[tuple[int, str], ...] = ((1, "EOM"), (2, "EOR"))
+VSOCK_EVENTS: Mapping[int, str] = {0: "TRANSPORT_RESET"}
 
 INPUT_CFG_UNSET = 0x00
 INPUT_CFG_ID_NAME = 0x01

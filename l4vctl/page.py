@@ -199,38 +199,70 @@ def _queue_problems(index: int, q: dict) -> tuple[list[str], list[str]]:
     return problems, notes
 
 
+def device_config_fields(data, device_id: int, abi: str, limit: int | None = None) -> tuple[dict, list[str]]:
+    """The device-config fields that lie wholly between 0x100 and ``limit``.
+
+    A device config is as long as the device makes it: a device may publish
+    a shorter struct than the specification's (an older one, or only the
+    fields it implements) and put its queue array right after it.  Fields
+    that do not fit before ``limit`` (the queue array, else the end of the
+    page) are left out; their names are returned, in layout order.  Unknown
+    devices give ``({}, [])``.
+    """
+    dc = device_config_codec(device_id, abi)
+    if dc is None or not dc.size:
+        return {}, []
+    end = len(data) if limit is None else min(limit, len(data))
+    avail = max(0, end - HEADER_SIZE)
+    if avail >= dc.size:
+        return dc.unpack(data, HEADER_SIZE), []
+    buf = bytes(data[HEADER_SIZE : HEADER_SIZE + avail]).ljust(dc.size, b"\0")
+    fields = dc.unpack(buf)
+    cut = [
+        name
+        for name, (offset, size, _fmt, _count) in dc.fields.items()
+        if "." not in name and offset + size > avail
+    ]
+    for name in cut:
+        del fields[name]
+    return fields, cut
+
+
 def _device_config(data, device_id: int, abi: str, limit: int) -> tuple[dict, list[str]]:
-    """The decoded device config (0x100 ... limit) and problems found."""
+    """The decoded device config (0x100 ... limit) and notes about it."""
     dc = device_config_codec(device_id, abi)
     start = HEADER_SIZE
     if dc is None:
         raw = bytes(data[start:limit]) if limit > start else b""
         return {"struct": None, "offset": start, "size": len(raw), "raw": raw.hex()}, []
     struct_name = dc.name.split("@")[0]
-    info: dict = {"struct": struct_name, "offset": start, "size": dc.size}
-    if start + dc.size > limit:
-        problem = (
-            f"device config {struct_name} ({dc.size} bytes at 0x100) runs past "
-            f"{'the queue array' if limit < len(data) else 'the end of the page'} at {limit:#x}"
-        )
-        return info, [problem]
-    fields = dc.unpack(data, start)
+    present = min(dc.size, max(0, min(limit, len(data)) - start))
+    info: dict = {"struct": struct_name, "offset": start, "size": dc.size, "present": present}
+    fields, cut = device_config_fields(data, device_id, abi, limit)
     info["fields"] = _jsonable_config(device_id, fields)
-    return info, []
+    info["truncated_fields"] = cut
+    notes = []
+    if cut:
+        where = "the queue array" if limit < len(data) else "the end of the page"
+        notes.append(
+            f"device config: {present} of the {dc.size} bytes of {struct_name} lie before {where} "
+            f"at {limit:#x}; fields not present: {', '.join(cut)}"
+        )
+    return info, notes
 
 
 def _jsonable_config(device_id: int, fields: dict) -> dict:
     cls = cat.device_class(device_id)
-    if cls == "net":
+    if cls == "net" and "mac" in fields:
         mac = fields["mac"]
         fields["mac"] = ":".join(f"{b:02x}" for b in mac)
-        names, unknown = cat.flag_names(fields["status"], cat.NET_STATUS_BITS)
-        fields["status_flags"] = names
-    elif cls == "input":
+        if "status" in fields:
+            fields["status_flags"] = cat.flag_names(fields["status"], cat.NET_STATUS_BITS)[0]
+    elif cls == "input" and "u" in fields:
         raw = fields.pop("u")
         fields["u"] = raw.hex()
         fields["decoded"] = _input_union(fields["select"], fields["subsel"], fields["size"], raw)
-    elif cls == "blk":
+    elif cls == "blk" and "capacity" in fields:
         fields["capacity_bytes"] = fields["capacity"] * cat.BLK_SECTOR_SIZE
     return fields
 
@@ -297,8 +329,8 @@ def decode_page(
     # The device config spans 0x100 up to a usable queue array, else the page end.
     array_usable = (nq and queues_ok) or (not nq and HEADER_SIZE < qoff <= size)
     limit = qoff if array_usable else size
-    devcfg, devcfg_problems = _device_config(data, hdr["device"], abi.abi, limit)
-    problems.extend(devcfg_problems)
+    devcfg, devcfg_notes = _device_config(data, hdr["device"], abi.abi, limit)
+    notes.extend(devcfg_notes)
 
     queues = []
     if nq and queues_ok:

@@ -600,9 +600,13 @@ class Session:
         self._fail_check("I/O")
 
     def device_config(self) -> dict:
-        """The device-specific config, decoded (empty for unknown devices)."""
-        dc = pg.device_config_codec(self.get("device"), self.abi)
-        return dc.unpack(self.page, cat.HEADER_SIZE) if dc is not None and dc.size else {}
+        """The device-specific config, decoded (empty for unknown devices).
+
+        Only fields before the queue array are decoded; the rest are absent.
+        """
+        nq, qoff = self.get("num_queues"), self.get("queues_offset")
+        limit = qoff if nq and cat.HEADER_SIZE <= qoff <= len(self.page) else len(self.page)
+        return pg.device_config_fields(self.page, self.get("device"), self.abi, limit)[0]
 
     # -- monitor ------------------------------------------------------------------------------------
 

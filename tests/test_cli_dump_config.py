@@ -103,7 +103,7 @@ def test_every_device_class_in_both_eras(tmp_path, abi, cls):
 
 def test_queue_offsets_follow_l4re_placement():
     assert [pg.queues_offset_for(d, "current") for d in (2, 1, 3, 4, 18, 19)] == [
-        0x140, 0x120, 0x110, 0x110, 0x190, 0x110]  # fmt: skip
+        0x150, 0x120, 0x110, 0x110, 0x190, 0x110]  # fmt: skip
 
 
 def test_unknown_device_shows_raw_config(tmp_path):
@@ -289,7 +289,7 @@ def set_queue(data: bytes, **fields) -> bytes:
     qc = pg.queue_codec()
     for name, value in fields.items():
         off, size, fmt, _count = qc.fields[name]
-        struct.pack_into("<" + fmt, p, 0x140 + off, value)
+        struct.pack_into("<" + fmt, p, pg.queues_offset_for(2, "current") + off, value)
     return bytes(p)
 
 
@@ -329,8 +329,15 @@ def test_queues_offset_zero(tmp_path):
     bad(tmp_path, page_with(queues_offset=0), 4, "queues_offset is 0")
 
 
-def test_device_config_overlapping_queues(tmp_path):
-    bad(tmp_path, page_with(queues_offset=0x120), 4, "runs past the queue array")
+def test_device_config_shorter_than_ours_is_decoded_up_to_the_queues(tmp_path):
+    # a device whose config ends at 0x120: the fields after it are named, not refused
+    r = run_cli("dump-config", write(tmp_path, page_with(queues_offset=0x120)), "--json")
+    assert r.code == 0, r.stderr
+    dc = json.loads(r.stdout)["result"]["device_config"]
+    assert dc["fields"]["capacity"] == 131072 and dc["fields"]["blk_size"] == 512
+    assert dc["present"] == 0x20 and "writeback" not in dc["fields"]
+    assert dc["truncated_fields"][0] == "writeback"
+    assert dc["truncated_fields"][-1] == "secure_erase_sector_alignment"
 
 
 def test_absurd_queue_sizes(tmp_path):

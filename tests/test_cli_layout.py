@@ -44,7 +44,7 @@ def test_all_structs_listed_with_sizes():
     structs = layout_json()["result"]["structs"]
     sizes = {name: s["size"] for name, s in structs.items()}
     assert sizes["vring_desc"] == 16 and sizes["vring_avail"] == 2 * 256 + 6 and sizes["vring_used"] == 8 * 256 + 6
-    assert sizes["l4virtio_block_config_t"] == 64 and sizes["l4virtio_net_config_t"] == 20
+    assert sizes["l4virtio_block_config_t"] == 72 and sizes["l4virtio_net_config_t"] == 24
     assert sizes["virtio_console_config"] == 12 and sizes["l4virtio_input_config_t"] == 136
     assert sizes["virtio_vsock_config"] == 8 and sizes["l4virtio_rng_config_t"] == 0
     assert sizes["cmd_word"] == 4

@@ -50,11 +50,14 @@ BLOCK_CURRENT = [
     (0x22, 2, "num_queues"), (0x24, 4, "max_discard_sectors"), (0x28, 4, "max_discard_seg"),
     (0x2C, 4, "discard_sector_alignment"), (0x30, 4, "max_write_zeroes_sectors"),
     (0x34, 4, "max_write_zeroes_seg"), (0x38, 1, "write_zeroes_may_unmap"), (0x39, 3, "unused1"),
+    (0x3C, 4, "max_secure_erase_sectors"), (0x40, 4, "max_secure_erase_seg"),
+    (0x44, 4, "secure_erase_sector_alignment"),
 ]  # fmt: skip
 
 NET = [
     (0x00, 6, "mac"), (0x06, 2, "status"), (0x08, 2, "max_virtqueue_pairs"), (0x0A, 2, "mtu"),
-    (0x0C, 4, "speed"), (0x10, 1, "duplex"),
+    (0x0C, 4, "speed"), (0x10, 1, "duplex"), (0x11, 1, "rss_max_key_size"),
+    (0x12, 2, "rss_max_indirection_table_length"), (0x14, 4, "supported_hash_types"),
 ]  # fmt: skip
 
 
@@ -94,15 +97,15 @@ def test_queue_array_follows_stride():
 
 def test_block_config_matches_spec():
     assert named(devcfg.l4virtio_block_config_t["current"]) == BLOCK_CURRENT
-    assert devcfg.l4virtio_block_config_t["current"].sizeof() == 64
+    assert devcfg.l4virtio_block_config_t["current"].sizeof() == 72
     classic = named(devcfg.l4virtio_block_config_t["classic"])
     assert (0x21, 3, "unused0") in classic and all(n != "num_queues" for _o, _s, n in classic)
-    assert devcfg.l4virtio_block_config_t["classic"].sizeof() == 64
+    assert devcfg.l4virtio_block_config_t["classic"].sizeof() == 72
 
 
 def test_net_config_matches_spec():
     assert named(devcfg.l4virtio_net_config_t) == NET
-    assert devcfg.l4virtio_net_config_t.sizeof() == 20
+    assert devcfg.l4virtio_net_config_t.sizeof() == 24
 
 
 def test_small_device_configs():

@@ -66,7 +66,10 @@ def dump_config(ctx, source, abi, timeout, fmt, offset, queue_stride, force, as_
 
     The page is validated first: magic "virt", version 2, a queue array that
     lies inside the page, queue sizes within the split-ring limits.  A page
-    that fails is rejected with exit status 4 unless --force is given.
+    that fails is rejected with exit status 4 unless --force is given.  A
+    device config shorter than l4vctl's struct (the queue array starts
+    earlier) is not a fault: the fields before the queue array are shown and
+    the rest are named in a note ("truncated_fields" in JSON).
 
     With --abi auto the header era is guessed: VERSION_1 (bit 32, always
     offered by L4Re devices) sits at 0xAC bit 0 in classic pages and at 0xC4
@@ -297,10 +300,12 @@ def render_page(r: dict):
 
     dc = r["device_config"]
     if dc["struct"]:
-        doc.heading(f"Device config ({dc['struct']} at {dc['offset']:#x}, {dc['size']} bytes)")
+        cut = dc.get("truncated_fields") or []
+        size = f"{dc['present']} of {dc['size']} bytes" if cut else f"{dc['size']} bytes"
+        doc.heading(f"Device config ({dc['struct']} at {dc['offset']:#x}, {size})")
         fields = dc.get("fields")
-        if fields is None:
-            doc.line("not decoded: it does not fit", indent=2)
+        if cut and not fields:
+            doc.line("no field lies before the queue array or the end of the page", indent=2)
         elif not fields:
             doc.line("(this device class has no config fields)", indent=2)
         else:

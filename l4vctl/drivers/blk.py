@@ -56,16 +56,16 @@ class BlkDriver:
         self.timeout = session.timeout if timeout is None else timeout
         cfg = session.device_config()
         neg = session.negotiated
-        self.capacity = cfg["capacity"]  # sectors
+        self.capacity = cfg.get("capacity", 0)  # sectors
         self.read_only = F_RO in neg
         self.flush_supported = F_FLUSH in neg
         self.discard_supported = F_DISCARD in neg
         self.write_zeroes_supported = F_WRITE_ZEROES in neg
         if segments < 1:
             raise UsageError("segments must be at least 1")
-        if F_SEG_MAX in neg and cfg["seg_max"] and segments > cfg["seg_max"]:
+        if F_SEG_MAX in neg and cfg.get("seg_max") and segments > cfg["seg_max"]:
             raise UsageError(f"{segments} segments exceed the device's seg_max {cfg['seg_max']}")
-        if F_SIZE_MAX in neg and cfg["size_max"]:
+        if F_SIZE_MAX in neg and cfg.get("size_max"):
             max_io = min(max_io, cfg["size_max"] * segments)
         max_io = max(SECTOR, max_io // SECTOR * SECTOR)
         self.max_io = max_io

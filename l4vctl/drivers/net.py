@@ -29,7 +29,7 @@ class NetDriver:
         self.session = session
         self.timeout = session.timeout
         cfg = session.device_config()
-        self.mac = bytes(cfg["mac"]) if 5 in session.negotiated else bytes.fromhex("020000000001")
+        self.mac = bytes(cfg["mac"]) if 5 in session.negotiated and "mac" in cfg else bytes.fromhex("020000000001")
         self.rx = session.virtqueue(RX)
         self.tx = session.virtqueue(TX)
         n = max(1, min(buffers, self.rx.num, self.tx.num))

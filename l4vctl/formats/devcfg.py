@@ -7,7 +7,7 @@ through virtqueues live here too, next to the config of their device class.
 
 from __future__ import annotations
 
-from construct import Array, Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Padding, Struct
+from construct import Array, Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Struct
 
 from l4vctl.catalog import ABIS, DEVICE_CLASSES
 
@@ -51,14 +51,16 @@ def _blk_config(abi: str) -> Struct:
         "max_write_zeroes_seg" / Int32ul * "most write-zeroes segments per request",
         "write_zeroes_may_unmap" / Int8ul * "1 = write-zeroes may deallocate",
         "unused1" / Array(3, Int8ul) * "reserved",
-        Padding(4),
+        "max_secure_erase_sectors" / Int32ul * "largest secure erase in sectors (VIRTIO_BLK_F_SECURE_ERASE)",
+        "max_secure_erase_seg" / Int32ul * "most secure-erase segments per request",
+        "secure_erase_sector_alignment" / Int32ul * "secure-erase alignment in sectors",
     )
 
 
 l4virtio_block_config_t = {abi: _blk_config(abi) for abi in ABIS}
 
 l4virtio_block_header_t = Struct(
-    "type" / Int32ul * "IN 0, OUT 1, FLUSH 4, GET_ID 8, DISCARD 11, WRITE_ZEROES 13",
+    "type" / Int32ul * "IN 0, OUT 1, FLUSH 4, GET_ID 8, GET_LIFETIME 10, DISCARD 11, WRITE_ZEROES 13, ...",
     "ioprio" / Int32ul * "I/O priority (ignored by L4Re servers)",
     "sector" / Int64ul * "first sector (512 bytes) of the request",
 )
@@ -78,7 +80,9 @@ l4virtio_net_config_t = Struct(
     "mtu" / Int16ul * "maximum MTU (VIRTIO_NET_F_MTU)",
     "speed" / Int32ul * "link speed in Mbit/s (VIRTIO_NET_F_SPEED_DUPLEX)",
     "duplex" / Int8ul * "0x01 full, 0x00 half duplex",
-    Padding(3),
+    "rss_max_key_size" / Int8ul * "longest RSS key in bytes (VIRTIO_NET_F_RSS, HASH_REPORT)",
+    "rss_max_indirection_table_length" / Int16ul * "most RSS indirection table entries (VIRTIO_NET_F_RSS)",
+    "supported_hash_types" / Int32ul * "hash types the device computes (bit0 IPv4 ... bit8 UDP_EX)",
 )
 
 l4virtio_net_header_t = Struct(
@@ -89,6 +93,32 @@ l4virtio_net_header_t = Struct(
     "csum_start" / Int16ul * "where checksumming starts",
     "csum_offset" / Int16ul * "where to store the checksum, from csum_start",
     "num_buffers" / Int16ul * "buffers merged into this packet (VIRTIO_NET_F_MRG_RXBUF)",
+)
+
+virtio_net_hdr_v1_hash = Struct(
+    "hdr" / l4virtio_net_header_t * "the net header",
+    "hash_value" / Int32ul * "packet hash (VIRTIO_NET_F_HASH_REPORT)",
+    "hash_report" / Int16ul * "hash type: NONE 0, IPv4 1 ... UDPv6_EX 9",
+    "padding" / Int16ul * "reserved",
+)
+
+virtio_net_ctrl_hdr = Struct(
+    "class" / Int8ul * "control class: RX 0, MAC 1, VLAN 2, ANNOUNCE 3, MQ 4, ...",
+    "cmd" / Int8ul * "command within the class",
+)
+
+virtio_net_ctrl_mq = Struct(
+    "virtqueue_pairs" / Int16ul * "queue pairs to use (MQ VQ_PAIRS_SET)",
+)
+
+virtio_net_ctrl_coal_tx = Struct(
+    "tx_max_packets" / Int32ul * "packets before a TX notification",
+    "tx_usecs" / Int32ul * "microseconds before a TX notification",
+)
+
+virtio_net_ctrl_coal_rx = Struct(
+    "rx_max_packets" / Int32ul * "packets before an RX notification",
+    "rx_usecs" / Int32ul * "microseconds before an RX notification",
 )
 
 # -- console -------------------------------------------------------------------------
@@ -102,7 +132,7 @@ virtio_console_config = Struct(
 
 virtio_console_control = Struct(
     "id" / Int32ul * "port number",
-    "event" / Int16ul * "DEVICE_READY 0 ... PORT_NAME 7",
+    "event" / Int16ul * "DEVICE_READY 0, PORT_ADD 1 ... PORT_NAME 7",
     "value" / Int16ul * "event argument",
 )
 
@@ -143,6 +173,23 @@ virtio_vsock_config = Struct(
     "guest_cid" / Int64ul * "context id of this end",
 )
 
+virtio_vsock_hdr = Struct(
+    "src_cid" / Int64ul * "source context id",
+    "dst_cid" / Int64ul * "destination context id",
+    "src_port" / Int32ul * "source port",
+    "dst_port" / Int32ul * "destination port",
+    "len" / Int32ul * "payload bytes",
+    "type" / Int16ul * "STREAM 1, SEQPACKET 2",
+    "op" / Int16ul * "REQUEST 1 ... CREDIT_REQUEST 7",
+    "flags" / Int32ul * "SHUTDOWN or SEQ bits, by op",
+    "buf_alloc" / Int32ul * "receive buffer space",
+    "fwd_cnt" / Int32ul * "bytes consumed",
+)
+
+virtio_vsock_event = Struct(
+    "id" / Int32ul * "TRANSPORT_RESET 0",
+)
+
 #: The rng device has no config; its (empty) C++ struct still counts as 1 byte.
 l4virtio_rng_config_t = Struct()
 
@@ -163,8 +210,15 @@ REQUESTS = {
     "l4virtio_block_header_t": l4virtio_block_header_t,
     "virtio_blk_discard_write_zeroes": virtio_blk_discard_write_zeroes,
     "l4virtio_net_header_t": l4virtio_net_header_t,
+    "virtio_net_hdr_v1_hash": virtio_net_hdr_v1_hash,
+    "virtio_net_ctrl_hdr": virtio_net_ctrl_hdr,
+    "virtio_net_ctrl_mq": virtio_net_ctrl_mq,
+    "virtio_net_ctrl_coal_tx": virtio_net_ctrl_coal_tx,
+    "virtio_net_ctrl_coal_rx": virtio_net_ctrl_coal_rx,
     "virtio_console_control": virtio_console_control,
     "l4virtio_input_absinfo_t": l4virtio_input_absinfo_t,
     "l4virtio_input_devids_t": l4virtio_input_devids_t,
     "virtio_input_event": virtio_input_event,
+    "virtio_vsock_hdr": virtio_vsock_hdr,
+    "virtio_vsock_event": virtio_vsock_event,
 }
