@@ -39,13 +39,21 @@ def device_config_codec(device_id: int, abi: str):
     return codec(device_config_key(cls, abi))
 
 
+#: Bytes of device config that L4Re's own servers publish where it is shorter than
+#: the specification's struct: ahci-drv and nvme-drv stop virtio_blk_config after the
+#: write-zeroes fields (60 bytes, queue array at 0x140), before the secure-erase ones.
+L4RE_CONFIG_BYTES = {2: 60}
+
+
 def queues_offset_for(device_id: int, abi: str) -> int:
     """Where L4Re devices put the queue array: 0x100 + round_up(sizeof(config), 16).
 
-    An empty C++ config struct counts as 1 byte (rng: 0x110).
+    An empty C++ config struct counts as 1 byte (rng: 0x110); the config is
+    as long as L4Re's servers make it (:data:`L4RE_CONFIG_BYTES`).
     """
     dc = device_config_codec(device_id, abi)
     size = max(dc.size if dc else 0, 1)
+    size = min(size, L4RE_CONFIG_BYTES.get(device_id, size))
     return HEADER_SIZE + (size + 15) // 16 * 16
 
 

@@ -103,7 +103,7 @@ def test_every_device_class_in_both_eras(tmp_path, abi, cls):
 
 def test_queue_offsets_follow_l4re_placement():
     assert [pg.queues_offset_for(d, "current") for d in (2, 1, 3, 4, 18, 19)] == [
-        0x150, 0x120, 0x110, 0x110, 0x190, 0x110]  # fmt: skip
+        0x140, 0x120, 0x110, 0x110, 0x190, 0x110]  # fmt: skip
 
 
 def test_unknown_device_shows_raw_config(tmp_path):
