@@ -160,21 +160,27 @@ def io_options(f):
 class driven:
     """A session brought to DRIVER_OK for an I/O command (a context manager)."""
 
-    def __init__(self, ctx, command: str, json_mode: bool, device, device_opt, abi, mode, timeout, **handshake):
+    def __init__(self, ctx, command: str, json_mode: bool, device, device_opt, abi, mode, timeout,
+                 device_class: str | None = None, **handshake):  # fmt: skip
         self.url = resolve_device(ctx, device, device_opt)
         self.out = begin(ctx, command, json_mode)
         self.out.device = self.url
+        self.command = command
         self.args = dict(abi=abi, mode=mode, timeout=timeout)
+        self.device_class = device_class or command.split()[0]
         self.handshake = handshake
         self.session = None
 
     def __enter__(self):
+        from l4vctl.drivers import require_class
         from l4vctl.session import Session
 
         self.session = Session(self.url, **self.args)
         try:
             self.session.open()
             self.out.abi = self.session.abi
+            # before the handshake: a device of another class gets no request at all
+            require_class(self.session, self.device_class, f"'l4vctl {self.command}'")
             self.session.handshake(**self.handshake)
         except BaseException:
             self.session.close()

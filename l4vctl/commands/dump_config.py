@@ -88,6 +88,7 @@ def dump_config(ctx, source, abi, timeout, fmt, offset, queue_stride, force, as_
     from l4vctl.backends import split_url
 
     scheme, _rest = split_url(source)
+    device = None
     if scheme == "dump":
         from l4vctl.backends.dump import load_source
 
@@ -107,6 +108,7 @@ def dump_config(ctx, source, abi, timeout, fmt, offset, queue_stride, force, as_
             data = bytes(s.page)
             choice = s.abi_choice
             synthesized = getattr(s.backend, "synthesized", None)
+            device = s.device_info() if getattr(s.backend, "device_unknown", None) else None
         stored_as = "live"
     out.abi = choice.abi
     decoded = pg.decode_page(data, choice, stride=int(queue_stride))
@@ -114,6 +116,8 @@ def dump_config(ctx, source, abi, timeout, fmt, offset, queue_stride, force, as_
     if scheme != "dump" and synthesized:
         result["synthesized"] = synthesized
         result["notes"].insert(0, synthesized)
+    if scheme != "dump" and device is not None:
+        result["device"] = device  # the page says 0: the backend cannot know the type
     result["source"] = {"name": source, "format": stored_as, "offset": start}
 
     if decoded.problems and not (force or as_hex or as_raw):
