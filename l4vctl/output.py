@@ -224,6 +224,7 @@ class Output:
         self.color = color
         self.device: str | None = None
         self.abi: str | None = None
+        self.json_lines = False  # envelopes went out one per line (--watch): errors do too
 
     def envelope(self, ok: bool, payload: dict) -> dict:
         env: dict[str, Any] = {
@@ -239,6 +240,7 @@ class Output:
     def emit(self, result: dict, text: Callable[[], Doc | str], compact: bool = False) -> None:
         """Print the result: the JSON envelope (on one line if ``compact``), or the text."""
         if self.json_mode:
+            self.json_lines = self.json_lines or compact
             write_json(self.envelope(True, {"result": result}), compact)
             return
         doc = text()
@@ -255,7 +257,7 @@ class Output:
         print_error(message, hint)
         if self.json_mode:
             error = {"type": error_type, "message": message, "exit_code": exit_code}
-            write_json(self.envelope(False, {"error": error}))
+            write_json(self.envelope(False, {"error": error}), self.json_lines)
 
 
 def write_json(obj: Any, compact: bool = False) -> None:

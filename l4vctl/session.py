@@ -330,7 +330,7 @@ class Session:
 
     def _need_driver(self, what: str) -> None:
         if not self.live:
-            raise UnavailableError(f"{self.url} is a saved page: {what} needs a live device (emu:, unix:)")
+            raise UnavailableError(f"{self.url} is a saved page: {what} needs a live device (emu:, unix:, vhost-user:)")
         if self.role != "driver":
             raise UsageError(f"{what} needs a driver session")
 

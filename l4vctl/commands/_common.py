@@ -41,6 +41,23 @@ def _no_page_abi(ctx, param, value):
     return "current" if value == "auto" else value
 
 
+class _FromEnvironment(str):
+    """An option value that came from an environment variable, which it names."""
+
+    origin = "--abi"
+
+
+def _page_abi(ctx, param, value):
+    """Mark an ABI set by L4VCTL_ABI, so that outputs say where the choice came from."""
+    from click.core import ParameterSource
+
+    if value != "auto" and ctx.get_parameter_source(param.name) == ParameterSource.ENVIRONMENT:
+        marked = _FromEnvironment(value)
+        marked.origin = param.envvar
+        return marked
+    return value
+
+
 def abi_option(*, auto: bool):
     """--abi (also L4VCTL_ABI).  ``auto`` guesses from the page; commands
     without a page (``auto=False``) treat it as the default, current."""
@@ -62,7 +79,7 @@ def abi_option(*, auto: bool):
         show_default=True,
         envvar="L4VCTL_ABI",
         help=text,
-        callback=None if auto else _no_page_abi,
+        callback=_page_abi if auto else _no_page_abi,
     )
 
 
@@ -93,8 +110,9 @@ def parse_examples(epilog: str | None) -> list[tuple[str, str]]:
 
 DEVICE_HELP = (
     "Device URL: emu:TYPE[?opt=value&...] (an emulator started for this command), "
-    "unix:PATH (a running 'l4vctl emulate'), dump:FILE or a plain file (a saved page). "
-    "Default: $L4VCTL_DEVICE, else emu:blk."
+    "unix:PATH (a running 'l4vctl emulate'), vhost-user:PATH[?type=blk] (a vhost-user back-end "
+    "such as qemu-storage-daemon; without ?type= its device type is unknown), "
+    "dump:FILE or a plain file (a saved page). Default: $L4VCTL_DEVICE, else emu:blk."
 )
 
 

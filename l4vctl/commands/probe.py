@@ -13,6 +13,7 @@ from l4vctl.errors import NegotiationError
         ("l4vctl probe emu:blk", "An emulator started just for this (the zero-setup default):"),
         ("l4vctl probe unix:/tmp/blk.sock", "A running emulator:"),
         ("l4vctl probe unix:/tmp/blk.sock --expect-device blk", "Fail (exit 5) unless it is a block device:"),
+        ("l4vctl probe 'vhost-user:/tmp/qsd.sock?type=blk'", "A vhost-user back-end (say its type: vhost-user does not report it):"),
         ("l4vctl probe page.bin --json | jq .result.features.names", "A saved page, for a script:"),
     )
 )

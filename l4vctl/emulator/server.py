@@ -332,7 +332,13 @@ def listen(path: str) -> socket.socket:
         sock.bind(path)
     except OSError as exc:
         sock.close()
-        raise UnavailableError(f"cannot listen on {path}: {exc.strerror}") from None
+        size = len(os.fsencode(path))
+        if exc.errno is None and size >= 108:  # "AF_UNIX path too long": sun_path holds 107 bytes and a NUL
+            from l4vctl.errors import UsageError
+
+            raise UsageError(f"cannot listen on {path}: a socket path has at most 107 bytes, this one {size}",
+                             hint="choose a shorter --socket path") from None  # fmt: skip
+        raise UnavailableError(f"cannot listen on {path}: {exc.strerror or exc}") from None
     finally:
         os.umask(old)
     os.chmod(path, 0o600)
