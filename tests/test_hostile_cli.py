@@ -25,7 +25,6 @@ from urllib.parse import quote
 
 import pytest
 
-from l4vctl.output import escape
 from tests.conftest import run_cli
 from tests.pages import device_page
 
@@ -43,6 +42,8 @@ def assert_inert(text: str) -> None:
 
 
 def test_escape_leaves_no_control_character():
+    from l4vctl.output import escape
+
     every = "".join(chr(c) for c in range(0xA0)) + "\u202e\u2066\u200f"
     out = escape(every)
     assert all(0x20 <= ord(c) < 0x7F for c in out), out
