@@ -66,7 +66,7 @@ def main() -> None:
         print(f"{'workload':24s} {'emulator':>14s} {'qemu-storage-daemon':>22s} {'ratio':>7s}")
         for name, cargs in cases:
             e = bench(f"unix:{emu_sock}", [*cargs, "--time", t])
-            q = bench(f"vhost-user:{qsd_sock}", [*cargs, "--time", t])
+            q = bench(f"vhost-user:{qsd_sock}?type=blk", [*cargs, "--time", t])
             unit, ev, qv = ("MB/s", e["mb_per_s"], q["mb_per_s"]) if "64 KiB" in name else ("req/s", e["iops"], q["iops"])
             print(f"{name:24s} {ev:9,.0f} {unit:5s} {qv:14,.0f} {unit:5s}   {ev / qv:5.2f}x   "
                   f"(p50 {e['latency_us']['p50']:.0f} vs {q['latency_us']['p50']:.0f} us)")  # fmt: skip

@@ -145,7 +145,17 @@ def cli(ctx: click.Context, debug: bool, color: str) -> None:
     dataspaces and notifications are IRQs.  Every command prints text for
     people and, with --json, one JSON envelope for scripts.
 
-    Run 'l4vctl COMMAND --help' for the options and examples of a command.
+    \b
+    Devices are named by URLs:
+      emu:TYPE[?OPT=VALUE&...]    an emulator started for one command
+                                  (blk, net, console, rng)
+      unix:PATH                   a running 'l4vctl emulate TYPE --socket PATH'
+      vhost-user:PATH[?type=blk]  a vhost-user back-end (qemu-storage-daemon);
+                                  its device type is unknown without ?type=
+      dump:FILE, or a plain FILE  a saved config page (read-only)
+
+    Run 'l4vctl COMMAND --help' for the options and examples of a command,
+    'l4vctl backends' for the schemes that work here.
     """
     ctx.obj = Settings(debug=debug, color=color)
     if debug:  # let embedded emulators log what they do
@@ -188,14 +198,18 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.exceptions.Abort as exc:
-        if isinstance(exc.__cause__, EOFError):
-            output.print_error("aborted: end of input")
-        else:
-            output.print_error("interrupted")
+        message = "aborted: end of input" if isinstance(exc.__cause__, EOFError) else "interrupted"
+        _current_output(out).fail("interrupted", message, EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
-        output.print_error("interrupted")
+        # --json promises an envelope on every failure, Ctrl-C included
+        _current_output(out).fail("interrupted", "interrupted", EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
+    except _NO_ARGS as exc:
+        # 'l4vctl' or 'l4vctl blk' alone: asking for help is not an error
+        sys.stdout.write(exc.ctx.get_help() + "\n")
+        sys.stdout.flush()
+        return 0
     except click.UsageError as exc:
         hint = None
         if exc.ctx is not None:
@@ -226,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             sys.stderr.flush()
         return 1
+
+
+#: click's "a group was called without a command" (click 8.2 and later).
+_NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
 def _current_output(fallback):

@@ -18,7 +18,8 @@ from l4vctl import __version__
 from l4vctl.errors import EXIT_CODES
 
 ENVIRONMENT = (
-    ("L4VCTL_DEVICE", "Default device URL (else emu:blk)."),
+    ("L4VCTL_DEVICE", "Default device URL (else emu:blk): emu:TYPE, unix:PATH, vhost-user:PATH?type=blk "
+                      "or dump:FILE; see l4vctl(1)."),
     ("L4VCTL_ABI", "Default for --abi (classic, current or auto)."),
     ("L4VCTL_EMU_LOG", "Log level of emu: emulators on stderr: DEBUG, INFO, WARNING or ERROR (default)."),
     ("L4VCTL_DEBUG", "If set, behave as if --debug was given: show tracebacks."),

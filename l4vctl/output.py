@@ -14,10 +14,33 @@ and on failure ``"ok": false`` with ``"error": {"type", "message", "exit_code"}`
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Any, Callable, Sequence
 
 SCHEMA_VERSION = 1
+
+# C0 controls (ESC among them), DEL, C1 controls, and the bidirectional
+# overrides and isolates that reorder what a terminal shows.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape_char(m) -> str:
+    c = ord(m.group())
+    return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+
+
+def escape(text: str, keep: str = "") -> str:
+    """``text`` safe for a terminal: control characters as ``\\x1b``-style escapes.
+
+    Device-supplied strings (ids, names, frames) go through this before any
+    text rendering, so a device cannot move the cursor, retitle the window or
+    clear the screen.  ``keep`` names control characters to let through
+    (``"\\n"`` for multi-line text that l4vctl itself made).
+    """
+    if not keep:
+        return _CONTROL.sub(_escape_char, text)
+    return _CONTROL.sub(lambda m: m.group() if m.group() in keep else _escape_char(m), text)
 
 
 # -- the text document model ------------------------------------------------------
@@ -90,25 +113,30 @@ def flags_text(value: int, bits) -> str:
     return text
 
 
+def _cell(value) -> str:
+    return escape(str(value))
+
+
 def render_plain(doc: Doc) -> str:
-    """The document as plain text (no colour, no box drawing)."""
+    """The document as plain text (no colour, no box drawing, no control characters)."""
     out: list[str] = []
     for i, block in enumerate(doc.blocks):
         if isinstance(block, Heading):
             if i:
                 out.append("")
-            out.append(block.text)
+            out.append(escape(block.text))
         elif isinstance(block, KeyValues):
             if not block.rows:
                 continue
-            width = max(len(k) for k, _ in block.rows) + 1
+            rows = [(_cell(k), _cell(v)) for k, v in block.rows]
+            width = max(len(k) for k, _ in rows) + 1
             pad = " " * block.indent
-            for key, value in block.rows:
+            for key, value in rows:
                 out.append(f"{pad}{key + ':':<{width}} {value}".rstrip())
         elif isinstance(block, Table):
             out.extend(_plain_table(block))
         elif isinstance(block, Line):
-            out.append((" " * block.indent + block.text).rstrip())
+            out.append((" " * block.indent + escape(block.text)).rstrip())
     return "\n".join(out) + "\n"
 
 
@@ -117,14 +145,14 @@ def _plain_table(t: Table) -> list[str]:
     widths = [len(h) for h in t.headers]
     for row in t.rows:
         for c in range(cols):
-            widths[c] = max(widths[c], len(str(row[c])))
+            widths[c] = max(widths[c], len(_cell(row[c])))
     align = (t.align or "l" * cols).ljust(cols, "l")
     pad = " " * t.indent
 
     def fmt(cells):
         parts = []
         for c in range(cols):
-            text = str(cells[c])
+            text = _cell(cells[c])
             parts.append(text.rjust(widths[c]) if align[c] == "r" else text.ljust(widths[c]))
         return (pad + "  ".join(parts)).rstrip()
 
@@ -151,14 +179,14 @@ def render_rich(doc: Doc, file) -> None:
         if isinstance(block, Heading):
             if not first:
                 console.print()
-            console.print(block.text, style="bold")
+            console.print(escape(block.text), style="bold")
         elif isinstance(block, KeyValues):
             if block.rows:
                 grid = RichTable.grid(padding=(0, 1))
                 grid.add_column(style="cyan", no_wrap=True)
                 grid.add_column()
                 for key, value in block.rows:
-                    grid.add_row(key + ":", value)
+                    grid.add_row(_cell(key) + ":", _cell(value))
                 console.print(Padding(grid, (0, 0, 0, block.indent), expand=False))
         elif isinstance(block, Table):
             align = (block.align or "l" * len(block.headers)).ljust(len(block.headers), "l")
@@ -166,10 +194,10 @@ def render_rich(doc: Doc, file) -> None:
             for header, a in zip(block.headers, align):
                 table.add_column(header, justify="right" if a == "r" else "left")
             for row in block.rows:
-                table.add_row(*[str(c) for c in row])
+                table.add_row(*[_cell(c) for c in row])
             console.print(Padding(table, (0, 0, 0, max(block.indent - 1, 0)), expand=False))
         elif isinstance(block, Line):
-            console.print(" " * block.indent + block.text)
+            console.print(" " * block.indent + escape(block.text))
         first = False
 
 
@@ -196,6 +224,7 @@ class Output:
         self.color = color
         self.device: str | None = None
         self.abi: str | None = None
+        self.json_lines = False  # envelopes went out one per line (--watch): errors do too
 
     def envelope(self, ok: bool, payload: dict) -> dict:
         env: dict[str, Any] = {
@@ -211,11 +240,12 @@ class Output:
     def emit(self, result: dict, text: Callable[[], Doc | str], compact: bool = False) -> None:
         """Print the result: the JSON envelope (on one line if ``compact``), or the text."""
         if self.json_mode:
+            self.json_lines = self.json_lines or compact
             write_json(self.envelope(True, {"result": result}), compact)
             return
         doc = text()
         if isinstance(doc, str):
-            sys.stdout.write(doc)
+            sys.stdout.write(escape(doc, keep="\n\t"))
         elif use_color(self.color, sys.stdout):
             render_rich(doc, sys.stdout)
         else:
@@ -227,7 +257,7 @@ class Output:
         print_error(message, hint)
         if self.json_mode:
             error = {"type": error_type, "message": message, "exit_code": exit_code}
-            write_json(self.envelope(False, {"error": error}))
+            write_json(self.envelope(False, {"error": error}), self.json_lines)
 
 
 def write_json(obj: Any, compact: bool = False) -> None:
@@ -242,12 +272,12 @@ def print_error(message: str, hint: str | None = None) -> None:
     line = f"l4vctl: error: {message}"
     if hint:
         line += f" ({hint})"
-    print(line, file=sys.stderr, flush=True)
+    print(escape(line), file=sys.stderr, flush=True)
 
 
 def warn(message: str) -> None:
-    print(f"l4vctl: warning: {message}", file=sys.stderr, flush=True)
+    print(escape(f"l4vctl: warning: {message}"), file=sys.stderr, flush=True)
 
 
 def info(message: str) -> None:
-    print(f"l4vctl: {message}", file=sys.stderr, flush=True)
+    print(escape(f"l4vctl: {message}"), file=sys.stderr, flush=True)

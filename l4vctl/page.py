@@ -116,7 +116,8 @@ def detect_abi(data) -> AbiChoice:
 
 def choose_abi(data, abi: str, hints: dict | None = None) -> AbiChoice:
     if abi in cat.ABIS:
-        return AbiChoice(abi, "explicit", "chosen with --abi")
+        # the CLI marks a value that came from the environment (see commands._common)
+        return AbiChoice(str(abi), "explicit", f"chosen with {getattr(abi, 'origin', '--abi')}")
     if abi != "auto":
         raise ValueError(f"unknown ABI {abi!r}")
     hint = (hints or {}).get("abi")

@@ -307,6 +307,14 @@ class Session:
     def offered(self) -> set[int]:
         return set(cat.bits_of(self.words("dev_features_map")))
 
+    def device_info(self) -> dict:
+        """id, name and class of the device; id None when the backend cannot know it."""
+        unknown = getattr(self.backend, "device_unknown", None)
+        if unknown:
+            return {"id": None, "name": unknown, "class": None}
+        device_id = self.get("device")
+        return {"id": device_id, "name": cat.device_name(device_id), "class": cat.device_class(device_id)}
+
     def decode(self) -> pg.Decoded:
         """The whole page decoded (as ``dump-config`` shows it)."""
         decoded = pg.decode_page(bytes(self.page), self.abi_choice, stride=self.stride)
@@ -314,13 +322,15 @@ class Session:
         if synthesized:
             decoded.result["synthesized"] = synthesized
             decoded.result["notes"].insert(0, synthesized)
+        if getattr(self.backend, "device_unknown", None):
+            decoded.result["device"] = self.device_info()
         return decoded
 
     # -- status writes ----------------------------------------------------------------------------
 
     def _need_driver(self, what: str) -> None:
         if not self.live:
-            raise UnavailableError(f"{self.url} is a saved page: {what} needs a live device (emu:, unix:)")
+            raise UnavailableError(f"{self.url} is a saved page: {what} needs a live device (emu:, unix:, vhost-user:)")
         if self.role != "driver":
             raise UsageError(f"{what} needs a driver session")
 

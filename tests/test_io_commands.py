@@ -68,7 +68,7 @@ def test_blk_read_json_carries_hash_and_data():
         (["blk", "write", "emu:blk", "--sector", "0", "--pattern", "00"], 2, "--pattern needs --count"),
         (["blk", "write", "emu:blk", "--sector", "0"], 2, "exactly one of"),
         (["blk", "write", "emu:blk", "--sector", "0", "-i", "/nonexistent"], 3, "/nonexistent"),
-        (["blk", "read", "emu:net", "--sector", "0", "--count", "1"], 2, "is not a block device"),
+        (["blk", "read", "emu:net", "--sector", "0", "--count", "1"], 5, "is not a block device"),
         (["rng", "read", "emu:rng", "--bytes", "lots"], 2, "--bytes"),
         (["console", "send", "emu:console"], 2, "exactly one of TEXT"),
         (["net", "send", "emu:net", "--text", "x", "--to", "nope"], 2, "is not a MAC address"),

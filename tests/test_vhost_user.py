@@ -32,7 +32,8 @@ class StorageDaemon:
         with open(self.image, "wb") as f:
             f.truncate(size)
         self.sock = tmp_path / "qsd.sock"
-        self.url = f"vhost-user:{self.sock}"
+        self.bare_url = f"vhost-user:{self.sock}"  # without ?type=: the device type is unknown
+        self.url = f"{self.bare_url}?type=blk"
         self.proc = subprocess.Popen(
             [QSD, "--blockdev", f"driver=file,node-name=f0,filename={self.image}",
              "--blockdev", "driver=raw,node-name=d0,file=f0",
@@ -183,3 +184,151 @@ def test_missing_socket():
     assert r.code == 3 and "no such socket" in r.stderr
     r = run_cli("probe", "vhost-user:/x?type=gpu")
     assert r.code == 2 and "not supported" in r.stderr
+
+
+# -- the device type: vhost-user does not report it ----------------------------------------------
+
+DEVICE_CLASS_COMMANDS = [
+    (["blk", "id"], []),
+    (["blk", "read"], ["--sector", "0", "--count", "1"]),
+    (["blk", "write"], ["--sector", "0", "--count", "1", "--pattern", "a5"]),
+    (["blk", "flush"], []),
+    (["blk", "discard"], ["--sector", "0", "--count", "8"]),
+    (["bench"], ["--time", "0.2s"]),
+    (["rng", "read"], ["--bytes", "16"]),
+    (["console", "recv"], ["--wait", "0.1"]),
+    (["console", "send"], ["x"]),
+    (["net", "recv"], ["--wait", "0.1"]),
+    (["net", "send"], ["--text", "x"]),
+]
+
+
+def test_without_type_the_device_is_unknown(qsd):
+    r = ok("probe", qsd.bare_url)
+    assert r["device"] == {"id": None, "name": "unknown (vhost-user does not report it)", "class": None}
+    assert any("?type=blk" in n for n in r["notes"])
+    text = run_cli("probe", qsd.bare_url)
+    assert text.code == 0 and "device:     unknown (vhost-user does not report it)\n" in text.stdout
+    assert "BLOCK" not in text.stdout
+    d = ok("dump-config", qsd.bare_url)
+    assert d["device"]["id"] is None and d["device_config"]["struct"] is None  # nothing decoded as blk
+    assert set(d["device_config"]["raw"]) <= {"0"}
+    n = ok("negotiate", qsd.bare_url)  # the transport handshake needs no device class
+    assert n["device"]["id"] is None and n["status"]["value"] == 0x0F
+    assert ok("probe", qsd.url)["device"]["name"] == "BLOCK"  # ?type=blk says what it is
+
+
+def test_expect_device_fails_on_an_unknown_type(qsd):
+    r = run_cli("probe", qsd.bare_url, "--expect-device", "blk")
+    assert r.code == 5, r.stderr
+    assert "unknown (vhost-user does not report it)" in r.stderr and f"{qsd.bare_url}?type=blk" in r.stderr
+    assert run_cli("probe", qsd.url, "--expect-device", "blk").code == 0
+
+
+@pytest.mark.parametrize("cmd,rest", DEVICE_CLASS_COMMANDS, ids=[" ".join(c) for c, _ in DEVICE_CLASS_COMMANDS])
+def test_device_class_commands_refuse_an_unknown_type(qsd, cmd, rest):
+    with open(qsd.image, "r+b") as f:
+        f.write(b"\x5a" * 4096)
+    r = run_cli(*cmd, qsd.bare_url, *rest)
+    assert r.code == 2, (r.code, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "device type unknown (vhost-user does not report it)" in lines[0]
+    assert "?type=" in lines[0]
+    assert qsd.image_bytes(0, 4096) == b"\x5a" * 4096  # nothing was written or discarded
+    assert qsd.proc.poll() is None
+
+
+class FakeBackEnd:
+    """A vhost-user back-end that records every message and serves no ring (like virtiofsd, not blk)."""
+
+    def __init__(self, path, *, protocol=True):
+        import socket
+        import threading
+
+        self.path = str(path)
+        self.requests: list[int] = []
+        self.features = (1 << 32) | (1 << 28) | ((1 << 30) if protocol else 0)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.path)
+        self.listener.listen(4)
+        self.listener.settimeout(0.1)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        import socket
+
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except (socket.timeout, OSError):
+                continue
+            with conn:
+                conn.settimeout(0.1)
+                self._session(conn)
+
+    def _session(self, conn):
+        import socket
+        import struct
+
+        buf = b""
+        while not self.stopping.is_set():
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(conn, 4096, 8)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            for fd in fds:
+                os.close(fd)
+            if not data:
+                return
+            buf += data
+            while len(buf) >= 12:
+                req, _fl, size = struct.unpack_from("<III", buf)
+                if len(buf) < 12 + size:
+                    break
+                payload, buf = buf[12 : 12 + size], buf[12 + size :]
+                self.requests.append(req)
+                answer = {1: struct.pack("<Q", self.features), 15: struct.pack("<Q", (1 << 0) | (1 << 9)),
+                          17: struct.pack("<Q", 1), 11: payload[:8].ljust(8, b"\0")}.get(req)  # fmt: skip
+                if req == 24:
+                    answer = payload  # GET_CONFIG: an all-zero config space
+                if answer is not None:
+                    conn.sendall(struct.pack("<III", req, 0x5, len(answer)) + answer)
+
+    def stop(self):
+        self.stopping.set()
+        self.thread.join(5)
+        self.listener.close()
+
+
+@pytest.fixture
+def fake_back_end(tmp_path):
+    b = FakeBackEnd(tmp_path / "fake.sock")
+    yield b
+    b.stop()
+
+
+#: What identifying a back-end sends: nothing specific to a device class.
+IDENTIFY = {1, 3, 15, 16, 17}  # GET_FEATURES, SET_OWNER, GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM
+
+
+@pytest.mark.parametrize("cmd,rest", DEVICE_CLASS_COMMANDS, ids=[" ".join(c) for c, _ in DEVICE_CLASS_COMMANDS])
+def test_no_request_of_a_guessed_class_reaches_the_back_end(fake_back_end, cmd, rest):
+    url = f"vhost-user:{fake_back_end.path}"
+    r = run_cli(*cmd, url, *rest, "--timeout", "2")
+    assert r.code == 2 and "?type=" in r.stderr, (r.code, r.stderr)
+    assert fake_back_end.requests and set(fake_back_end.requests) <= IDENTIFY, fake_back_end.requests
+
+
+def test_probe_of_an_unknown_back_end_sends_no_get_config(fake_back_end):
+    url = f"vhost-user:{fake_back_end.path}"
+    r = ok("probe", url)
+    assert r["device"]["id"] is None
+    assert set(fake_back_end.requests) <= IDENTIFY and 24 not in fake_back_end.requests
+    assert run_cli("probe", url, "--expect-device", "blk").code == 5
+    fake_back_end.requests.clear()
+    assert ok("probe", f"{url}?type=blk")["device"]["id"] == 2
+    assert 24 in fake_back_end.requests  # with ?type=blk the block config is asked for, as before

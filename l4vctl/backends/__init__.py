@@ -131,6 +131,8 @@ class Backend:
 
     scheme = ""
     live = True  # False: no handshake possible (a saved page)
+    #: Why the device id on the page is not the device's own ("unknown (...)"), or None.
+    device_unknown: str | None = None
 
     def __init__(self, url: str, target: str):
         self.url = url

@@ -30,6 +30,9 @@ def load_source(source: str, fmt: str) -> tuple[bytes, str, dict]:
     path = source[len("dump:") :] if source.startswith("dump:") else source
     if not path:
         raise UsageError("empty source path")
+    socket_hint = f"did you mean unix:{path}, or vhost-user:{path} for a vhost-user back-end?"
+    if path != "-" and _is_socket(path):
+        raise UsageError(f"{path} is a socket, not a saved config page", hint=socket_hint)
     try:
         if path == "-":
             raw = sys.stdin.buffer.read(MAX_INPUT + 1)
@@ -37,7 +40,7 @@ def load_source(source: str, fmt: str) -> tuple[bytes, str, dict]:
             with open(path, "rb") as f:
                 raw = f.read(MAX_INPUT + 1)
     except FileNotFoundError:
-        raise UnavailableError(f"{path}: no such file") from None
+        raise UnavailableError(f"{path}: no such file", hint=socket_hint if path.endswith(".sock") else None) from None
     except IsADirectoryError:
         raise UnavailableError(f"{path}: is a directory") from None
     except PermissionError:
@@ -54,3 +57,13 @@ def load_source(source: str, fmt: str) -> tuple[bytes, str, dict]:
         data, hints = hexdump.parse_hexdump(text)
         return data, "hex", hints
     return raw, "raw", {}
+
+
+def _is_socket(path: str) -> bool:
+    import os
+    import stat
+
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False

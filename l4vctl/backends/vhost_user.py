@@ -85,6 +85,8 @@ _CONFIG = struct.Struct("<III")
 
 #: Device types by name, with the size of the config space to ask for.
 TYPES = {"blk": (2, 60)}
+#: What a device is without ``?type=``: vhost-user has no message that tells.
+UNKNOWN_DEVICE = "unknown (vhost-user does not report it)"
 
 
 class VhostUserClient:
@@ -329,6 +331,17 @@ class VhostDevice(Device):
         super().close()
 
 
+def _common_options(raw: dict) -> dict:
+    """Model options for a device of unknown class: only those every model has."""
+    from l4vctl.emulator.models.base import COMMON_OPTIONS
+
+    out = {o.name: o.default for o in COMMON_OPTIONS}
+    for o in COMMON_OPTIONS:
+        if o.name in raw:
+            out[o.name] = o.parse(raw[o.name])
+    return out
+
+
 def _parse_target(target: str) -> tuple[str, dict]:
     path, _, query = target.partition("?")
     try:
@@ -345,8 +358,8 @@ class VhostChannel:
     """A session's channel: L4-VIRTIO requests handled here, vhost-user messages out."""
 
     def __init__(self, path: str, opts: dict, role: str, timeout: float):
-        kind = opts.get("type", "blk")
-        if kind not in TYPES:
+        kind = opts.get("type")
+        if kind is not None and kind not in TYPES:
             raise UsageError(f"vhost-user: type {kind!r} is not supported", hint="types: " + ", ".join(TYPES))
         try:
             num_max = int(opts.get("num_max", "256"), 0)
@@ -354,7 +367,9 @@ class VhostChannel:
             raise UsageError("vhost-user: num_max must be a number") from None
         if not 1 <= num_max <= cat.MAX_QUEUE_SIZE:
             raise UsageError(f"vhost-user: num_max {num_max} is outside 1..{cat.MAX_QUEUE_SIZE}")
-        device_id, config_size = TYPES[kind]
+        # Without ?type= the page carries device id 0 (reserved in virtio: no device
+        # class) and no device config; no class-specific message is sent.
+        device_id, config_size = TYPES[kind] if kind else (0, 0)
         self.name = path
         self.role = cat.ROLE_DRIVER if role == "driver" else cat.ROLE_MONITOR
         self.client = client = VhostUserClient(path, timeout)
@@ -377,7 +392,7 @@ class VhostChannel:
             client.protocol = offered & WANTED_PROTOCOL
         queues = client.get_u64(GET_QUEUE_NUM) if client.protocol & (1 << P_MQ) else 1
         config = {}
-        if client.protocol & (1 << P_CONFIG):
+        if kind and client.protocol & (1 << P_CONFIG):
             body = client.send(GET_CONFIG, _CONFIG.pack(0, config_size, 0) + bytes(config_size), reply=True)
             raw = body[_CONFIG.size :].ljust(64, b"\0")
             dc = codec(device_config_key(kind, "current"))
@@ -386,11 +401,12 @@ class VhostChannel:
                 config.pop(name, None)
         # vhost-user's own bits are not device features: protocol features (30), dirty logging (26)
         bits = {b for b in range(64) if features >> b & 1} - {F_PROTOCOL_FEATURES, F_LOG_ALL}
-        options = parse_options(kind, {"abi": "current", "num_max": str(num_max), "vendor": "0"})
-        model = VhostModel(options, kind, device_id, bits, config, max(1, min(queues, 64)))
+        raw = {"abi": "current", "num_max": str(num_max), "vendor": "0"}
+        options = parse_options(kind, raw) if kind else _common_options(raw)
+        model = VhostModel(options, kind or "unknown", device_id, bits, config, max(1, min(queues, 64)))
         device = VhostDevice(model, client, features)
         model.device = device
-        log.info("vhost-user %s: features %#x, %d queues", kind, features, queues)
+        log.info("vhost-user %s: features %#x, %d queues", kind or "device of unknown type", features, queues)
         return device
 
     def call(self, label: int, opcode: int, words=(), caps=(), fds=(), timeout: float | None = None) -> Response:
@@ -432,6 +448,13 @@ class VhostUserBackend(Backend):
         self.path, self.opts = _parse_target(target)
         if not self.path:
             raise UsageError("vhost-user: needs a socket path (vhost-user:/run/blk.sock)")
+        if "type" not in self.opts:
+            self.device_unknown = UNKNOWN_DEVICE
+            self.synthesized = (
+                "config page synthesised from the vhost-user back-end (GET_FEATURES, GET_QUEUE_NUM); "
+                f"device type {UNKNOWN_DEVICE}: device id 0 on the page, no device config, no device I/O "
+                "(add ?type=blk if it is a block device); no status handshake on the wire: l4vctl keeps the status itself"
+            )
 
     def connect(self, role: str = "driver", timeout: float = 5.0) -> VhostChannel:
         return VhostChannel(self.path, self.opts, role, timeout)

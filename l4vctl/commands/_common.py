@@ -41,6 +41,23 @@ def _no_page_abi(ctx, param, value):
     return "current" if value == "auto" else value
 
 
+class _FromEnvironment(str):
+    """An option value that came from an environment variable, which it names."""
+
+    origin = "--abi"
+
+
+def _page_abi(ctx, param, value):
+    """Mark an ABI set by L4VCTL_ABI, so that outputs say where the choice came from."""
+    from click.core import ParameterSource
+
+    if value != "auto" and ctx.get_parameter_source(param.name) == ParameterSource.ENVIRONMENT:
+        marked = _FromEnvironment(value)
+        marked.origin = param.envvar
+        return marked
+    return value
+
+
 def abi_option(*, auto: bool):
     """--abi (also L4VCTL_ABI).  ``auto`` guesses from the page; commands
     without a page (``auto=False``) treat it as the default, current."""
@@ -62,7 +79,7 @@ def abi_option(*, auto: bool):
         show_default=True,
         envvar="L4VCTL_ABI",
         help=text,
-        callback=None if auto else _no_page_abi,
+        callback=_page_abi if auto else _no_page_abi,
     )
 
 
@@ -93,8 +110,9 @@ def parse_examples(epilog: str | None) -> list[tuple[str, str]]:
 
 DEVICE_HELP = (
     "Device URL: emu:TYPE[?opt=value&...] (an emulator started for this command), "
-    "unix:PATH (a running 'l4vctl emulate'), dump:FILE or a plain file (a saved page). "
-    "Default: $L4VCTL_DEVICE, else emu:blk."
+    "unix:PATH (a running 'l4vctl emulate'), vhost-user:PATH[?type=blk] (a vhost-user back-end "
+    "such as qemu-storage-daemon; without ?type= its device type is unknown), "
+    "dump:FILE or a plain file (a saved page). Default: $L4VCTL_DEVICE, else emu:blk."
 )
 
 
@@ -160,21 +178,27 @@ def io_options(f):
 class driven:
     """A session brought to DRIVER_OK for an I/O command (a context manager)."""
 
-    def __init__(self, ctx, command: str, json_mode: bool, device, device_opt, abi, mode, timeout, **handshake):
+    def __init__(self, ctx, command: str, json_mode: bool, device, device_opt, abi, mode, timeout,
+                 device_class: str | None = None, **handshake):  # fmt: skip
         self.url = resolve_device(ctx, device, device_opt)
         self.out = begin(ctx, command, json_mode)
         self.out.device = self.url
+        self.command = command
         self.args = dict(abi=abi, mode=mode, timeout=timeout)
+        self.device_class = device_class or command.split()[0]
         self.handshake = handshake
         self.session = None
 
     def __enter__(self):
+        from l4vctl.drivers import require_class
         from l4vctl.session import Session
 
         self.session = Session(self.url, **self.args)
         try:
             self.session.open()
             self.out.abi = self.session.abi
+            # before the handshake: a device of another class gets no request at all
+            require_class(self.session, self.device_class, f"'l4vctl {self.command}'")
             self.session.handshake(**self.handshake)
         except BaseException:
             self.session.close()

@@ -77,7 +77,7 @@ def bench(ctx, device, device_opt, abi, mode, timeout, json_mode, workload, bs, 
     size = parse_bs(bs)
     seconds = parse_duration(duration)
     want_indirect = {"auto": None, "on": True, "off": False}[indirect]
-    run = driven(ctx, "bench", json_mode, device, device_opt, abi, mode, timeout)
+    run = driven(ctx, "bench", json_mode, device, device_opt, abi, mode, timeout, device_class="blk")
     with run as s:
         drv = BlkDriver(s, depth=qd, max_io=size, indirect=want_indirect)
         if drv.depth < qd:

@@ -199,9 +199,11 @@ def flush(ctx, device, device_opt, abi, mode, timeout, json_mode):
 def get_id(ctx, device, device_opt, abi, mode, timeout, json_mode):
     """Print the device id string (VIRTIO_BLK_T_GET_ID, 20 bytes at most)."""
     run = driven(ctx, "blk id", json_mode, device, device_opt, abi, mode, timeout)
+    from l4vctl.output import escape
+
     with run as s:
         ident = _driver(s, depth=1).get_id()
-    run.out.emit({"id": ident}, lambda: ident + "\n")
+    run.out.emit({"id": ident}, lambda: escape(ident) + "\n")
 
 
 def _range_command(name: str, method: str, what: str):

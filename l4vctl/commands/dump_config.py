@@ -54,8 +54,8 @@ from l4vctl.errors import FormatError, UsageError
 def dump_config(ctx, source, abi, timeout, fmt, offset, queue_stride, force, as_hex, as_raw, output, json_mode):
     """Decode an L4-VIRTIO config page, live or saved.
 
-    SOURCE is a device URL (emu:TYPE, unix:PATH: the page is read live,
-    without changing the device) or a saved config page: a raw binary file,
+    SOURCE is a device URL (emu:TYPE, unix:PATH, vhost-user:PATH: the page
+    is read live, without changing the device) or a saved config page: a raw binary file,
     or hex dump text as written by 'dump-config --hex', 'hexdump -C' or
     'xxd'.  'dump:PATH' is the same as PATH; '-' reads standard input.
 
@@ -91,6 +91,7 @@ def dump_config(ctx, source, abi, timeout, fmt, offset, queue_stride, force, as_
     from l4vctl.backends import split_url
 
     scheme, _rest = split_url(source)
+    device = None
     if scheme == "dump":
         from l4vctl.backends.dump import load_source
 
@@ -110,6 +111,7 @@ def dump_config(ctx, source, abi, timeout, fmt, offset, queue_stride, force, as_
             data = bytes(s.page)
             choice = s.abi_choice
             synthesized = getattr(s.backend, "synthesized", None)
+            device = s.device_info() if getattr(s.backend, "device_unknown", None) else None
         stored_as = "live"
     out.abi = choice.abi
     decoded = pg.decode_page(data, choice, stride=int(queue_stride))
@@ -117,6 +119,8 @@ def dump_config(ctx, source, abi, timeout, fmt, offset, queue_stride, force, as_
     if scheme != "dump" and synthesized:
         result["synthesized"] = synthesized
         result["notes"].insert(0, synthesized)
+    if scheme != "dump" and device is not None:
+        result["device"] = device  # the page says 0: the backend cannot know the type
     result["source"] = {"name": source, "format": stored_as, "offset": start}
 
     if decoded.problems and not (force or as_hex or as_raw):

@@ -65,10 +65,9 @@ def negotiate(ctx, device, device_opt, abi, want, require, refuse, mode, queue_s
     with Session(url, abi=abi, mode=mode, timeout=timeout) as s:
         out.abi = s.abi
         summary = s.handshake(want_arg, _names(require), _names(refuse), queues=not no_queues, queue_size=queue_size)
-        dev_id = s.get("device")
         result = {
             "url": url,
-            "device": {"id": dev_id, "name": cat.device_name(dev_id), "class": cat.device_class(dev_id)},
+            "device": s.device_info(),
             "abi": s.abi,
             "abi_detection": s.abi_choice.to_json(),
             "mode": s.mode,
@@ -105,7 +104,7 @@ def _text(r: dict):
     dev = r["device"]
     doc.kv(
         [
-            ("device", f"{dev['id']} {dev['name']}"),
+            ("device", dev["name"] if dev["id"] is None else f"{dev['id']} {dev['name']}"),
             ("url", r["url"]),
             ("abi", f"{r['abi']} ({r['abi_detection']['method']}: {r['abi_detection']['reason']})"),
             ("mode", r["mode"] + (" (status and queues through the cmd word)" if r["mode"] == "cmd" else " (IPC)")),

@@ -135,6 +135,7 @@ def ping(ctx, device_a, device_b, abi, count, size, timeout, json_mode):
     l4vctl drives both devices: A sends a frame to B's MAC, B's driver
     answers it, A receives the answer.  The two devices must share a cable.
     """
+    from l4vctl.drivers import require_class
     from l4vctl.drivers.net import ETHERTYPE, NetDriver, frame, mac_text, parse_frame
     from l4vctl.session import Session
 
@@ -144,6 +145,8 @@ def ping(ctx, device_a, device_b, abi, count, size, timeout, json_mode):
     lost = 0
     with Session(device_a, abi=abi, timeout=timeout) as a, Session(device_b, abi=abi, timeout=timeout) as b:
         out.abi = a.abi
+        require_class(a, "net", "'l4vctl net ping'")
+        require_class(b, "net", "'l4vctl net ping'")
         a.handshake()
         b.handshake()
         da, db = NetDriver(a), NetDriver(b)

@@ -13,6 +13,7 @@ from l4vctl.errors import NegotiationError
         ("l4vctl probe emu:blk", "An emulator started just for this (the zero-setup default):"),
         ("l4vctl probe unix:/tmp/blk.sock", "A running emulator:"),
         ("l4vctl probe unix:/tmp/blk.sock --expect-device blk", "Fail (exit 5) unless it is a block device:"),
+        ("l4vctl probe 'vhost-user:/tmp/qsd.sock?type=blk'", "A vhost-user back-end (say its type: vhost-user does not report it):"),
         ("l4vctl probe page.bin --json | jq .result.features.names", "A saved page, for a script:"),
     )
 )
@@ -64,6 +65,12 @@ def probe(ctx, device, device_opt, abi, expect_device, timeout, json_mode):
     }
     if not result["features"]["bits"] and result["status"]["value"] == 0:
         result["notes"].append("no features published yet: L4Re devices publish them on the first reset")
+    if expected is not None and dev["id"] is None:
+        suggestion = url + ("&" if "?" in url else "?") + f"type={cat.device_class(expected) or expect_device}"
+        raise NegotiationError(
+            f"expected a {expect_device} device ({expected}), found a device of type {dev['name']}",
+            hint=f"if it is one, say so: {suggestion}",
+        )
     if expected is not None and dev["id"] != expected:
         raise NegotiationError(
             f"expected a {expect_device} device ({expected}), found {dev['name']} ({dev['id']})"
@@ -100,7 +107,8 @@ def _text(r: dict):
     st = r["status"]["value"]
     doc.kv(
         [
-            ("device", f"{dev['id']} {dev['name']}" + (f" ({dev['class']})" if dev["class"] else "")),
+            ("device", (dev["name"] if dev["id"] is None else f"{dev['id']} {dev['name']}")
+             + (f" ({dev['class']})" if dev["class"] else "")),  # fmt: skip
             ("vendor", f"{vendor['id']:#x}" + (f" {vendor['name']}" if vendor["name"] else "")),
             ("url", r["url"]),
             ("abi", f"{r['abi']} ({det['method']}: {det['reason']})"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 
 from l4vctl import catalog as cat
+from l4vctl.drivers import require_class
 from l4vctl.errors import DeviceStateError, UsageError
 from l4vctl.formats.fast import codec
 
@@ -50,8 +51,7 @@ class BlkDriver:
 
     def __init__(self, session, *, depth: int = 32, max_io: int = 128 * 1024, segments: int = 1,
                  indirect: bool | None = None, queue: int = 0, timeout: float | None = None):  # fmt: skip
-        if session.get("device") != cat.DEVICE_CLASSES["blk"]:
-            raise UsageError(f"{session.url} is not a block device ({cat.device_name(session.get('device'))})")
+        require_class(session, "blk")
         self.session = session
         self.timeout = session.timeout if timeout is None else timeout
         cfg = session.device_config()

@@ -5,17 +5,15 @@ from __future__ import annotations
 import select
 import time
 
-from l4vctl import catalog as cat
+from l4vctl.drivers import require_class
 from l4vctl.drivers.buffers import BufferPool
-from l4vctl.errors import UsageError
 
 RX, TX = 0, 1
 
 
 class ConsoleDriver:
     def __init__(self, session, *, buffers: int = 16, size: int = 4096):
-        if session.get("device") != cat.DEVICE_CLASSES["console"]:
-            raise UsageError(f"{session.url} is not a console ({cat.device_name(session.get('device'))})")
+        require_class(session, "console")
         self.session = session
         self.timeout = session.timeout
         self.rx = session.virtqueue(RX)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from l4vctl import catalog as cat
+from l4vctl.drivers import require_class
 from l4vctl.drivers.buffers import BufferPool
 from l4vctl.errors import UsageError
 from l4vctl.formats.fast import codec
@@ -24,8 +25,7 @@ def mac_text(mac: bytes) -> str:
 
 class NetDriver:
     def __init__(self, session, *, buffers: int = 32):
-        if session.get("device") != cat.DEVICE_CLASSES["net"]:
-            raise UsageError(f"{session.url} is not a network device ({cat.device_name(session.get('device'))})")
+        require_class(session, "net")
         self.session = session
         self.timeout = session.timeout
         cfg = session.device_config()

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from l4vctl import catalog as cat
+from l4vctl.drivers import require_class
 from l4vctl.drivers.buffers import BufferPool
 from l4vctl.errors import ProtocolError, UsageError
 
 
 class RngDriver:
     def __init__(self, session, *, chunk: int = 4096, depth: int = 8):
-        if session.get("device") != cat.DEVICE_CLASSES["rng"]:
-            raise UsageError(f"{session.url} is not an entropy device ({cat.device_name(session.get('device'))})")
+        require_class(session, "rng")
         self.timeout = session.timeout
         self.vq = session.virtqueue(0)
         self.depth = max(1, min(depth, self.vq.num))

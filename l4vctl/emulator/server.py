@@ -528,7 +528,7 @@ def listen(path: str, backlog: int = BACKLOG) -> tuple[socket.socket, tuple[int,
 
     limit = len(os.fsencode(path))
     if limit >= 108:  # sizeof(sun_path), with its terminating NUL
-        raise UsageError(f"socket path {path!r} is {limit} bytes long; Unix sockets allow at most 107")
+        raise UsageError(f"cannot listen on {path}: a socket path has at most 107 bytes, this one {limit}")
     with _DirLock(path):
         try:
             st = os.lstat(path)
