@@ -6,8 +6,9 @@ A :class:`Session` is a context manager over a backend::
         s.handshake(want={"flush"})
         print(s.status_flags(), s.negotiated)
 
-It attaches (current: DEVICE_CONFIG + GET_DEVICE_IRQ + ICU bind; classic:
-REGISTER_IFACE), checks magic and version, resets the device, sets
+It attaches by what the device answers (DEVICE_CONFIG + GET_DEVICE_IRQ + ICU
+bind; REGISTER_IFACE when DEVICE_CONFIG answers -L4_ENOSYS, as the oldest
+classic-era devices do), checks magic and version, resets the device, sets
 ACKNOWLEDGE and DRIVER, negotiates features, sets FEATURES_OK and reads it
 back, configures queues in memory it registers with REGISTER_DS, and sets
 DRIVER_OK.  Status writes and queue configuration go through IPC or, in cmd
@@ -39,6 +40,8 @@ CMD_SPIN = 500e-6
 DEVICE_ADDRESS_BASE = 0x200000
 #: Transport features the session's driver implements (others are never accepted by default).
 SUPPORTED_TRANSPORT = {cat.INDIRECT_DESC_BIT, cat.EVENT_IDX_BIT, cat.VERSION_1_BIT}
+#: How a driver session attaches: by what the device answers, or forced.
+ATTACH_CHOICES = ("auto", "config", "iface")
 
 
 def resolve_features(names, abi: str, device_id: int | None) -> set[int]:
@@ -111,9 +114,12 @@ class Session:
     """A driver (or monitor) session with one device."""
 
     def __init__(self, device, *, abi: str = "auto", mode: str = "auto", timeout: float = DEFAULT_TIMEOUT,
-                 role: str = "driver", stride: int = cat.QUEUE_ENTRY_STRIDE, check: bool = True):  # fmt: skip
+                 role: str = "driver", stride: int = cat.QUEUE_ENTRY_STRIDE, check: bool = True,
+                 attach: str = "auto"):  # fmt: skip
         if mode not in ("auto", "ipc", "cmd"):
-            raise ValueError(f"mode must be auto, ipc or cmd, not {mode!r}")
+            raise UsageError(f"mode must be auto, ipc or cmd, not {mode!r}")
+        if attach not in ATTACH_CHOICES:
+            raise UsageError(f"attach must be auto, config or iface, not {attach!r}")
         if timeout <= 0:
             raise UsageError("the timeout must be positive")
         from l4vctl.backends import open_backend
@@ -122,6 +128,8 @@ class Session:
         self.backend = open_backend(device) if isinstance(device, str) else device
         self.abi_request = abi
         self.mode_request = mode
+        self.attach_request = attach
+        self.attached_via: str | None = None  # "config" (DEVICE_CONFIG) or "iface" (REGISTER_IFACE)
         self.timeout = timeout
         self.role = role
         self.stride = stride
@@ -176,12 +184,14 @@ class Session:
             self._open_saved_page()
             return
         self.channel = self.backend.connect(self.role, self.timeout)
-        if self.role == "driver" and self.abi_request == "classic":
+        if self.role != "driver":  # monitors only look at the page
+            self._attach_device_config(fallback=False)
+        elif self.attach_request == "iface":
             self._attach_register_iface()
-        else:
-            self._attach_device_config()
-            if self.role == "driver":
-                self._attach_irqs()
+        elif self._attach_device_config(fallback=self.attach_request == "auto"):
+            self._attach_irqs()
+        else:  # -L4_ENOSYS: a device from before DEVICE_CONFIG, which knows only REGISTER_IFACE
+            self._attach_register_iface()
 
     def _open_saved_page(self) -> None:
         data, fmt, hints = self.backend.load()
@@ -227,9 +237,15 @@ class Session:
         if version != cat.L4VIRTIO_VERSION:
             raise ProtocolError(f"unsupported version {version} (expected 2)")
 
-    def _attach_device_config(self) -> None:
+    def _attach_device_config(self, fallback: bool) -> bool:
+        """Map the page DEVICE_CONFIG hands out; False if it answered -L4_ENOSYS and ``fallback``."""
         r = self._call(cat.L4VIRTIO_PROTOCOL, cat.OP_DEVICE_CONFIG)
         try:
+            if r.result == -cat.L4_ENOSYS and fallback:
+                return False
+            if r.result == -cat.L4_ENOSYS and self.role == "driver":
+                raise ProtocolError("DEVICE_CONFIG is not implemented: a device that knows only REGISTER_IFACE "
+                                    "(try --attach iface or auto)")  # fmt: skip
             if r.result < 0:
                 raise ProtocolError(f"DEVICE_CONFIG failed: {cat.l4_error_name(r.result)}")
             if not r.words:
@@ -239,6 +255,8 @@ class Session:
             self._map_config(fd, cap.size, r.words[0], writable=self.role == "driver")
         finally:
             r.close()
+        self.attached_via = "config"
+        return True
 
     def _attach_irqs(self) -> None:
         index = self.get("cfg_device_notify_index")
@@ -262,7 +280,11 @@ class Session:
                               [self._driver_irq.fd])  # fmt: skip
         try:
             if r.result == -cat.L4_ENOSYS:
-                raise ProtocolError("REGISTER_IFACE is not implemented: not a classic-era device (try --abi current)")
+                if self.attach_request == "auto":
+                    raise ProtocolError("cannot attach: the device answers neither DEVICE_CONFIG nor REGISTER_IFACE "
+                                        "(-L4_ENOSYS)")  # fmt: skip
+                raise ProtocolError("REGISTER_IFACE is not implemented: a device from after 2022-09 "
+                                    "(try --attach config or auto)")  # fmt: skip
             if r.result < 0:
                 raise ProtocolError(f"REGISTER_IFACE failed: {cat.l4_error_name(r.result)}")
             self._device_irq = Irq(r.fd(0, cat.CAP_IRQ))
@@ -270,6 +292,7 @@ class Session:
             self._map_config(r.fd(1, cat.CAP_DATASPACE), size, 0, writable=True)
         finally:
             r.close()
+        self.attached_via = "iface"
 
     def _call(self, label: int, opcode: int, words=(), caps=(), fds=()):
         """One IPC; a channel that failed (timeout, peer gone) is not used again."""

@@ -182,8 +182,10 @@ def test_close_resets_a_driven_device_unless_kept(tmp_path):
 
 
 def test_session_arguments():
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError):
         Session("emu:blk", mode="fast")
+    with pytest.raises(UsageError, match="attach must be"):
+        Session("emu:blk", attach="magic")
     with pytest.raises(UsageError):
         Session("emu:blk", timeout=0)
     with pytest.raises(UsageError, match="unknown device scheme 'tcp'"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from l4vctl.commands._common import abi_option, begin, device_options, examples, json_option, resolve_device, timeout_option
+from l4vctl.commands._common import abi_option, attach_of, attach_option, begin, device_options, examples, json_option, resolve_device, timeout_option
 
 
 def _names(values: tuple[str, ...]) -> list[str]:
@@ -24,6 +24,7 @@ def _names(values: tuple[str, ...]) -> list[str]:
 )
 @device_options
 @abi_option(auto=True)
+@attach_option
 @click.option("--want", multiple=True, metavar="F,...",
               help="Features to accept if offered (names like flush or VIRTIO_BLK_F_FLUSH, or bit numbers); "
                    "'all' = everything offered. Default: every device feature and the transport features "
@@ -62,7 +63,7 @@ def negotiate(ctx, device, device_opt, abi, want, require, refuse, mode, queue_s
     out.device = url
     wants = _names(want)
     want_arg = None if not wants else ("all" if wants == ["all"] else wants)
-    with Session(url, abi=abi, mode=mode, timeout=timeout) as s:
+    with Session(url, abi=abi, mode=mode, timeout=timeout, attach=attach_of(ctx)) as s:
         out.abi = s.abi
         summary = s.handshake(want_arg, _names(require), _names(refuse), queues=not no_queues, queue_size=queue_size)
         dev_id = s.get("device")
@@ -72,6 +73,7 @@ def negotiate(ctx, device, device_opt, abi, want, require, refuse, mode, queue_s
             "abi": s.abi,
             "abi_detection": s.abi_choice.to_json(),
             "mode": s.mode,
+            "attach": s.attached_via,
             "features": summary["features"],
             "negotiated": summary["negotiated"],
             "transitions": [t.to_json() for t in s.transitions],
@@ -109,6 +111,7 @@ def _text(r: dict):
             ("url", r["url"]),
             ("abi", f"{r['abi']} ({r['abi_detection']['method']}: {r['abi_detection']['reason']})"),
             ("mode", r["mode"] + (" (status and queues through the cmd word)" if r["mode"] == "cmd" else " (IPC)")),
+            ("attach", {"config": "DEVICE_CONFIG + GET_DEVICE_IRQ + ICU bind", "iface": "REGISTER_IFACE"}[r["attach"]]),
         ],
         indent=0,
     )
