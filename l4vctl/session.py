@@ -22,6 +22,7 @@ import time
 from l4vctl import catalog as cat
 from l4vctl import page as pg
 from l4vctl.caps import PAGE, RIGHT_W, RIGHTS_RW, Dataspace, Irq
+from l4vctl.drivers import implemented_features
 from l4vctl.errors import (
     DeviceStateError,
     NegotiationError,
@@ -38,7 +39,7 @@ DEFAULT_TIMEOUT = 5.0
 CMD_SPIN = 500e-6
 #: First device address the session hands out (L4Re drivers start at the superpage size).
 DEVICE_ADDRESS_BASE = 0x200000
-#: Transport features the session's driver implements (others are never accepted by default).
+#: Transport features the session's driver implements (others are accepted only when asked for: "forced").
 SUPPORTED_TRANSPORT = {cat.INDIRECT_DESC_BIT, cat.EVENT_IDX_BIT, cat.VERSION_1_BIT}
 #: How a driver session attaches: by what the device answers, or forced.
 ATTACH_CHOICES = ("auto", "config", "iface")
@@ -413,10 +414,13 @@ class Session:
     def handshake(self, want=None, require=(), refuse=(), *, queues: bool = True, queue_size: int | None = None) -> dict:
         """Reset, negotiate and bring the device to DRIVER_OK.
 
-        ``want``: features to accept if offered (None: every device-class bit
-        and the transport bits the session implements; ``"all"``: everything
-        offered).  ``require``: features whose absence fails the negotiation.
-        ``refuse``: features never accepted.  Returns a summary dict.
+        ``want``: features to accept if offered (None: the transport bits the
+        session implements and the device-class bits l4vctl's driver for the
+        class implements; ``"all"``: everything offered; a list: exactly
+        those).  A wanted or required bit outside what l4vctl implements is
+        accepted as asked but reported as ``forced``.  ``require``: features
+        whose absence fails the negotiation.  ``refuse``: features never
+        accepted.  Returns a summary dict.
         """
         self._need_driver("the handshake")
         device_id = self.get("device")
@@ -444,9 +448,9 @@ class Session:
         required = resolve_features(require, self.abi, device_id)
         refused = resolve_features(refuse, self.abi, device_id)
         cmd_bit = cat.CMD_CONFIG_BIT[self.abi]
+        implemented = SUPPORTED_TRANSPORT | implemented_features(device_id) | {cmd_bit}
         if want is None:
-            default = {b for b in offered if b not in cat.TRANSPORT_FEATURES[self.abi] or b in SUPPORTED_TRANSPORT}
-            wanted = default | required
+            wanted = (offered & implemented) | required
         elif want == "all":
             wanted = set(offered) | required
         else:
@@ -477,6 +481,7 @@ class Session:
             self._fail_check("FEATURES_OK")
             raise NegotiationError(f"the device refused FEATURES_OK (status {st:#04x})")
         self.negotiated = accept
+        forced = accept - implemented
         rows = []
         for bit in sorted(offered | wanted | required | refused):
             rows.append({
@@ -487,8 +492,10 @@ class Session:
                 "required": bit in required,
                 "refused": bit in refused,
                 "negotiated": bit in accept,
+                "implemented": bit in implemented,
+                "forced": bit in forced,
             })  # fmt: skip
-        return {"features": rows, "negotiated": sorted(accept), "offered": sorted(offered)}
+        return {"features": rows, "negotiated": sorted(accept), "offered": sorted(offered), "forced": sorted(forced)}
 
     # -- queues ------------------------------------------------------------------------------------
 
