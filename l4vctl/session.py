@@ -25,6 +25,8 @@ from l4vctl.caps import PAGE, RIGHT_W, RIGHTS_RW, Dataspace, Irq
 from l4vctl.drivers import implemented_features
 from l4vctl.errors import (
     DeviceStateError,
+    FormatError,
+    L4vError,
     NegotiationError,
     ProtocolError,
     TimeoutExpired,
@@ -121,6 +123,10 @@ class Session:
             raise UsageError(f"mode must be auto, ipc or cmd, not {mode!r}")
         if attach not in ATTACH_CHOICES:
             raise UsageError(f"attach must be auto, config or iface, not {attach!r}")
+        if abi not in ("auto", *cat.ABIS):
+            raise UsageError(f"abi must be auto, classic or current, not {abi!r}")
+        if role not in ("driver", "monitor"):
+            raise UsageError(f"role must be driver or monitor, not {role!r}")
         if timeout <= 0:
             raise UsageError("the timeout must be positive")
         from l4vctl.backends import open_backend
@@ -308,20 +314,37 @@ class Session:
     # -- page access (single loads and stores) ----------------------------------------------
 
     def get(self, name: str) -> int:
-        off, size, fmt, count = self.hc.fields[name]
-        if size == 4 and self._w32 is not None:
-            return self._w32[off >> 2]
-        return int.from_bytes(self.page[off : off + size], "little")
+        try:
+            off, size, fmt, count = self.hc.fields[name]
+            if size == 4 and self._w32 is not None:
+                return self._w32[off >> 2]
+            return int.from_bytes(self.page[off : off + size], "little")
+        except (AttributeError, TypeError, ValueError, KeyError):
+            raise self._no_field(name) from None
+
+    def _no_field(self, name: str) -> L4vError:
+        if self.page is None:
+            return UsageError(f"{self.url}: the session is not open")
+        return UsageError(f"no header field {name!r} in the {self.abi} layout")
 
     def _set(self, name: str, value: int) -> None:
         off, _size, _fmt, _count = self.hc.fields[name]
         self._w32[off >> 2] = value & 0xFFFFFFFF
 
     def words(self, name: str) -> list[int]:
-        off, _size, _fmt, count = self.hc.fields[name]
-        return list(self._w32[off >> 2 : (off >> 2) + count])
+        try:
+            off, _size, _fmt, count = self.hc.fields[name]
+            if self._w32 is not None:
+                return list(self._w32[off >> 2 : (off >> 2) + count])
+            # a saved page whose length is not a multiple of 4: the header is still whole
+            raw = bytes(self.page[off : off + 4 * count])
+            return [int.from_bytes(raw[i : i + 4], "little") for i in range(0, 4 * count, 4)]
+        except (AttributeError, TypeError, ValueError, KeyError):
+            raise self._no_field(name) from None
 
     def header(self) -> dict:
+        if self.page is None:
+            raise self._no_field("header")
         return self.hc.unpack(self.page)
 
     @property
@@ -632,7 +655,12 @@ class Session:
     def device_config(self) -> dict:
         """The device-specific config, decoded (empty for unknown devices)."""
         dc = pg.device_config_codec(self.get("device"), self.abi)
-        return dc.unpack(self.page, cat.HEADER_SIZE) if dc is not None and dc.size else {}
+        if dc is None or not dc.size:
+            return {}
+        if len(self.page) < cat.HEADER_SIZE + dc.size:
+            raise FormatError(f"the page ends at {len(self.page):#x}: too short for the device config "
+                              f"({dc.size} bytes at 0x100)")  # fmt: skip
+        return dc.unpack(self.page, cat.HEADER_SIZE)
 
     # -- monitor ------------------------------------------------------------------------------------
 
