@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from l4vctl import catalog as cat
-from l4vctl.errors import FormatError
+from l4vctl.errors import FormatError, UsageError
 from l4vctl.formats.fast import codec
 
 PAGE_SIZE = cat.PAGE_SIZE
@@ -119,7 +119,7 @@ def choose_abi(data, abi: str, hints: dict | None = None) -> AbiChoice:
         # the CLI marks a value that came from the environment (see commands._common)
         return AbiChoice(str(abi), "explicit", f"chosen with {getattr(abi, 'origin', '--abi')}")
     if abi != "auto":
-        raise ValueError(f"unknown ABI {abi!r}")
+        raise UsageError(f"unknown ABI {abi!r} (classic, current or auto)")
     hint = (hints or {}).get("abi")
     if hint in cat.ABIS:
         return AbiChoice(hint, "dump-header", f"the hex dump's header says 'abi: {hint}'")
@@ -299,8 +299,11 @@ def decode_page(
 ) -> Decoded:
     """Decode a config page; problems are collected, never raised.
 
-    ``data`` must hold at least the 256-byte header (see :func:`check_size`).
+    ``data`` must hold at least the 256-byte header (see :func:`check_size`);
+    shorter data is a :class:`FormatError`.
     """
+    if len(data) < HEADER_SIZE:
+        raise FormatError(f"too short: {len(data)} bytes, a config page has at least 256")
     hc = header_codec(abi.abi)
     qc = queue_codec(stride)
     hdr = hc.unpack(data)

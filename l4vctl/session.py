@@ -6,8 +6,9 @@ A :class:`Session` is a context manager over a backend::
         s.handshake(want={"flush"})
         print(s.status_flags(), s.negotiated)
 
-It attaches (current: DEVICE_CONFIG + GET_DEVICE_IRQ + ICU bind; classic:
-REGISTER_IFACE), checks magic and version, resets the device, sets
+It attaches by what the device answers (DEVICE_CONFIG + GET_DEVICE_IRQ + ICU
+bind; REGISTER_IFACE when DEVICE_CONFIG answers -L4_ENOSYS, as the oldest
+classic-era devices do), checks magic and version, resets the device, sets
 ACKNOWLEDGE and DRIVER, negotiates features, sets FEATURES_OK and reads it
 back, configures queues in memory it registers with REGISTER_DS, and sets
 DRIVER_OK.  Status writes and queue configuration go through IPC or, in cmd
@@ -21,8 +22,11 @@ import time
 from l4vctl import catalog as cat
 from l4vctl import page as pg
 from l4vctl.caps import PAGE, RIGHT_W, RIGHTS_RW, Dataspace, Irq
+from l4vctl.drivers import implemented_features
 from l4vctl.errors import (
     DeviceStateError,
+    FormatError,
+    L4vError,
     NegotiationError,
     ProtocolError,
     TimeoutExpired,
@@ -37,8 +41,10 @@ DEFAULT_TIMEOUT = 5.0
 CMD_SPIN = 500e-6
 #: First device address the session hands out (L4Re drivers start at the superpage size).
 DEVICE_ADDRESS_BASE = 0x200000
-#: Transport features the session's driver implements (others are never accepted by default).
+#: Transport features the session's driver implements (others are accepted only when asked for: "forced").
 SUPPORTED_TRANSPORT = {cat.INDIRECT_DESC_BIT, cat.EVENT_IDX_BIT, cat.VERSION_1_BIT}
+#: How a driver session attaches: by what the device answers, or forced.
+ATTACH_CHOICES = ("auto", "config", "iface")
 
 
 def resolve_features(names, abi: str, device_id: int | None) -> set[int]:
@@ -111,9 +117,16 @@ class Session:
     """A driver (or monitor) session with one device."""
 
     def __init__(self, device, *, abi: str = "auto", mode: str = "auto", timeout: float = DEFAULT_TIMEOUT,
-                 role: str = "driver", stride: int = cat.QUEUE_ENTRY_STRIDE, check: bool = True):  # fmt: skip
+                 role: str = "driver", stride: int = cat.QUEUE_ENTRY_STRIDE, check: bool = True,
+                 attach: str = "auto"):  # fmt: skip
         if mode not in ("auto", "ipc", "cmd"):
-            raise ValueError(f"mode must be auto, ipc or cmd, not {mode!r}")
+            raise UsageError(f"mode must be auto, ipc or cmd, not {mode!r}")
+        if attach not in ATTACH_CHOICES:
+            raise UsageError(f"attach must be auto, config or iface, not {attach!r}")
+        if abi not in ("auto", *cat.ABIS):
+            raise UsageError(f"abi must be auto, classic or current, not {abi!r}")
+        if role not in ("driver", "monitor"):
+            raise UsageError(f"role must be driver or monitor, not {role!r}")
         if timeout <= 0:
             raise UsageError("the timeout must be positive")
         from l4vctl.backends import open_backend
@@ -122,6 +135,8 @@ class Session:
         self.backend = open_backend(device) if isinstance(device, str) else device
         self.abi_request = abi
         self.mode_request = mode
+        self.attach_request = attach
+        self.attached_via: str | None = None  # "config" (DEVICE_CONFIG) or "iface" (REGISTER_IFACE)
         self.timeout = timeout
         self.role = role
         self.stride = stride
@@ -176,12 +191,14 @@ class Session:
             self._open_saved_page()
             return
         self.channel = self.backend.connect(self.role, self.timeout)
-        if self.role == "driver" and self.abi_request == "classic":
+        if self.role != "driver":  # monitors only look at the page
+            self._attach_device_config(fallback=False)
+        elif self.attach_request == "iface":
             self._attach_register_iface()
-        else:
-            self._attach_device_config()
-            if self.role == "driver":
-                self._attach_irqs()
+        elif self._attach_device_config(fallback=self.attach_request == "auto"):
+            self._attach_irqs()
+        else:  # -L4_ENOSYS: a device from before DEVICE_CONFIG, which knows only REGISTER_IFACE
+            self._attach_register_iface()
 
     def _open_saved_page(self) -> None:
         data, fmt, hints = self.backend.load()
@@ -227,9 +244,15 @@ class Session:
         if version != cat.L4VIRTIO_VERSION:
             raise ProtocolError(f"unsupported version {version} (expected 2)")
 
-    def _attach_device_config(self) -> None:
+    def _attach_device_config(self, fallback: bool) -> bool:
+        """Map the page DEVICE_CONFIG hands out; False if it answered -L4_ENOSYS and ``fallback``."""
         r = self._call(cat.L4VIRTIO_PROTOCOL, cat.OP_DEVICE_CONFIG)
         try:
+            if r.result == -cat.L4_ENOSYS and fallback:
+                return False
+            if r.result == -cat.L4_ENOSYS and self.role == "driver":
+                raise ProtocolError("DEVICE_CONFIG is not implemented: a device that knows only REGISTER_IFACE "
+                                    "(try --attach iface or auto)")  # fmt: skip
             if r.result < 0:
                 raise ProtocolError(f"DEVICE_CONFIG failed: {cat.l4_error_name(r.result)}")
             if not r.words:
@@ -239,6 +262,8 @@ class Session:
             self._map_config(fd, cap.size, r.words[0], writable=self.role == "driver")
         finally:
             r.close()
+        self.attached_via = "config"
+        return True
 
     def _attach_irqs(self) -> None:
         index = self.get("cfg_device_notify_index")
@@ -262,7 +287,11 @@ class Session:
                               [self._driver_irq.fd])  # fmt: skip
         try:
             if r.result == -cat.L4_ENOSYS:
-                raise ProtocolError("REGISTER_IFACE is not implemented: not a classic-era device (try --abi current)")
+                if self.attach_request == "auto":
+                    raise ProtocolError("cannot attach: the device answers neither DEVICE_CONFIG nor REGISTER_IFACE "
+                                        "(-L4_ENOSYS)")  # fmt: skip
+                raise ProtocolError("REGISTER_IFACE is not implemented: a device from after 2022-09 "
+                                    "(try --attach config or auto)")  # fmt: skip
             if r.result < 0:
                 raise ProtocolError(f"REGISTER_IFACE failed: {cat.l4_error_name(r.result)}")
             self._device_irq = Irq(r.fd(0, cat.CAP_IRQ))
@@ -270,6 +299,7 @@ class Session:
             self._map_config(r.fd(1, cat.CAP_DATASPACE), size, 0, writable=True)
         finally:
             r.close()
+        self.attached_via = "iface"
 
     def _call(self, label: int, opcode: int, words=(), caps=(), fds=()):
         """One IPC; a channel that failed (timeout, peer gone) is not used again."""
@@ -284,20 +314,37 @@ class Session:
     # -- page access (single loads and stores) ----------------------------------------------
 
     def get(self, name: str) -> int:
-        off, size, fmt, count = self.hc.fields[name]
-        if size == 4 and self._w32 is not None:
-            return self._w32[off >> 2]
-        return int.from_bytes(self.page[off : off + size], "little")
+        try:
+            off, size, fmt, count = self.hc.fields[name]
+            if size == 4 and self._w32 is not None:
+                return self._w32[off >> 2]
+            return int.from_bytes(self.page[off : off + size], "little")
+        except (AttributeError, TypeError, ValueError, KeyError):
+            raise self._no_field(name) from None
+
+    def _no_field(self, name: str) -> L4vError:
+        if self.page is None:
+            return UsageError(f"{self.url}: the session is not open")
+        return UsageError(f"no header field {name!r} in the {self.abi} layout")
 
     def _set(self, name: str, value: int) -> None:
         off, _size, _fmt, _count = self.hc.fields[name]
         self._w32[off >> 2] = value & 0xFFFFFFFF
 
     def words(self, name: str) -> list[int]:
-        off, _size, _fmt, count = self.hc.fields[name]
-        return list(self._w32[off >> 2 : (off >> 2) + count])
+        try:
+            off, _size, _fmt, count = self.hc.fields[name]
+            if self._w32 is not None:
+                return list(self._w32[off >> 2 : (off >> 2) + count])
+            # a saved page whose length is not a multiple of 4: the header is still whole
+            raw = bytes(self.page[off : off + 4 * count])
+            return [int.from_bytes(raw[i : i + 4], "little") for i in range(0, 4 * count, 4)]
+        except (AttributeError, TypeError, ValueError, KeyError):
+            raise self._no_field(name) from None
 
     def header(self) -> dict:
+        if self.page is None:
+            raise self._no_field("header")
         return self.hc.unpack(self.page)
 
     @property
@@ -400,10 +447,13 @@ class Session:
     def handshake(self, want=None, require=(), refuse=(), *, queues: bool = True, queue_size: int | None = None) -> dict:
         """Reset, negotiate and bring the device to DRIVER_OK.
 
-        ``want``: features to accept if offered (None: every device-class bit
-        and the transport bits the session implements; ``"all"``: everything
-        offered).  ``require``: features whose absence fails the negotiation.
-        ``refuse``: features never accepted.  Returns a summary dict.
+        ``want``: features to accept if offered (None: the transport bits the
+        session implements and the device-class bits l4vctl's driver for the
+        class implements; ``"all"``: everything offered; a list: exactly
+        those).  A wanted or required bit outside what l4vctl implements is
+        accepted as asked but reported as ``forced``.  ``require``: features
+        whose absence fails the negotiation.  ``refuse``: features never
+        accepted.  Returns a summary dict.
         """
         self._need_driver("the handshake")
         device_id = self.get("device")
@@ -431,9 +481,9 @@ class Session:
         required = resolve_features(require, self.abi, device_id)
         refused = resolve_features(refuse, self.abi, device_id)
         cmd_bit = cat.CMD_CONFIG_BIT[self.abi]
+        implemented = SUPPORTED_TRANSPORT | implemented_features(device_id) | {cmd_bit}
         if want is None:
-            default = {b for b in offered if b not in cat.TRANSPORT_FEATURES[self.abi] or b in SUPPORTED_TRANSPORT}
-            wanted = default | required
+            wanted = (offered & implemented) | required
         elif want == "all":
             wanted = set(offered) | required
         else:
@@ -464,6 +514,7 @@ class Session:
             self._fail_check("FEATURES_OK")
             raise NegotiationError(f"the device refused FEATURES_OK (status {st:#04x})")
         self.negotiated = accept
+        forced = accept - implemented
         rows = []
         for bit in sorted(offered | wanted | required | refused):
             rows.append({
@@ -474,8 +525,10 @@ class Session:
                 "required": bit in required,
                 "refused": bit in refused,
                 "negotiated": bit in accept,
+                "implemented": bit in implemented,
+                "forced": bit in forced,
             })  # fmt: skip
-        return {"features": rows, "negotiated": sorted(accept), "offered": sorted(offered)}
+        return {"features": rows, "negotiated": sorted(accept), "offered": sorted(offered), "forced": sorted(forced)}
 
     # -- queues ------------------------------------------------------------------------------------
 

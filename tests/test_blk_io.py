@@ -26,7 +26,7 @@ def image_bytes(path, sector: int, nbytes: int) -> bytes:
         return f.read(nbytes)
 
 
-@pytest.mark.parametrize("abi", ["classic", "current"])
+@pytest.mark.parametrize("abi", ["classic&attach=iface", "classic&attach=config", "current"])  # the 3 generations
 @pytest.mark.parametrize("num", [8, 64, 256])
 @pytest.mark.parametrize("segments,indirect", [(1, False), (3, False), (1, True), (8, True)])
 @pytest.mark.parametrize("event_idx", [False, True])

@@ -11,7 +11,7 @@ import pytest
 from l4vctl import catalog as cat
 from l4vctl import wire
 from l4vctl.caps import Dataspace, Irq
-from l4vctl.errors import ProtocolError, TimeoutExpired, UnavailableError
+from l4vctl.errors import ProtocolError, TimeoutExpired, UnavailableError, UsageError
 from tests.emu import Cap, Session, call, emulator, register
 
 ABIS = ["classic", "current"]
@@ -163,7 +163,8 @@ def test_unknown_opcode_and_label(s):
 
 
 def test_register_iface_classic():
-    with Session("emu:blk?abi=classic", abi="classic") as s:  # attaches with REGISTER_IFACE
+    with Session("emu:blk?abi=classic", abi="classic", attach="iface") as s:  # attaches with REGISTER_IFACE
+        assert s.attached_via == "iface"
         assert s._device_irq is not None and s.get("magic") == cat.L4VIRTIO_MAGIC
         s.handshake()
         assert s.status == 0x0F
@@ -182,8 +183,41 @@ def test_register_iface_needs_page_at_offset_0():
 
 def test_register_iface_does_not_exist_in_current_era():
     with pytest.raises(ProtocolError, match="REGISTER_IFACE is not implemented"):
-        with Session("emu:blk?abi=current", abi="classic"):
+        with Session("emu:blk?abi=current", abi="classic", attach="iface"):
             pass
+
+
+@pytest.mark.parametrize("attach,iface,config", [("iface", 0, err("L4_ENOSYS")), ("config", err("L4_ENOSYS"), 0),
+                                                 ("both", 0, 0)])  # fmt: skip
+def test_classic_device_answers_per_attach_mode(attach, iface, config):
+    """iface: only REGISTER_IFACE; config: only DEVICE_CONFIG (+ GET_DEVICE_IRQ, ICU bind); both: either."""
+    with Session(f"emu:blk?abi=classic&attach={attach}") as s:
+        assert s.attached_via == ("iface" if attach == "iface" else "config")
+        irq = Irq.create()
+        try:
+            assert call(s, V, cat.OP_REGISTER_IFACE, [], [Cap(cat.CAP_IRQ)], [irq.fd])[0] == iface
+            assert call(s, V, cat.OP_DEVICE_CONFIG)[0] == config
+            assert call(s, V, cat.OP_GET_DEVICE_IRQ, [0])[0] == config
+            assert call(s, cat.L4_PROTO_IRQ, cat.ICU_OP_BIND, [0], [Cap(cat.CAP_IRQ)], [irq.fd])[0] == config
+        finally:
+            irq.close()
+
+
+def test_forced_attach_against_the_wrong_generation():
+    with pytest.raises(ProtocolError, match="DEVICE_CONFIG is not implemented.*--attach iface"):
+        Session("emu:blk?abi=classic&attach=iface", attach="config").__enter__()
+    with pytest.raises(ProtocolError, match="REGISTER_IFACE is not implemented.*--attach config"):
+        Session("emu:blk?abi=classic&attach=config", attach="iface").__enter__()
+
+
+def test_monitor_reads_the_page_of_an_iface_only_device():
+    with Session("emu:blk?abi=classic&attach=iface", role="monitor") as s:
+        assert s.attached_via == "config" and s.get("magic") == cat.L4VIRTIO_MAGIC
+
+
+def test_attach_iface_needs_the_classic_era():
+    with pytest.raises(UsageError, match="only in the classic era"):
+        Session("emu:blk?attach=iface").__enter__()
 
 
 # -- roles and malformed frames ------------------------------------------------------------------

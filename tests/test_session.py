@@ -14,14 +14,19 @@ from tests.emu import emulator
 KINDS = ["blk", "net", "console", "rng"]
 
 
-@pytest.mark.parametrize("abi", ["classic", "current"])
+#: The device generations: (era, how it lets drivers attach, how an auto session attaches).
+GENERATIONS = [("classic", "iface", "iface"), ("classic", "both", "config"), ("classic", "config", "config"),
+               ("current", "config", "config")]  # fmt: skip
+
+
+@pytest.mark.parametrize("abi,attach,via", GENERATIONS)
 @pytest.mark.parametrize("mode", ["ipc", "cmd"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_handshake_reaches_driver_ok(kind, abi, mode):
+def test_handshake_reaches_driver_ok(kind, abi, attach, via, mode):
     cmd = "&cmd_mode=1" if mode == "cmd" else ""
-    with Session(f"emu:{kind}?abi={abi}{cmd}", mode=mode) as s:
+    with Session(f"emu:{kind}?abi={abi}&attach={attach}{cmd}", mode=mode) as s:
         summary = s.handshake()
-        assert s.abi == abi and s.mode == mode
+        assert s.abi == abi and s.mode == mode and s.attached_via == via
         assert s.status == 0x0F
         assert [t.wrote for t in s.transitions] == [0, 1, 3, 0x0B, 0x0F]
         assert [t.status for t in s.transitions] == [0, 1, 3, 0x0B, 0x0F]
@@ -73,6 +78,48 @@ def test_default_want_skips_transport_features_the_driver_lacks():
         assert {1, 2, 6, 9, 28, 32} <= set(summary["negotiated"])
     with Session("emu:blk?features=ring_packed") as s:
         assert 34 in s.handshake(want="all")["negotiated"]
+
+
+def test_default_accepts_only_what_l4vctl_implements():
+    """Bits offered beyond what the session and the class driver implement stay off unless asked for."""
+    with Session("emu:blk?features=30,31,45,60,config_wce,mq,zoned") as s:
+        summary = s.handshake()
+        for bit in (30, 31, 45, 60, 11, 12, 17):
+            assert bit not in summary["negotiated"]
+        assert {1, 2, 6, 9, 13, 14, 28, 32} <= set(summary["negotiated"]) and summary["forced"] == []
+        rows = {r["bit"]: r for r in summary["features"]}
+        assert rows[45]["offered"] and not rows[45]["implemented"] and not rows[45]["forced"]
+        assert rows[9]["implemented"] and not rows[9]["forced"]
+        assert set(cat.bits_of(s.words("driver_features_map"))) == set(summary["negotiated"])
+    with Session("emu:blk?features=45,60,mq") as s:
+        summary = s.handshake(want=["45", "flush"], require=["mq"])
+        assert set(summary["negotiated"]) == {9, 12, 32, 45} and summary["forced"] == [12, 45]
+        assert set(cat.bits_of(s.words("driver_features_map"))) == {9, 12, 32, 45}
+    with Session("emu:blk?features=60") as s:
+        summary = s.handshake(want="all")
+        assert 60 in summary["negotiated"] and summary["forced"] == [60]
+
+
+def test_net_default_leaves_offloads_and_merged_buffers_off():
+    from l4vctl.drivers.net import NetDriver
+
+    url = "emu:net?features=csum,guest_csum,guest_tso4,guest_tso6,guest_ufo,mrg_rxbuf,ctrl_vq,mq&mtu=100&loop=1"
+    with Session(url) as s:
+        summary = s.handshake()
+        assert set(summary["negotiated"]) == {3, 5, 16, 32}, summary["negotiated"]
+        drv = NetDriver(s)
+        assert drv.max_frame == 114
+        with pytest.raises(UsageError, match="larger than 114 .the device's MTU"):
+            drv.send(bytes(115))
+        drv.send(bytes(114))
+        drv.flush()
+
+
+def test_console_and_rng_defaults():
+    with Session("emu:console?features=multiport,emerg_write&io=null") as s:
+        assert set(s.handshake()["negotiated"]) == {0, 32}
+    with Session("emu:rng?features=event_idx,ring_packed") as s:
+        assert set(s.handshake()["negotiated"]) == {28, 29, 32}
 
 
 def test_required_feature_missing_fails_and_sets_failed():
@@ -182,8 +229,10 @@ def test_close_resets_a_driven_device_unless_kept(tmp_path):
 
 
 def test_session_arguments():
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError):
         Session("emu:blk", mode="fast")
+    with pytest.raises(UsageError, match="attach must be"):
+        Session("emu:blk", attach="magic")
     with pytest.raises(UsageError):
         Session("emu:blk", timeout=0)
     with pytest.raises(UsageError, match="unknown device scheme 'tcp'"):

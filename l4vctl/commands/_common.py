@@ -83,6 +83,31 @@ def abi_option(*, auto: bool):
     )
 
 
+def _keep_attach(ctx, param, value):
+    ctx.meta["l4vctl.attach"] = value
+    return value
+
+
+def attach_option(f):
+    """--attach (also L4VCTL_ATTACH): how a driver attaches; kept in ``ctx.meta`` for :func:`attach_of`."""
+    return click.option(
+        "--attach",
+        type=click.Choice(["auto", "config", "iface"]),
+        default="auto",
+        show_default=True,
+        envvar="L4VCTL_ATTACH",
+        expose_value=False,
+        callback=_keep_attach,
+        help="How the driver attaches: config = DEVICE_CONFIG + GET_DEVICE_IRQ + ICU bind, iface = "
+        "REGISTER_IFACE (classic-era devices before 2022-09); auto = DEVICE_CONFIG, and REGISTER_IFACE "
+        "if the device answers -L4_ENOSYS.",
+    )(f)
+
+
+def attach_of(ctx: click.Context) -> str:
+    return ctx.meta.get("l4vctl.attach", "auto")
+
+
 def examples(*pairs: tuple[str, str]) -> str:
     """An epilog listing examples; also read by the man page generator."""
     lines = ["\b", "Examples:"]
@@ -170,6 +195,7 @@ def io_options(f):
         show_default=True,
         help="Status and queue setup by IPC or through the cmd word (auto: cmd if offered).",
     )(f)
+    f = attach_option(f)
     f = abi_option(auto=True)(f)
     f = device_options(f)
     return f
@@ -184,7 +210,7 @@ class driven:
         self.out = begin(ctx, command, json_mode)
         self.out.device = self.url
         self.command = command
-        self.args = dict(abi=abi, mode=mode, timeout=timeout)
+        self.args = dict(abi=abi, mode=mode, timeout=timeout, attach=attach_of(ctx))
         self.device_class = device_class or command.split()[0]
         self.handshake = handshake
         self.session = None

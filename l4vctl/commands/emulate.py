@@ -64,6 +64,11 @@ def _apply(decorators):
               help="Close attached clients that send nothing for this long (default 0: never).")  # fmt: skip
 @click.option("--abi", type=click.Choice(["classic", "current"]), default="current", show_default=True,
               help="Header layout era of the emulated device.")  # fmt: skip
+@click.option("--attach", type=click.Choice(["iface", "config", "both"]), default=None,
+              help="How drivers attach (classic era only): iface = REGISTER_IFACE only (DEVICE_CONFIG, "
+                   "GET_DEVICE_IRQ and ICU bind answer -L4_ENOSYS), config = DEVICE_CONFIG only as in "
+                   "2022-09..2024-01 (REGISTER_IFACE answers -L4_ENOSYS), both = either, as in 2018..2022-09. "
+                   "Default: both for classic, config for current.")  # fmt: skip
 @click.option("--cmd-mode", is_flag=True, help="Offer L4VIRTIO_FEATURE_CMD_CONFIG: status and queue setup via cmd.")
 @click.option("--queues", type=click.IntRange(1, 64), default=None, help="Number of queues (default: the type's).")
 @click.option("--num-max", type=click.IntRange(1, 32768), default=None, help="Largest queue size offered.")
@@ -79,7 +84,8 @@ def _apply(decorators):
 @click.option("-q", "--quiet", is_flag=True, help="Log only errors.")
 @json_option
 @click.pass_context
-def emulate(ctx, kind, socket_path, max_clients, client_timeout, idle_timeout, abi, cmd_mode, queues, num_max, features, inject, ds_offset, max_regions,
+def emulate(ctx, kind, socket_path, max_clients, client_timeout, idle_timeout, abi, attach, cmd_mode, queues,
+            num_max, features, inject, ds_offset, max_regions,
             vendor, verbose, quiet, json_mode, **model_opts):  # fmt: skip
     """Serve an emulated L4-VIRTIO device on a Unix socket.
 
@@ -117,6 +123,8 @@ def emulate(ctx, kind, socket_path, max_clients, client_timeout, idle_timeout, a
     from l4vctl.emulator.server import Server, listen
 
     raw: dict[str, object] = {"abi": abi, "cmd_mode": cmd_mode}
+    if attach is not None:
+        raw["attach"] = attach
     for key, value in (("queues", queues), ("num_max", num_max), ("ds_offset", ds_offset),
                        ("max_regions", max_regions), ("vendor", vendor)):  # fmt: skip
         if value is not None:
@@ -157,6 +165,7 @@ def emulate(ctx, kind, socket_path, max_clients, client_timeout, idle_timeout, a
         "pid": os.getpid(),
         "type": kind,
         "abi": abi,
+        "attach": device.attach,
         "device_id": device.model.DEVICE_ID,
         "cmd_mode": device.cmd_mode,
         "num_queues": device.num_queues,
@@ -169,7 +178,7 @@ def emulate(ctx, kind, socket_path, max_clients, client_timeout, idle_timeout, a
     if not quiet:
         from l4vctl.output import info
 
-        info(f"emulating {device.model.describe()} ({abi} ABI{', cmd mode' if device.cmd_mode else ''}) on {url}")
+        info(f"emulating {device.model.describe()} ({abi} ABI{'' if device.attach == 'config' else ', attach ' + device.attach}{', cmd mode' if device.cmd_mode else ''}) on {url}")
     try:
         server.serve()
     finally:

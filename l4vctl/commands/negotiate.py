@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from l4vctl.commands._common import abi_option, begin, device_options, examples, json_option, resolve_device, timeout_option
+from l4vctl.commands._common import abi_option, attach_of, attach_option, begin, device_options, examples, json_option, resolve_device, timeout_option
 
 
 def _names(values: tuple[str, ...]) -> list[str]:
@@ -24,10 +24,12 @@ def _names(values: tuple[str, ...]) -> list[str]:
 )
 @device_options
 @abi_option(auto=True)
+@attach_option
 @click.option("--want", multiple=True, metavar="F,...",
               help="Features to accept if offered (names like flush or VIRTIO_BLK_F_FLUSH, or bit numbers); "
-                   "'all' = everything offered. Default: every device feature and the transport features "
-                   "l4vctl implements (indirect_desc, event_idx, version_1).")  # fmt: skip
+                   "'all' = everything offered. Default: the transport features l4vctl implements "
+                   "(indirect_desc, event_idx, version_1) and the device features its driver for the class "
+                   "implements; others are accepted only through --want or --require and shown as [forced].")  # fmt: skip
 @click.option("--require", multiple=True, metavar="F,...", help="Fail with exit status 5 unless these are negotiated.")
 @click.option("--refuse", multiple=True, metavar="F,...", help="Never accept these.")
 @click.option("--mode", type=click.Choice(["auto", "ipc", "cmd"]), default="auto", show_default=True,
@@ -44,10 +46,12 @@ def negotiate(ctx, device, device_opt, abi, want, require, refuse, mode, queue_s
     """Run the driver handshake up to DRIVER_OK and show what was agreed.
 
     Attaches as the driver, resets the device, sets ACKNOWLEDGE and DRIVER,
-    accepts the wanted features the device offers (VERSION_1 always), sets
+    accepts the wanted features the device offers (VERSION_1 always; by
+    default only those l4vctl implements, the rest marked [not implemented]
+    unless forced with --want), sets
     FEATURES_OK and reads it back, configures every queue in memory
     registered with REGISTER_DS, and sets DRIVER_OK.  Prints each feature as
-    'name: on/off' with notes such as [not offered] or [refused], and every
+    'name: on/off' with notes such as [not offered], [refused] or [forced], and every
     status write with the status the device accepted.
 
     Exit status 5 when FEATURES_OK is refused, a required feature is not
@@ -62,7 +66,7 @@ def negotiate(ctx, device, device_opt, abi, want, require, refuse, mode, queue_s
     out.device = url
     wants = _names(want)
     want_arg = None if not wants else ("all" if wants == ["all"] else wants)
-    with Session(url, abi=abi, mode=mode, timeout=timeout) as s:
+    with Session(url, abi=abi, mode=mode, timeout=timeout, attach=attach_of(ctx)) as s:
         out.abi = s.abi
         summary = s.handshake(want_arg, _names(require), _names(refuse), queues=not no_queues, queue_size=queue_size)
         result = {
@@ -71,8 +75,10 @@ def negotiate(ctx, device, device_opt, abi, want, require, refuse, mode, queue_s
             "abi": s.abi,
             "abi_detection": s.abi_choice.to_json(),
             "mode": s.mode,
+            "attach": s.attached_via,
             "features": summary["features"],
             "negotiated": summary["negotiated"],
+            "forced": summary["forced"],
             "transitions": [t.to_json() for t in s.transitions],
             "status": {"value": s.status, "flags": cat.flag_names(s.status, cat.STATUS_BITS)[0]},
             "generation": s.get("generation"),
@@ -88,11 +94,13 @@ def feature_line(f: dict) -> str:
     """ethtool style: 'name: on' or 'name: off [not offered]'."""
     name = f["name"] or f"bit {f['bit']}"
     if f["negotiated"]:
-        return f"{name}: on"
+        return f"{name}: on" + (" [forced]" if f.get("forced") else "")
     if f["refused"] and f["offered"]:
         return f"{name}: off [refused]"
     if not f["offered"]:
         return f"{name}: off [not offered]" + (" [requested on]" if f["wanted"] else "")
+    if f.get("implemented") is False and not f["wanted"]:
+        return f"{name}: off [not implemented]"
     return f"{name}: off"
 
 
@@ -108,6 +116,7 @@ def _text(r: dict):
             ("url", r["url"]),
             ("abi", f"{r['abi']} ({r['abi_detection']['method']}: {r['abi_detection']['reason']})"),
             ("mode", r["mode"] + (" (status and queues through the cmd word)" if r["mode"] == "cmd" else " (IPC)")),
+            ("attach", {"config": "DEVICE_CONFIG + GET_DEVICE_IRQ + ICU bind", "iface": "REGISTER_IFACE"}[r["attach"]]),
         ],
         indent=0,
     )

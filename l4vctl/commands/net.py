@@ -7,7 +7,7 @@ import time
 
 import click
 
-from l4vctl.commands._common import abi_option, begin, driven, examples, io_options, json_option, timeout_option
+from l4vctl.commands._common import abi_option, attach_of, attach_option, begin, driven, examples, io_options, json_option, timeout_option
 from l4vctl.errors import UsageError
 
 
@@ -124,6 +124,7 @@ def recv(ctx, device, device_opt, abi, mode, timeout, json_mode, count, wait):
 @click.argument("device_a", metavar="DEVICE_A")
 @click.argument("device_b", metavar="DEVICE_B")
 @abi_option(auto=True)
+@attach_option
 @click.option("--count", type=click.IntRange(1, 100000), default=4, show_default=True, help="Echo requests.")
 @click.option("--size", type=click.IntRange(0, 1400), default=56, show_default=True, help="Payload bytes.")
 @timeout_option
@@ -143,7 +144,9 @@ def ping(ctx, device_a, device_b, abi, count, size, timeout, json_mode):
     out.device = device_a
     rtts: list[float] = []
     lost = 0
-    with Session(device_a, abi=abi, timeout=timeout) as a, Session(device_b, abi=abi, timeout=timeout) as b:
+    attach = attach_of(ctx)
+    with Session(device_a, abi=abi, timeout=timeout, attach=attach) as a, \
+            Session(device_b, abi=abi, timeout=timeout, attach=attach) as b:  # fmt: skip
         out.abi = a.abi
         require_class(a, "net", "'l4vctl net ping'")
         require_class(b, "net", "'l4vctl net ping'")

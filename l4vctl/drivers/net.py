@@ -30,6 +30,10 @@ class NetDriver:
         self.timeout = session.timeout
         cfg = session.device_config()
         self.mac = bytes(cfg["mac"]) if 5 in session.negotiated and "mac" in cfg else bytes.fromhex("020000000001")
+        #: the largest frame the device takes: its MTU plus the Ethernet header (VIRTIO_NET_F_MTU)
+        self.max_frame = BUFFER - HDR
+        if 3 in session.negotiated and cfg.get("mtu"):
+            self.max_frame = min(self.max_frame, cfg["mtu"] + 14)
         self.rx = session.virtqueue(RX)
         self.tx = session.virtqueue(TX)
         n = max(1, min(buffers, self.rx.num, self.tx.num))
@@ -41,8 +45,9 @@ class NetDriver:
         self.rx.kick()
 
     def send(self, frame: bytes) -> None:
-        if len(frame) > BUFFER - HDR:
-            raise UsageError(f"a frame of {len(frame)} bytes is larger than {BUFFER - HDR}")
+        if len(frame) > self.max_frame:
+            limit = "the device's MTU" if self.max_frame < BUFFER - HDR else "the buffer size"
+            raise UsageError(f"a frame of {len(frame)} bytes is larger than {self.max_frame} ({limit})")
         for i, _used in self.tx.reap():
             self.tx_pool.give(i)
         while not self.tx_pool.free:

@@ -105,6 +105,9 @@ class Device:
         self.model = model
         model.device = self
         self.abi = opts["abi"]
+        self.attach = opts.get("attach") or ("both" if self.abi == "classic" else "config")
+        if self.attach != "config" and self.abi != "classic":
+            raise ValueError(f"attach={self.attach}: REGISTER_IFACE exists only in the classic era (use abi=classic)")
         self.cmd_mode = opts["cmd_mode"]
         self.faults = dict(opts["inject"])
         self.max_regions = opts["max_regions"]

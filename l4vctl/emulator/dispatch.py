@@ -20,6 +20,11 @@ EBADPROTO = -cat.L4_EBADPROTO
 NO_REPLY = object()
 
 
+def _attach(dev) -> str:
+    """How drivers attach to ``dev``: "iface", "config" or "both" (see ``l4vctl emulate --attach``)."""
+    return getattr(dev, "attach", None) or ("both" if dev.abi == "classic" else "config")
+
+
 class Reply:
     __slots__ = ("result", "words", "caps", "fds")
 
@@ -72,7 +77,7 @@ class Dispatcher:
                 return Reply(EMSGTOOSHORT)
             return Reply(dev.config_queue(f.words[0] & 0xFFFFFFFF))
         if op == cat.OP_REGISTER_IFACE:
-            if dev.abi != "classic":
+            if _attach(dev) == "config":
                 return Reply(ENOSYS)
             if not f.caps:
                 return Reply(EMSGTOOSHORT)
@@ -91,9 +96,13 @@ class Dispatcher:
             base, offset, size = f.words[:3]
             return Reply(dev.register_ds(fd, cap.rights, base, offset, size))
         if op == cat.OP_DEVICE_CONFIG:
+            if _attach(dev) == "iface" and not read_only:  # monitors (an l4vctl extension) may still look
+                return Reply(ENOSYS)
             rights = RIGHTS_RO if read_only else RIGHTS_RW
             return Reply(0, [dev.ds_offset], *self._ds_cap(dev.config_ds, rights))
         if op == cat.OP_GET_DEVICE_IRQ:
+            if _attach(dev) == "iface":
+                return Reply(ENOSYS)
             if not f.words:
                 return Reply(EMSGTOOSHORT)
             irq = dev.irq_for_index(f.words[0] & 0xFFFFFFFF)
@@ -111,6 +120,8 @@ class Dispatcher:
     def _icu(self, f: wire.Frame):
         op = f.opcode
         if op == cat.ICU_OP_BIND:
+            if _attach(self.device) == "iface":
+                return Reply(ENOSYS)
             if not f.caps or not f.words:
                 return Reply(EMSGTOOSHORT)
             if f.words[0] != 0:

@@ -46,6 +46,19 @@ def parse_abi(text) -> str:
     return text
 
 
+#: How a device lets a driver attach: REGISTER_IFACE (one call), DEVICE_CONFIG
+#: (+ GET_DEVICE_IRQ + ICU bind), or both.  Classic-era devices answered both from
+#: 2018 on, and only DEVICE_CONFIG after REGISTER_IFACE was removed (2022-09);
+#: current-era devices answer only DEVICE_CONFIG.
+ATTACH_MODES = ("iface", "config", "both")
+
+
+def parse_attach(text) -> str:
+    if text not in ATTACH_MODES:
+        raise ValueError(f"{text!r} is not an attach mode (iface, config or both)")
+    return text
+
+
 def _positive(text) -> int:
     value = parse_int(text)
     if value < 1:
@@ -55,6 +68,9 @@ def _positive(text) -> int:
 
 COMMON_OPTIONS = (
     Option("abi", parse_abi, cat.DEFAULT_ABI, "header layout era: classic or current"),
+    Option("attach", parse_attach, None,
+           "how drivers attach: iface (REGISTER_IFACE only), config (DEVICE_CONFIG only) or both; "
+           "default both for classic, config for current"),
     Option("cmd_mode", parse_bool, False, "offer L4VIRTIO_FEATURE_CMD_CONFIG (status and queues via cmd)"),
     Option("queues", _positive, None, "number of queues (default: the model's)"),
     Option("num_max", _positive, None, "largest queue size offered (default: the model's)"),
