@@ -390,6 +390,11 @@ class Session:
         else:
             r = self._call(cat.L4VIRTIO_PROTOCOL, cat.OP_SET_STATUS, [value])
             r.close()
+            if r.result < 0:  # L4Re devices answer 0; a cmd-only proxy refuses the IPC
+                hint = ""
+                if cat.CMD_CONFIG_BIT[self.abi] in self.offered():
+                    hint = " (the device offers cmd mode: try --mode cmd)"
+                raise ProtocolError(f"SET_STATUS({value:#x}) failed: {cat.l4_error_name(r.result)}{hint}")
         status = self.status
         self.transitions.append(Transition(self.mode, value, status))
         return status
