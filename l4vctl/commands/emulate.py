@@ -94,7 +94,7 @@ def emulate(ctx, kind, socket_path, abi, cmd_mode, queues, num_max, features, in
       never-clear-cmd            never consume a cmd word
       needs-reset-on-driver-ok   answer DRIVER_OK with DEVICE_NEEDS_RESET
       die-on-status=N            exit when status N is written
-      no-reply=OP                never reply to L4-VIRTIO opcode OP
+      no-reply=OP                never reply to L4-VIRTIO opcode OP (name or number)
       queues-offset-outside      publish a queue array outside the page
       bad-magic                  publish a wrong magic value
     """
