@@ -36,7 +36,7 @@ def _l4vctl(*args: str, env: dict | None = None) -> subprocess.Popen:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "L4VCTL_EMU_LOG": "ERROR", **(env or {})},
     )
 
 
