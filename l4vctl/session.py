@@ -407,6 +407,7 @@ class Session:
         spin_until = start + CMD_SPIN
         deadline = start + self.timeout
         delay = 50e-6
+        hangup = None
         while self.get("cmd"):
             now = time.perf_counter()
             if now < spin_until:
@@ -414,8 +415,17 @@ class Session:
             if now > deadline:
                 self._broken = True
                 raise TimeoutExpired(f"the device did not consume cmd {word:#010x} within {self.timeout:g} s")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.001)
+            if delay < 0.001:
+                time.sleep(delay)
+                delay *= 2
+                continue
+            if hangup is None:  # from here on, sleep on the connection: a device that dies ends the wait
+                hangup = _hangup_poller(self._watch_fd())
+            if hangup is None:
+                time.sleep(delay)
+            elif hangup.poll(1):
+                self._broken = True
+                raise UnavailableError(f"{self.url}: the device went away before it consumed cmd {word:#010x}")
 
     def _fail_check(self, after: str) -> None:
         st = self.status
@@ -635,6 +645,7 @@ class Session:
             indirect=cat.INDIRECT_DESC_BIT in self.negotiated,
             index=index,
             check=self.check_device,
+            watch=self._watch_fd(),
         )
         self._vqs[index] = vq
         return vq
@@ -664,8 +675,24 @@ class Session:
         """Raise if the device entered a fail state or its connection died."""
         check = getattr(self.channel, "check", None)
         if check is not None:
-            check()
+            try:
+                check()
+            except UnavailableError:
+                self._broken = True
+                raise
         self._fail_check("I/O")
+
+    def _watch_fd(self) -> int | None:
+        """The descriptor of the device connection, watched for a hang-up while waiting (None: nothing to watch)."""
+        fileno = getattr(self.channel, "fileno", None)
+        fd = fileno() if fileno is not None else -1
+        return fd if fd >= 0 else None
+
+    def wait_irq(self, timeout: float) -> None:
+        """Sleep until the driver IRQ fires or ``timeout``; raise UnavailableError if the device goes away meanwhile."""
+        from l4vctl.virtqueue import sleep_on
+
+        sleep_on(self._driver_irq, self._watch_fd(), timeout, self.check_device)
 
     def device_config(self) -> dict:
         """The device-specific config, decoded (empty for unknown devices).
@@ -733,3 +760,16 @@ class Session:
             self.channel.close()
             self.channel = None
         self.backend.close()
+
+
+def _hangup_poller(fd: int | None):
+    """A poll object that reports the device connection ``fd`` hanging up (None without one)."""
+    if fd is None:
+        return None
+    import select
+
+    from l4vctl.virtqueue import HANGUP
+
+    p = select.poll()
+    p.register(fd, HANGUP)
+    return p

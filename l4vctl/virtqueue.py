@@ -12,6 +12,7 @@ the event indices when VIRTIO_F_EVENT_IDX was negotiated).
 
 from __future__ import annotations
 
+import select
 import time
 
 from l4vctl import catalog as cat
@@ -27,6 +28,30 @@ WRITE = cat.VRING_DESC_F_WRITE
 INDIRECT = cat.VRING_DESC_F_INDIRECT
 #: Seconds to poll used.idx before sleeping on the IRQ.
 COMPLETION_SPIN = 100e-6
+#: Longest sleep on the IRQ before the device's status is looked at again.
+SLEEP_SLICE = 0.05
+#: poll() events on the device connection that mean it went away.
+HANGUP = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
+
+
+def sleep_on(irq, watch: int | None, timeout: float, check=None) -> bool:
+    """Sleep until ``irq`` fires (consuming it) or ``timeout``; True if it fired.
+
+    ``watch`` is the device connection's descriptor: a hang-up on it calls
+    ``check``, which raises when the device went away.
+    """
+    p = select.poll()
+    p.register(irq.fd, select.POLLIN)
+    if watch is not None and watch >= 0:
+        p.register(watch, HANGUP)
+    fired = False
+    for fd, _events in p.poll(max(0, int(timeout * 1000 + 0.999))):
+        if fd == irq.fd:
+            irq.drain()
+            fired = True
+        elif check is not None:
+            check()
+    return fired
 
 
 class QueueFull(Exception):
@@ -42,7 +67,7 @@ class Virtqueue:
     """One split virtqueue configured by a :class:`~l4vctl.session.Session`."""
 
     def __init__(self, memory: memoryview, num: int, *, kick_irq, irq, event_idx: bool, indirect: bool,
-                 index: int = 0, check=None):  # fmt: skip
+                 index: int = 0, check=None, watch: int | None = None):  # fmt: skip
         geo = ring_geometry()
         lay = geo.simple_layout(num)
         self.index = index
@@ -52,6 +77,8 @@ class Virtqueue:
         self.kick_irq = kick_irq
         self.irq = irq
         self.check = check  # called when waits time out: raises if the device failed
+        self.watch = watch  # the device connection's fd: a hang-up ends waits at once (check raises)
+        self._poller = None
         self.desc = memory[lay["desc"] : lay["desc"] + geo.desc_size(num)]
         self.avail = memory[lay["avail"] : lay["avail"] + geo.avail_size(num)].cast("H")
         used = memory[lay["used"] : lay["used"] + geo.used_size(num)]
@@ -196,14 +223,39 @@ class Virtqueue:
                 raise TimeoutExpired(
                     f"queue {self.index}: no completion within {timeout:g} s ({self.in_flight} requests in flight)"
                 )
-            self.irq.wait(min(left, 0.05))
+            self.sleep(min(left, SLEEP_SLICE))
             done = self.reap()
             if done:
                 return done
             if self.check is not None:
                 self.check()
 
+    def sleep(self, timeout: float) -> None:
+        """Sleep until the IRQ fires (consuming it), the device connection hangs up, or ``timeout``.
+
+        One poll() covers both descriptors.  A hang-up calls ``check``, which
+        raises (the device went away); the connection is not watched after a
+        hang-up that ``check`` did not confirm, so that it cannot spin.
+        """
+        p = self._poller
+        if p is None:
+            p = self._poller = select.poll()
+            p.register(self.irq.fd, select.POLLIN)
+            if self.watch is not None and self.watch >= 0:
+                p.register(self.watch, HANGUP)
+        ms = max(0, int(timeout * 1000 + 0.999))
+        irq_fd = self.irq.fd
+        for fd, _events in p.poll(ms):
+            if fd == irq_fd:
+                self.irq.drain()
+            else:
+                if self.check is not None:
+                    self.check()
+                p.unregister(fd)
+                self.watch = None
+
     def close(self) -> None:
+        self._poller = None
         for view in reversed(self._views):
             view.release()
         self._views = []

@@ -20,7 +20,8 @@ from l4vctl.backends import Backend
 from l4vctl.backends.unix import SocketChannel
 from l4vctl.errors import UnavailableError, UsageError
 
-REAP_TIMEOUT = 2.0
+#: Seconds a stopped emulator gets to exit by itself (it ends when its connection closes) before SIGKILL.
+REAP_TIMEOUT = 0.5
 
 
 def parse_emu_target(target: str) -> tuple[str, dict[str, str]]:
@@ -110,7 +111,7 @@ class EmuBackend(Backend):
             if pid:
                 self.pid = None
                 self.exit_status = os.waitstatus_to_exitcode(status)
-                return f"the emulator exited with status {self.exit_status}"
+                return describe_exit(self.exit_status)
             time.sleep(0.005)
         return None
 
@@ -123,6 +124,17 @@ class EmuBackend(Backend):
         _pid, status = os.waitpid(self.pid, 0)
         self.exit_status = os.waitstatus_to_exitcode(status)
         self.pid = None
+
+
+def describe_exit(code: int) -> str:
+    """How the emulator process ended, from its exit code (negative: the signal that killed it)."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"the emulator was killed by {name}"
+    return f"the emulator exited with status {code}"
 
 
 def _wait_exit(pid: int, timeout: float) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import select
 import socket
 import struct
 import time
@@ -16,6 +17,8 @@ from l4vctl.errors import ProtocolError, TimeoutExpired, UnavailableError
 ROLE_CODES = {"driver": cat.ROLE_DRIVER, "monitor": cat.ROLE_MONITOR}
 #: Seconds to poll for a reply before sleeping (replies usually take tens of microseconds).
 REPLY_SPIN = 200e-6
+#: poll() events that mean the peer closed its end (POLLIN is left out: a stale reply is not a hang-up).
+HANGUP = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
 
 
 class Response:
@@ -152,6 +155,24 @@ class SocketChannel:
                     f" while l4vctl waited for the reply to {describe_op(label, opcode)}"
                 )
             # else a stale reply (an earlier call timed out): skip it
+
+    def fileno(self) -> int:
+        """The connection's descriptor: it reports a hang-up (POLLHUP, POLLRDHUP) when the device goes away."""
+        return self.sock.fileno() if self.sock is not None else -1
+
+    def hung_up(self) -> bool:
+        """True if the device closed the connection (its process may have died)."""
+        if self.sock is None:
+            return True
+        p = select.poll()
+        p.register(self.sock, HANGUP)
+        return any(ev & HANGUP for _fd, ev in p.poll(0))
+
+    def check(self) -> None:
+        """Raise UnavailableError if the device went away (called while waiting for completions)."""
+        if self.hung_up():
+            why = self._exit_status() if self._exit_status else None
+            raise UnavailableError(f"{self.name}: the device went away during I/O (" + (why or "it closed the connection") + ")")
 
     def close(self) -> None:
         if self.sock is not None:

@@ -423,6 +423,10 @@ class VhostChannel:
             raise TimeoutExpired(f"{self.name}: no reply (this operation is never answered)")
         return Response(reply.result, reply.words, reply.caps, reply.fds)
 
+    def fileno(self) -> int:
+        """The back-end connection's descriptor, watched for a hang-up while waiting for completions."""
+        return self.client.sock.fileno() if self.client.sock is not None else -1
+
     def check(self) -> None:
         """Raise if the back-end hung up (it may die on a message it acknowledged)."""
         if self.client.hung_up():

@@ -113,7 +113,7 @@ def emulate(ctx, kind, socket_path, max_clients, client_timeout, idle_timeout, a
       never-clear-cmd            never consume a cmd word
       needs-reset-on-driver-ok   answer DRIVER_OK with DEVICE_NEEDS_RESET
       die-on-status=N            exit when status N is written
-      no-reply=OP                never reply to L4-VIRTIO opcode OP
+      no-reply=OP                never reply to L4-VIRTIO opcode OP (name or number)
       queues-offset-outside      publish a queue array outside the page
       bad-magic                  publish a wrong magic value
     """

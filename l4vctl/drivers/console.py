@@ -61,7 +61,6 @@ class ConsoleDriver:
     def receive(self, timeout: float) -> bytes:
         """Input that arrives within ``timeout`` seconds (b"" if none)."""
         deadline = time.monotonic() + timeout
-        irq = self.session._driver_irq
         while True:
             self.rx.interrupts(True)
             data = self.poll()
@@ -71,7 +70,7 @@ class ConsoleDriver:
             if left <= 0:
                 self.session.check_device()
                 return b""
-            irq.wait(min(left, 0.05))
+            self.session.wait_irq(min(left, 0.05))
 
     def wait_readable(self, fds, timeout: float) -> list:
         """select() over the driver IRQ and ``fds``."""

@@ -69,7 +69,6 @@ class NetDriver:
     def receive(self, timeout: float) -> list[bytes]:
         """Frames that arrive within ``timeout`` seconds (at least one, or none at the deadline)."""
         deadline = time.monotonic() + timeout
-        irq = self.session._driver_irq
         while True:
             self.rx.interrupts(True)
             frames = []
@@ -87,7 +86,7 @@ class NetDriver:
             if left <= 0:
                 self.session.check_device()
                 return []
-            irq.wait(min(left, 0.05))
+            self.session.wait_irq(min(left, 0.05))
 
 
 def frame(dst: bytes, src: bytes, ethertype: int, payload: bytes) -> bytes:

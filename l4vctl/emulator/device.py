@@ -141,6 +141,7 @@ class Device:
         self.device_errors = 0
         self._build_page()
         self._cmd_index = self.hc.fields["cmd"][0] >> 2
+        self._cmd_left = 0  # a cmd word left in place (never-clear-cmd): run again only when kicked
         self.queues = [Queue(i) for i in range(self.num_queues)]
 
     # -- page ------------------------------------------------------------------------
@@ -479,14 +480,17 @@ class Device:
     def kicked(self) -> None:
         """The device IRQ fired: run a pending cmd, then look at every queue."""
         self.kicks += 1
+        self._cmd_left = 0  # a kick asks for the cmd word again, even one left in place
         self.service()
 
     def service(self) -> bool:
         """Run a pending cmd and serve every queue; True if there was work."""
         busy = False
-        if self.cmd_mode and self.w32[self._cmd_index]:
-            self.handle_cmd()
-            busy = True
+        if self.cmd_mode:
+            word = self.w32[self._cmd_index]
+            if word and word != self._cmd_left:
+                self.handle_cmd()
+                busy = True
         if not self.status & cat.STATUS_DRIVER_OK or self.status & FAIL:
             return busy
         for q in self.queues:
@@ -533,6 +537,8 @@ class Device:
         else:
             log.warning("cmd %#010x is not a command of the %s era: ignored", value, self.abi)
         if self.faults.get("never-clear-cmd"):
+            # run once, not in a loop: the word stays, the server goes back to sleep until the next kick
+            self._cmd_left = value
             log.warning("cmd %#010x left in place (injected fault)", value)
             return
         self.set("cmd", 0)
@@ -550,6 +556,7 @@ class Device:
             self.driver_irq.close()
             self.driver_irq = None
         self.kick_irq.drain()
+        self._cmd_left = 0
 
     def stats(self) -> list[int]:
 

@@ -11,10 +11,42 @@ FAULTS = {
     "never-clear-cmd": "never consume a cmd word (the driver's cmd wait times out)",
     "needs-reset-on-driver-ok": "answer DRIVER_OK with DEVICE_NEEDS_RESET",
     "die-on-status": "exit the emulator when this status value is written (die-on-status=3)",
-    "no-reply": "never reply to this L4-VIRTIO opcode (no-reply=0 for SET_STATUS)",
+    "no-reply": "never reply to this L4-VIRTIO opcode, by name or number (no-reply=SET_STATUS or no-reply=0)",
     "queues-offset-outside": "publish a queue array that lies outside the page",
     "bad-magic": "publish a wrong magic value",
 }
+
+
+#: Faults that need a value (FAULT=VALUE), with what the value is.
+FAULT_VALUES = {"die-on-status": "a status value", "no-reply": "an opcode"}
+
+
+def opcode_names() -> dict[str, int]:
+    """L4-VIRTIO opcode names of both eras (upper case) -> numbers."""
+    names: dict[str, int] = {}
+    for table in cat.VIRTIO_OPCODES.values():
+        for number, name in table.items():
+            names.setdefault(name, number)
+    return names
+
+
+def parse_opcode(text: str) -> int:
+    """An L4-VIRTIO opcode by name (case-insensitive, OP_ prefix allowed) or number."""
+    names = opcode_names()
+    key = text.strip().upper()
+    for prefix in ("L4VIRTIO_OP_", "OP_"):
+        if key.startswith(prefix) and key[len(prefix) :] in names:
+            key = key[len(prefix) :]
+    if key in names:
+        return names[key]
+    try:
+        number = parse_int(text)
+    except ValueError:
+        number = -1
+    if number < 0:
+        valid = ", ".join(f"{n} ({v})" for n, v in sorted(names.items(), key=lambda kv: (kv[1], kv[0])))
+        raise ValueError(f"no-reply={text}: not an L4-VIRTIO opcode (opcodes: {valid}, or a number)")
+    return number
 
 
 def parse_faults(text) -> dict:
@@ -29,7 +61,18 @@ def parse_faults(text) -> dict:
         name, _, value = item.partition("=")
         if name not in FAULTS:
             raise ValueError(f"unknown fault {name!r} (faults: {', '.join(FAULTS)})")
-        out[name] = parse_int(value) if value else True
+        if name in FAULT_VALUES and not value:
+            example = "no-reply=SET_STATUS" if name == "no-reply" else "die-on-status=3"
+            raise ValueError(f"fault {name} needs {FAULT_VALUES[name]}: {example}")
+        if name == "no-reply":
+            out[name] = parse_opcode(value)
+        elif value:
+            try:
+                out[name] = parse_int(value)
+            except ValueError:
+                raise ValueError(f"{name}={value}: not a number") from None
+        else:
+            out[name] = True
     return out
 
 
