@@ -387,3 +387,14 @@ def test_too_long_socket_path_is_a_usage_error(tmp_path):
     assert r.returncode == 2
     assert "None" not in r.stderr and "107" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_embedded_emulator_does_not_hold_the_parents_other_connections(tmp_path):
+    """A forked emu: child must not keep a unix: driver connection of its parent alive."""
+    with emulator(tmp_path) as (url, _proc):
+        first = Session(url)
+        first.open()
+        with Session("emu:rng") as embedded:  # forked while `first` is open
+            first.close()  # the emulator must see this driver leave now, not when the child ends
+            assert wait_for(lambda: _attaches(url), 3)
+            assert embedded.get("device") == 4

@@ -84,6 +84,13 @@ class EmuBackend(Backend):
             code = 0
             try:
                 ours.close()
+                from l4vctl.backends.unix import OPEN_CHANNELS
+
+                for other in list(OPEN_CHANNELS):  # the parent's other connections are not ours
+                    try:
+                        os.close(other.detach())
+                    except OSError:
+                        pass
                 code = _serve_child(device, theirs)
             except BaseException:  # noqa: BLE001 - report, then leave
                 import traceback

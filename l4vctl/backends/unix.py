@@ -7,6 +7,7 @@ import select
 import socket
 import struct
 import time
+import weakref
 
 from l4vctl import catalog as cat
 from l4vctl import wire
@@ -57,6 +58,11 @@ def describe_op(label: int, opcode: int) -> str:
     return f"label {label} opcode {opcode}"
 
 
+#: Connections to devices open in this process.  A forked emulator closes its copies,
+#: so that a device sees its driver leave when the driver closes, not when the child ends.
+OPEN_CHANNELS: "weakref.WeakSet[socket.socket]" = weakref.WeakSet()
+
+
 def set_send_timeout(sock: socket.socket, seconds: float) -> None:
     """Blocking sends on ``sock`` give up with EAGAIN after ``seconds`` (receives are unaffected)."""
     seconds = max(seconds, 0.001)
@@ -74,6 +80,7 @@ class SocketChannel:
 
     def __init__(self, sock: socket.socket, name: str, role: str, timeout: float, exit_status=None):
         self.sock = sock
+        OPEN_CHANNELS.add(sock)
         self.name = name
         self.timeout = timeout
         self.seq = 0
@@ -176,6 +183,7 @@ class SocketChannel:
 
     def close(self) -> None:
         if self.sock is not None:
+            OPEN_CHANNELS.discard(self.sock)
             self.sock.close()
             self.sock = None
 
