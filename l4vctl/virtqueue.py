@@ -168,6 +168,11 @@ class Virtqueue:
         last = self.last_used
         if used_idx == last:
             return []
+        if (used_idx - last) & 0xFFFF > self.in_flight:
+            raise ProtocolError(
+                f"queue {self.index}: the device moved used.idx from {last} to {used_idx},"
+                f" past the {self.in_flight} requests in flight"
+            )
         out = []
         ring = self.used_ring
         num = self.num

@@ -98,3 +98,12 @@ def test_need_event_examples():
     assert need_event(3, 10, 0)  # a batch passes it too
     assert need_event(0xFFFF, 0, 0xFFFE)  # across the 16-bit wrap
     assert not need_event(0x8000, 10, 0)
+
+
+def test_used_index_jump_past_in_flight_is_a_protocol_error(vq):
+    head = vq.add([(0x1000, 16, True)], "t")
+    vq.kick()
+    complete(vq, head, 16)
+    struct.pack_into("<H", vq.mem, vq.lay["used"] + 2, 200)  # a hostile device: 200 completions for 1 request
+    with pytest.raises(ProtocolError, match="past the 1 requests in flight"):
+        vq.reap()
