@@ -191,40 +191,35 @@ class _TriggerGuard:
     so a peer can clear O_NONBLOCK and fill the counter between this side's
     poll and its write.  The guard thread (started with the first trigger)
     sees a write that has not returned within TRIGGER_GUARD seconds and
-    reads the counter empty, which lets the write finish.
+    reads the counter empty, which lets the write finish.  A trigger only
+    stores the time it starts writing in its Irq, so the guard costs the
+    hot path next to nothing.
     """
 
     def __init__(self):
-        self.lock = threading.Lock()
-        self.active: dict[int, tuple[int, float]] = {}  # thread id -> (fd, since)
+        self.irqs: set = set()  # Irqs that were triggered (and are not closed)
         self.thread: threading.Thread | None = None
         self.unblocked = 0
 
     def after_fork(self) -> None:
-        self.lock = threading.Lock()
-        self.active = {}
+        self.irqs = set()
         self.thread = None
 
-    def enter(self, fd: int) -> None:
-        with self.lock:
-            self.active[threading.get_ident()] = (fd, time.monotonic())
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._watch, name="l4vctl-irq-guard", daemon=True)
-                self.thread.start()
-
-    def leave(self) -> None:
-        with self.lock:  # never while the guard reads: the fd stays the one it names
-            self.active.pop(threading.get_ident(), None)
+    def watch(self, irq) -> None:
+        self.irqs.add(irq)
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._watch, name="l4vctl-irq-guard", daemon=True)
+            self.thread.start()
 
     def _watch(self) -> None:
         while True:
             time.sleep(TRIGGER_GUARD / 2)
-            with self.lock:
-                now = time.monotonic()
-                for fd, since in list(self.active.values()):
-                    if now - since >= TRIGGER_GUARD:
-                        self.unblocked += 1
-                        _read_nowait(fd)
+            now = time.monotonic()
+            for irq in list(self.irqs):
+                since, fd = irq._since, irq.fd
+                if since and now - since >= TRIGGER_GUARD and fd >= 0 and irq._since == since:
+                    self.unblocked += 1
+                    _read_nowait(fd)
 
 
 _GUARD = _TriggerGuard()
@@ -261,11 +256,12 @@ class Irq:
     counter counts as a wake-up the peer has pending anyway.
     """
 
-    __slots__ = ("fd", "_poll")
+    __slots__ = ("fd", "_poll", "_since")
 
     def __init__(self, fd: int):
         self.fd = fd
         self._poll = None
+        self._since = 0.0  # when a write started that has not returned yet
 
     @classmethod
     def create(cls) -> "Irq":
@@ -297,14 +293,15 @@ class Irq:
         if p is None:
             p = self._poll = select.poll()
             p.register(self.fd, select.POLLOUT)
+            _GUARD.watch(self)
         try:
             if not p.poll(0):
                 return False  # the counter cannot take one more: the peer has a wake-up pending
-            _GUARD.enter(self.fd)
+            self._since = time.monotonic()
             try:
                 os.eventfd_write(self.fd, 1)
             finally:
-                _GUARD.leave()
+                self._since = 0.0
         except OSError:  # EAGAIN on a full counter, or the peer broke the fd
             return False
         return True
@@ -328,6 +325,7 @@ class Irq:
     def close(self) -> None:
         if self.fd >= 0:
             self._poll = None
+            _GUARD.irqs.discard(self)
             close_fds([self.fd])
             self.fd = -1
 
