@@ -219,7 +219,8 @@ class Session:
     def _map_config(self, fd: int, size: int, ds_offset: int, writable: bool) -> None:
         if ds_offset % PAGE:
             raise ProtocolError(f"config page offset {ds_offset:#x} is not page aligned")
-        ds = Dataspace(fd, size, RIGHTS_RW if writable else 0, "config")
+        ds = Dataspace.adopt(fd, size, RIGHTS_RW if writable else 0, "config", need=ds_offset + cat.PAGE_SIZE,
+                             what="config dataspace")  # fmt: skip
         self._config_ds = ds
         try:
             import os
@@ -271,7 +272,7 @@ class Session:
         try:
             if r.result < 0:
                 raise ProtocolError(f"GET_DEVICE_IRQ({index}) failed: {cat.l4_error_name(r.result)}")
-            self._device_irq = Irq(r.fd(0, cat.CAP_IRQ))
+            self._device_irq = Irq.adopt(r.fd(0, cat.CAP_IRQ), "device IRQ")
         finally:
             r.close()
         self._driver_irq = Irq.create()
@@ -294,7 +295,7 @@ class Session:
                                     "(try --attach config or auto)")  # fmt: skip
             if r.result < 0:
                 raise ProtocolError(f"REGISTER_IFACE failed: {cat.l4_error_name(r.result)}")
-            self._device_irq = Irq(r.fd(0, cat.CAP_IRQ))
+            self._device_irq = Irq.adopt(r.fd(0, cat.CAP_IRQ), "device IRQ")
             size = r.caps[1].size if len(r.caps) > 1 else 0
             self._map_config(r.fd(1, cat.CAP_DATASPACE), size, 0, writable=True)
         finally:
@@ -666,7 +667,7 @@ class Session:
             try:
                 if r.result < 0:
                     raise ProtocolError(f"GET_DEVICE_IRQ({index}) for queue {queue} failed: {cat.l4_error_name(r.result)}")
-                irq = self._queue_irqs[index] = Irq(r.fd(0, cat.CAP_IRQ))
+                irq = self._queue_irqs[index] = Irq.adopt(r.fd(0, cat.CAP_IRQ), f"IRQ of queue {queue}")
             finally:
                 r.close()
         return irq

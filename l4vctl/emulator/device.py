@@ -17,7 +17,7 @@ import os
 from l4vctl import catalog as cat
 from l4vctl.emulator import log
 from l4vctl import page as pg
-from l4vctl.caps import PAGE, RIGHT_W, Dataspace, Irq, fd_kind
+from l4vctl.caps import PAGE, RIGHT_W, RIGHTS_RO, SEAL_FUTURE_WRITE, Dataspace, Irq, dataspace_problem
 from l4vctl.emulator.ring import BadChain, DeviceRing
 from l4vctl.formats.fast import ring as ring_geometry
 
@@ -128,6 +128,8 @@ class Device:
         self.w16 = page.cast("H")
         self.w32 = page.cast("I")
         self.w64 = page.cast("Q")
+        self._mirror: Dataspace | None = None  # the read-only copy of the page monitors map
+        self._mirror_page: memoryview | None = None
         self.server = None  # the Server serving this device, once there is one
         self.last_error = ""  # the reason of the last device error
         self.kick_irq = Irq.create()  # the device IRQ drivers trigger (GET_DEVICE_IRQ 0)
@@ -189,6 +191,36 @@ class Device:
             self.set("queues_offset", self.queues_offset)
         if self.faults.get("bad-magic"):
             self.set("magic", 0x56495254)
+
+    def monitor_ds(self) -> Dataspace:
+        """The dataspace monitors map: a copy of the page nobody but the device can write.
+
+        An fd opened read-only on the device's own memfd is no protection: it
+        can be reopened read-write through /proc/self/fd/N (and chmod'ed by
+        its owner).  So monitors get a memfd of their own, sealed with
+        F_SEAL_FUTURE_WRITE after the device mapped it: no new writable
+        mapping and no write() is possible through any fd, only the device's
+        own mapping writes it.  The device refreshes it after every request
+        and cmd (see :meth:`page_changed`).
+        """
+        if self._mirror is None:
+            ds = Dataspace.create(f"l4vctl-{self.model.KIND}-config-ro", self.config_ds.size, final=False)
+            try:
+                m = ds.map()
+                ds.seal(SEAL_FUTURE_WRITE)
+            except BaseException:
+                ds.close()
+                raise
+            self._mirror = ds
+            self._mirror_page = memoryview(m)[self.ds_offset : self.ds_offset + cat.PAGE_SIZE]
+            ds.rights = RIGHTS_RO
+        self.page_changed()
+        return self._mirror
+
+    def page_changed(self) -> None:
+        """Bring the monitors' copy of the page up to date (if a monitor ever asked for it)."""
+        if self._mirror_page is not None:
+            self._mirror_page[:] = self.page
 
     def _field(self, name: str):
         return self.hc.fields[name]
@@ -319,6 +351,7 @@ class Device:
         for q in self.queues:
             q.disable()
         self._store_status(self.status | cat.STATUS_DEVICE_NEEDS_RESET)
+        self.page_changed()
         if was_running:
             self.notify(cat.IRQ_STATUS_CONFIG)
 
@@ -423,9 +456,9 @@ class Device:
         if ds_fd is None:
             log.warning("REGISTER_DS without a capability: -L4_EINVAL")
             return EINVAL
-        kind = fd_kind(ds_fd)
-        if kind not in ("memfd", "file"):
-            log.warning("REGISTER_DS with a %s instead of a dataspace: -L4_EINVAL", kind)
+        why = dataspace_problem(ds_fd, PAGE)
+        if why is not None:
+            log.warning("REGISTER_DS refused: %s: -L4_EINVAL", why)
             return EINVAL
         ds_size = os.fstat(ds_fd).st_size
         if ds_size < PAGE:
@@ -540,8 +573,10 @@ class Device:
             # run once, not in a loop: the word stays, the server goes back to sleep until the next kick
             self._cmd_left = value
             log.warning("cmd %#010x left in place (injected fault)", value)
+            self.page_changed()
             return
         self.set("cmd", 0)
+        self.page_changed()
 
     # -- driver life cycle ---------------------------------------------------------------
 
@@ -578,6 +613,10 @@ class Device:
             self.driver_irq.close()
         self.kick_irq.close()
         self.model.close()
-        for view in (self.w16, self.w32, self.w64, self.page):
-            view.release()
+        for view in (self.w16, self.w32, self.w64, self.page, self._mirror_page):
+            if view is not None:
+                view.release()
+        self._mirror_page = None
+        if self._mirror is not None:
+            self._mirror.close()
         self.config_ds.close()

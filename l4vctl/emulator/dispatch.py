@@ -41,6 +41,12 @@ class Dispatcher:
 
     def handle(self, f: wire.Frame, role: int, driver_attached: bool):
         """The reply to one request (or NO_REPLY) from a client in ``role``."""
+        try:
+            return self._handle(f, role, driver_attached)
+        finally:
+            self.device.page_changed()  # monitors see what the request changed
+
+    def _handle(self, f: wire.Frame, role: int, driver_attached: bool):
         if f.label == cat.L4VIRTIO_PROTOCOL:
             if role != cat.ROLE_DRIVER and f.opcode != cat.OP_DEVICE_CONFIG:
                 return Reply(EPERM)
@@ -98,8 +104,9 @@ class Dispatcher:
         if op == cat.OP_DEVICE_CONFIG:
             if _attach(dev) == "iface" and not read_only:  # monitors (an l4vctl extension) may still look
                 return Reply(ENOSYS)
-            rights = RIGHTS_RO if read_only else RIGHTS_RW
-            return Reply(0, [dev.ds_offset], *self._ds_cap(dev.config_ds, rights))
+            if read_only:  # a copy sealed against writes (see Device.monitor_ds)
+                return Reply(0, [dev.ds_offset], *self._ds_cap(dev.monitor_ds(), RIGHTS_RO))
+            return Reply(0, [dev.ds_offset], *self._ds_cap(dev.config_ds, RIGHTS_RW))
         if op == cat.OP_GET_DEVICE_IRQ:
             if _attach(dev) == "iface":
                 return Reply(ENOSYS)
@@ -148,15 +155,11 @@ class Dispatcher:
             log.warning("expected an IRQ (eventfd), got a %s: -L4_EINVAL", kind)
             return None
         f.keep(fd)
-        return Irq(fd)
+        return Irq.adopt(fd)  # made non-blocking; triggers never block on it anyway
 
     def _ds_cap(self, ds, rights: int):
         """Capability items and descriptors for sending a dataspace."""
-        if rights & RIGHT_W:
-            fd = os.dup(ds.fd)
-        else:  # a read-only open of the same memory
-            fd = os.open(f"/proc/self/fd/{ds.fd}", os.O_RDONLY | os.O_CLOEXEC)
-        return [wire.Cap(cat.CAP_DATASPACE, rights, 0, ds.size)], [fd]
+        return [wire.Cap(cat.CAP_DATASPACE, rights, 0, ds.size)], [os.dup(ds.fd)]
 
     def _caps_of(self, irq_fd: int, ds, rights: int):
         dfd = os.dup(ds.fd)

@@ -12,6 +12,9 @@ a well-formed request the device cannot serve gets IOERR or UNSUPP.
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
 import os
 
 from l4vctl import catalog as cat
@@ -26,6 +29,10 @@ _SEG = codec("virtio_blk_discard_write_zeroes").struct
 SECTOR = cat.BLK_SECTOR_SIZE
 F_SIZE_MAX, F_SEG_MAX, F_RO, F_BLK_SIZE, F_FLUSH, F_DISCARD, F_WRITE_ZEROES = 1, 2, 5, 6, 9, 13, 14
 _ZEROS = bytes(1 << 20)
+#: Segments one DISCARD or WRITE_ZEROES request may carry (max_discard_seg, max_write_zeroes_seg).
+MAX_ZERO_SEGS = 1
+_FALLOC_KEEP_SIZE, _FALLOC_PUNCH_HOLE, _FALLOC_ZERO_RANGE = 0x01, 0x02, 0x10
+_PUNCH = _FALLOC_PUNCH_HOLE | _FALLOC_KEEP_SIZE
 #: Completions published at a time while a batch of requests is served.
 PUBLISH_EVERY = 8
 
@@ -55,6 +62,7 @@ class BlkModel(Model):
         self._warned_flags = False
         self.workers = max(1, min(4, options["io_threads"]))
         self._executor = None
+        self._falloc_unsupported: set[int] = set()
 
     def _open_image(self) -> None:
         o = self.options
@@ -63,8 +71,9 @@ class BlkModel(Model):
         if size is not None and (size <= 0 or size % SECTOR):
             raise ValueError(f"size {size} is not a positive multiple of {SECTOR} bytes")
         if path is None:
-            self.fd = os.memfd_create("l4vctl-blk-image", os.MFD_CLOEXEC)
+            self.fd = os.memfd_create("l4vctl-blk-image", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             os.ftruncate(self.fd, size or 64 << 20)
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
         else:
             flags = os.O_RDONLY if o["ro"] else os.O_RDWR
             exists = os.path.exists(path)
@@ -116,10 +125,10 @@ class BlkModel(Model):
             "seg_max": o["seg_max"],
             "blk_size": o["blk_size"],
             "max_discard_sectors": min(sectors, 0xFFFFFFFF),
-            "max_discard_seg": 1,
+            "max_discard_seg": MAX_ZERO_SEGS,
             "discard_sector_alignment": 1,
             "max_write_zeroes_sectors": min(sectors, 0xFFFFFFFF),
-            "max_write_zeroes_seg": 1,
+            "max_write_zeroes_seg": MAX_ZERO_SEGS,
             "write_zeroes_may_unmap": 0,
         }
 
@@ -253,18 +262,31 @@ class BlkModel(Model):
         if rtype in (cat.BLK_T_DISCARD, cat.BLK_T_WRITE_ZEROES):
             if o["ro"]:
                 return cat.BLK_S_IOERR, 0, None
-            raw = b"".join(bytes(d) for d in data)
-            if not raw or len(raw) % _SEG.size:
-                log.warning("queue %d: %s payload of %d bytes is not whole 16-byte segments: IOERR", qi,
-                            cat.BLK_REQUEST_TYPES[rtype], len(raw))  # fmt: skip
+            # The payload length is checked before a byte of it is read: descriptors
+            # may name hundreds of MiB, the request holds MAX_ZERO_SEGS segments at most.
+            total = sum(len(d) for d in data)
+            name = cat.BLK_REQUEST_TYPES[rtype]
+            if not total or total % _SEG.size:
+                log.warning("queue %d: %s payload of %d bytes is not whole 16-byte segments: IOERR", qi, name, total)
                 return cat.BLK_S_IOERR, 0, None
-            ranges = [_SEG.unpack_from(raw, i) for i in range(0, len(raw), _SEG.size)]
+            if total > MAX_ZERO_SEGS * _SEG.size:
+                log.warning("queue %d: %s with %d segments, more than the %d the device allows: IOERR", qi, name,
+                            total // _SEG.size, MAX_ZERO_SEGS)  # fmt: skip
+                return cat.BLK_S_IOERR, 0, None
+            raw = bytearray(total)
+            pos = 0
+            for d in data:
+                raw[pos : pos + len(d)] = d
+                pos += len(d)
+            ranges = [_SEG.unpack_from(raw, i) for i in range(0, total, _SEG.size)]
             for start, count, _flags in ranges:
                 if (start + count) * SECTOR > self.capacity_bytes:
+                    log.warning("queue %d: %s of sectors %d+%d beyond capacity %d sectors: IOERR", qi, name, start,
+                                count, self.capacity_bytes // SECTOR)  # fmt: skip
                     return cat.BLK_S_IOERR, 0, None
             try:
                 for start, count, _flags in ranges:
-                    self._zero(start * SECTOR, count * SECTOR)
+                    self._zero(start * SECTOR, count * SECTOR, rtype == cat.BLK_T_DISCARD)
             except OSError as exc:
                 log.warning("queue %d: %s failed: %s: IOERR", qi, cat.BLK_REQUEST_TYPES[rtype], exc.strerror)
                 return cat.BLK_S_IOERR, 0, None
@@ -282,13 +304,46 @@ class BlkModel(Model):
                 log.info("queue %d: device writes a buffer without the WRITE flag (tolerated, as L4Re does)", qi)
                 self._warned_flags = True
 
-    def _zero(self, offset: int, length: int) -> None:
+    def _zero(self, offset: int, length: int, discard: bool) -> None:
+        """Zero a byte range of the image: the file system does it (punching a
+        hole, or ZERO_RANGE), in time that does not grow with the length;
+        writing zeros is the fallback where neither exists."""
+        if not length:
+            return
+        for mode in ((_PUNCH, _FALLOC_ZERO_RANGE) if discard else (_FALLOC_ZERO_RANGE, _PUNCH)):
+            if mode in self._falloc_unsupported:
+                continue
+            if _fallocate(self.fd, mode, offset, length):
+                return
+            self._falloc_unsupported.add(mode)
         while length:
             n = min(length, len(_ZEROS))
             os.pwrite(self.fd, _ZEROS[:n], offset)
             offset += n
             length -= n
 
+
+
+_libc = None
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
+    """fallocate(2) with a mode; False where the file system does not support it."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        except (OSError, AttributeError):
+            _libc = False
+    if not _libc:
+        return False
+    if _libc.fallocate(fd, mode, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        return False
+    raise OSError(err, os.strerror(err))
 
 
 def _zero_tail(views, done: int) -> None:

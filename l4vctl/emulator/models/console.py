@@ -18,6 +18,8 @@ from l4vctl.emulator.ring import BadChain
 
 RX, TX = 0, 1
 PENDING_MAX = 1 << 20
+#: Bytes of one transmit chain the console copies out (the rest of a longer chain is dropped).
+MAX_TX_CHAIN = 1 << 20
 
 
 def parse_io(text) -> str:
@@ -169,7 +171,20 @@ class ConsoleModel(Model):
         if queue.index == TX:
             for _ in range(ring.available()):
                 head = ring.pop()
-                data = b"".join(bytes(s.view) for s in ring.chain(head))
+                segs = ring.chain(head)
+                total = sum(len(s) for s in segs)
+                if total > MAX_TX_CHAIN:  # only the head of a huge chain is copied
+                    log.warning("queue %d: a transmit chain of %d bytes: only the first %d are output", queue.index,
+                                total, MAX_TX_CHAIN)  # fmt: skip
+                data = bytearray(min(total, MAX_TX_CHAIN))
+                pos = 0
+                for seg in segs:
+                    n = min(len(seg), len(data) - pos)
+                    data[pos : pos + n] = seg.view[:n]
+                    pos += n
+                    if pos == len(data):
+                        break
+                data = bytes(data)
                 self.transmitted += len(data)
                 if self.io == "echo":
                     self._queue_input(data)

@@ -179,13 +179,24 @@ class NetModel(Model):
             return
         for _ in range(ring.available()):
             head = ring.pop()
-            packet = b"".join(bytes(s.view) for s in ring.chain(head))
+            segs = ring.chain(head)
             ring.complete(head, 0)
-            if len(packet) < HDR_SIZE:
-                log.warning("queue 1: a transmit chain of %d bytes is shorter than the net header", len(packet))
+            total = sum(len(s) for s in segs)
+            if total < HDR_SIZE:
+                log.warning("queue 1: a transmit chain of %d bytes is shorter than the net header", total)
                 self.dropped += 1
                 continue
-            self._send(packet[HDR_SIZE:])
+            if total > HDR_SIZE + MAX_FRAME:  # dropped before a byte of it is copied
+                log.warning("queue 1: a transmit chain of %d bytes is longer than a frame (%d): dropped", total,
+                            HDR_SIZE + MAX_FRAME)  # fmt: skip
+                self.dropped += 1
+                continue
+            packet = bytearray(total)
+            pos = 0
+            for seg in segs:
+                packet[pos : pos + len(seg)] = seg.view
+                pos += len(seg)
+            self._send(bytes(packet[HDR_SIZE:]))
         if self.options["loop"]:
             self.deliver()
 
