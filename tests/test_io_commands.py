@@ -160,7 +160,7 @@ def test_console_pty(tmp_path):
 
 
 def test_net_ping_two_embedded_devices():
-    r = ok("net", "ping", "emu:net?link=t-ping", "emu:net?link=t-ping", "--count", "3", "--size", "100")
+    r = ok("net", "ping", f"emu:net?link=t-ping-{os.getpid()}", f"emu:net?link=t-ping-{os.getpid()}", "--count", "3", "--size", "100")
     assert r["sent"] == 3 and r["received"] == 3 and r["lost"] == 0 and r["rtt_ms"]["min"] > 0
 
 
@@ -170,8 +170,9 @@ def test_net_ping_without_a_cable_times_out():
 
 
 def test_net_send_recv_between_two_emulator_processes(tmp_path):
-    with emulator(tmp_path, "net", "--link", "t-sr", name="a.sock") as (a, _pa), \
-         emulator(tmp_path, "net", "--link", "t-sr", name="b.sock") as (b, _pb):  # fmt: skip
+    link = f"t-sr-{os.getpid()}"  # link names are machine-wide: one per test run
+    with emulator(tmp_path, "net", "--link", link, name="a.sock") as (a, _pa), \
+         emulator(tmp_path, "net", "--link", link, name="b.sock") as (b, _pb):  # fmt: skip
         recv = subprocess.Popen([sys.executable, "-m", "l4vctl", "net", "recv", b, "--count", "2", "--wait", "10",
                                  "--json"], stdout=subprocess.PIPE, text=True)  # fmt: skip
         try:
@@ -207,9 +208,10 @@ def test_link_takes_two_devices_only():
     from l4vctl.errors import UsageError
     from l4vctl.session import Session
 
-    with Session("emu:net?link=t-three"), Session("emu:net?link=t-three"):
+    link = f"t-three-{os.getpid()}"
+    with Session(f"emu:net?link={link}"), Session(f"emu:net?link={link}"):
         with pytest.raises(UsageError, match="already has two devices"):
-            Session("emu:net?link=t-three").open()
+            Session(f"emu:net?link={link}").open()
 
 
 # -- bench ---------------------------------------------------------------------------------------------

@@ -33,6 +33,8 @@ EAGAIN = -cat.L4_EAGAIN
 EMSGTOOLONG = -cat.L4_EMSGTOOLONG
 #: Seconds to keep polling a client for its next request before sleeping.
 REQUEST_SPIN = 200e-6
+#: Longest stretch of polling one driver's rings before the event loop looks at everyone else.
+POLL_SLICE = 5e-3
 #: Connections served at once (drivers and monitors); more are refused with -L4_EAGAIN.
 MAX_CLIENTS = 128
 #: Refused connections kept until they have read their refusal; past that they are closed at once.
@@ -202,7 +204,9 @@ class Server:
         """
         dev = self.device
         dev.poll_mode(True)
-        end = time.perf_counter() + REQUEST_SPIN
+        now = time.perf_counter()
+        end = now + REQUEST_SPIN
+        limit = now + POLL_SLICE  # then let other clients and events in, busy or not
         while time.perf_counter() < end:
             busy = False
             if dev.kick_irq.drain():
@@ -214,12 +218,13 @@ class Server:
             if driver is not None and self._handle_one(driver, 0):
                 busy = True
             if busy:
-                end = time.perf_counter() + REQUEST_SPIN
-        while True:  # say "kick me" again, then make sure nothing slipped in meanwhile
-            dev.poll_mode(False)
-            full_barrier()
-            if not dev.service():
-                break
+                end = min(time.perf_counter() + REQUEST_SPIN, limit)
+        # say "kick me" again, then make sure nothing slipped in meanwhile
+        dev.poll_mode(False)
+        full_barrier()
+        if dev.service():
+            # still busy: come back to it right after the others had their turn
+            dev.kick_irq.trigger()
 
     def _warn_once(self, key: str, msg: str, *args) -> None:
         """A warning at most once a second per kind (a flood of bad clients must not flood the log)."""
