@@ -252,49 +252,39 @@ def test_out_of_descriptors_keeps_the_emulator_serving(tmp_path):
         assert proc.poll() is None
 
 
+def crowd(url: str, n: int, hold: float = 0.0) -> list[BaseException]:
+    """``n`` monitors connecting at the same moment; the errors they met."""
+    errors: list[BaseException] = []
+    start = threading.Barrier(n)
+
+    def one():
+        try:
+            start.wait(10)
+            with Session(url, role="monitor", timeout=10) as s:
+                assert s.get("device") == 2
+                if hold:
+                    time.sleep(hold)  # keep the slot a little, so that others are refused meanwhile
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted by the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    return errors
+
+
 def test_64_simultaneous_clients_all_get_served(tmp_path):
     with emulator(tmp_path) as (url, proc):
-        errors: list[BaseException] = []
-        start = threading.Barrier(64)
-
-        def one():
-            try:
-                start.wait(10)
-                with Session(url, role="monitor", timeout=10) as s:
-                    assert s.get("device") == 2
-            except BaseException as exc:  # noqa: BLE001 - collected and asserted below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=one) for _ in range(64)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
-        assert not any(t.is_alive() for t in threads)
-        assert errors == []
+        assert crowd(url, 64) == []
         assert proc.poll() is None
 
 
 def test_clients_past_the_cap_wait_their_turn(tmp_path):
     with emulator(tmp_path, "blk", "--max-clients", "3") as (url, proc):
-        errors: list[BaseException] = []
-        start = threading.Barrier(12)
-
-        def one():
-            try:
-                start.wait(10)
-                with Session(url, role="monitor", timeout=10) as s:
-                    assert s.get("device") == 2
-                    time.sleep(0.05)  # hold the slot a little, so others are refused meanwhile
-            except BaseException as exc:  # noqa: BLE001
-                errors.append(exc)
-
-        threads = [threading.Thread(target=one) for _ in range(12)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
-        assert errors == []
+        assert crowd(url, 12, hold=0.05) == []
         # a client that cannot get in within its timeout says why
         holders = [Session(url, role="monitor", timeout=5) for _ in range(3)]
         try:
