@@ -146,6 +146,14 @@ def test_json_envelope_on_ctrl_c(tmp_path):
             assert left > 0 and proc.poll() is None, seen.decode(errors="replace")
             if select.select([proc.stderr], [], [], left)[0]:
                 seen += os.read(proc.stderr.fileno(), 4096)
+        # and until it sleeps in its receive loop (the handshake's last steps are behind it)
+        def sleeping():
+            with open(f"/proc/{proc.pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] == "S"
+
+        deadline = time.monotonic() + 10
+        while not (sleeping() and time.sleep(0.02) is None and sleeping()):
+            assert time.monotonic() < deadline, "the command never waited for input"
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=15)
     finally:
