@@ -136,6 +136,8 @@ def test_json_envelope_on_ctrl_c(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "l4vctl", "console", "recv", "emu:console", "--wait", "60", "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True,
+        # a test run started in the background inherits SIGINT ignored; Ctrl-C must reach the command
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     try:
         # wait until the command is receiving (the device reached DRIVER_OK), then Ctrl-C
