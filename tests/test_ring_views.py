@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from l4vctl.formats import fast, ring
+from l4vctl.formats import fast, records, ring
 from l4vctl.formats.introspect import describe
 
 NUMS = [1, 2, 4, 256, 32768]
@@ -80,11 +80,11 @@ def test_every_ring_field_is_its_own_typed_view() -> None:
 
 
 def test_records_follow_the_schemas() -> None:
-    assert fast.Descriptor._fields == tuple(sc.name for sc in ring.vring_desc.subcons)
-    assert fast.UsedElem._fields == tuple(sc.name for sc in ring.vring_used_elem.subcons)
+    assert records.Descriptor._fields == tuple(sc.name for sc in ring.vring_desc.subcons)
+    assert records.UsedElem._fields == tuple(sc.name for sc in ring.vring_used_elem.subcons)
     r = fast.ring()
-    assert fast.Descriptor._fields == tuple(r.desc.fields)
-    assert fast.UsedElem._fields == tuple(r.used_elem.fields)
+    assert records.Descriptor._fields == tuple(r.desc.fields)
+    assert records.UsedElem._fields == tuple(r.used_elem.fields)
 
 
 def test_views_refuse_short_memory() -> None:

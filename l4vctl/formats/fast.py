@@ -25,7 +25,10 @@ from __future__ import annotations
 import struct
 import sys
 from functools import lru_cache
-from typing import Any, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    from l4vctl.formats.records import Descriptor, UsedElem
 
 LITTLE = sys.byteorder == "little"
 
@@ -301,26 +304,6 @@ def unpack_array(buf, fmt: str, count: int, offset: int = 0) -> list:
 # -- split ring geometry, views and bulk decoding -----------------------------------
 
 
-class Descriptor(NamedTuple):
-    """One split-ring descriptor as a record; fields in the order of ``vring_desc``.
-
-    Bulk and per-request paths unpack descriptors straight into locals in this
-    order (``Ring.desc.struct``); a record is for code that keeps or shows one.
-    """
-
-    addr: int
-    len: int
-    flags: int
-    next: int
-
-
-class UsedElem(NamedTuple):
-    """One used-ring element as a record; fields in the order of ``vring_used_elem``."""
-
-    id: int
-    len: int
-
-
 def _word_format(codec_: Codec) -> str:
     """The one scalar format shared by every field of ``codec_`` (for a single typed view)."""
     fields = codec_.fields.values()
@@ -432,7 +415,7 @@ class Ring:
         return SplitRingViews(self, num, desc, avail, used)
 
     def descriptors(self, buf, num: int, offset: int = 0) -> list[tuple]:
-        """A descriptor table as flat tuples in :class:`Descriptor` field order."""
+        """A descriptor table as flat tuples in the field order of :class:`~l4vctl.formats.records.Descriptor`."""
         end = offset + self.desc_size(num)
         if end > len(buf):
             raise ValueError(f"descriptor table needs {end} bytes, have {len(buf)}")
@@ -470,7 +453,8 @@ class SplitRingViews:
     one-field view with ``[0]`` and a ring view with the slot ``idx % num``:
 
     ``desc``
-        the descriptor table's bytes (fields as :class:`Descriptor`, codec ``Ring.desc``)
+        the descriptor table's bytes (fields as :class:`~l4vctl.formats.records.Descriptor`,
+        codec ``Ring.desc``)
     ``avail_flags``, ``avail_idx``, ``used_event``
         one 16-bit word each
     ``avail_ring``
@@ -523,10 +507,14 @@ class SplitRingViews:
 
     def descriptor(self, index: int) -> Descriptor:
         """Descriptor ``index`` of the table as a record."""
+        from l4vctl.formats.records import Descriptor
+
         return Descriptor._make(self._ring.desc.struct.unpack_from(self.desc, index * self._ring.desc.size))
 
     def used_elem(self, slot: int) -> UsedElem:
         """Used element ``slot`` (``idx % num``) as a record."""
+        from l4vctl.formats.records import UsedElem
+
         return UsedElem(self.used_id[slot], self.used_len[slot])
 
     def release(self) -> None:
