@@ -93,4 +93,5 @@ def test_views_refuse_short_memory() -> None:
     with pytest.raises(ValueError):
         r.views(memoryview(bytearray(lay["total"] - 1)), 16, lay["desc"], lay["avail"], lay["used"])
     with pytest.raises(ValueError):
-        r.views_of(16, memoryview(bytearray(r.desc_size(16) - 1)), memoryview(bytearray(64)), memoryview(bytearray(256)))
+        short = memoryview(bytearray(r.desc_size(16) - 1))
+        r.views_of(16, short, memoryview(bytearray(r.avail_size(16))), memoryview(bytearray(r.used_size(16))))

@@ -411,7 +411,10 @@ class Ring:
         )
 
     def views_of(self, num: int, desc: memoryview, avail: memoryview, used: memoryview) -> SplitRingViews:
-        """Typed views of a ring whose three parts are the byte views ``desc``, ``avail``, ``used``."""
+        """Typed views of a ring whose three parts are the byte views ``desc``, ``avail``, ``used``.
+
+        The views take the three areas over: :meth:`SplitRingViews.release` releases them too.
+        """
         return SplitRingViews(self, num, desc, avail, used)
 
     def descriptors(self, buf, num: int, offset: int = 0) -> list[tuple]:
