@@ -18,10 +18,10 @@ import time
 from l4vctl import catalog as cat
 from l4vctl.barrier import full_barrier
 from l4vctl.errors import ProtocolError, TimeoutExpired
-from l4vctl.formats.fast import codec
+from l4vctl.formats.fast import SplitRingViews
 from l4vctl.formats.fast import ring as ring_geometry
 
-_DESC = codec("vring_desc").struct
+_DESC = ring_geometry().desc.struct  # packs in Descriptor field order
 DESC_SIZE = _DESC.size
 NEXT = cat.VRING_DESC_F_NEXT
 WRITE = cat.VRING_DESC_F_WRITE
@@ -64,12 +64,18 @@ def need_event(event: int, new: int, old: int) -> bool:
 
 
 class Virtqueue:
-    """One split virtqueue configured by a :class:`~l4vctl.session.Session`."""
+    """One split virtqueue configured by a :class:`~l4vctl.session.Session`.
+
+    ``memory`` holds the rings in the simple layout of L4Re drivers; they
+    are reached through :attr:`views` (typed views derived from the ring
+    schemas).  ``desc``, ``avail`` and ``used_hdr`` are the descriptor
+    table's bytes, the available ring's words and the used ring header's
+    words, for inspection.
+    """
 
     def __init__(self, memory: memoryview, num: int, *, kick_irq, irq, event_idx: bool, indirect: bool,
                  index: int = 0, check=None, watch: int | None = None):  # fmt: skip
-        geo = ring_geometry()
-        lay = geo.simple_layout(num)
+        lay = ring_geometry().simple_layout(num)
         self.index = index
         self.num = num
         self.event_idx = event_idx
@@ -79,18 +85,26 @@ class Virtqueue:
         self.check = check  # called when waits time out: raises if the device failed
         self.watch = watch  # the device connection's fd: a hang-up ends waits at once (check raises)
         self._poller = None
-        self.desc = memory[lay["desc"] : lay["desc"] + geo.desc_size(num)]
-        self.avail = memory[lay["avail"] : lay["avail"] + geo.avail_size(num)].cast("H")
-        used = memory[lay["used"] : lay["used"] + geo.used_size(num)]
-        self.used_hdr = used[0:4].cast("H")
-        self.used_ring = used[4 : 4 + 8 * num].cast("I")
-        self.avail_event = used[4 + 8 * num : 6 + 8 * num].cast("H")
-        self._views = [self.desc, self.avail, used, self.used_hdr, self.used_ring, self.avail_event]
+        views: SplitRingViews = ring_geometry().views(memory, num, lay["desc"], lay["avail"], lay["used"])
+        self.views = views
+        self.desc = views.desc
+        self.avail = views.avail
+        self.used_hdr = views.used_hdr
+        self.avail_event = views.avail_event
+        # the fields the hot paths touch, bound once (each store is one store)
+        self._avail_flags = views.avail_flags
+        self._avail_idx = views.avail_idx
+        self._avail_ring = views.avail_ring
+        self._used_event = views.used_event
+        self._used_flags = views.used_flags
+        self._used_idx = views.used_idx
+        self._used_id = views.used_id
+        self._used_len = views.used_len
         self.free = list(range(num - 1, -1, -1))
         self.tokens: list = [None] * num
         self.chains: list = [None] * num
-        self.avail_idx = self.avail[1]
-        self.last_used = self.used_hdr[1]
+        self.avail_idx = views.avail_idx[0]
+        self.last_used = views.used_idx[0]
         self.kicked_idx = self.avail_idx
         self.kicks = 0
         self.in_flight = 0
@@ -137,7 +151,7 @@ class Virtqueue:
         head = descs[0]
         self.chains[head] = descs
         self.tokens[head] = token
-        self.avail[2 + self.avail_idx % self.num] = head  # the slot, before the index
+        self._avail_ring[self.avail_idx % self.num] = head  # the slot, before the index
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
         self.in_flight += 1
         return head
@@ -145,7 +159,7 @@ class Virtqueue:
     def kick(self) -> bool:
         """Publish new buffers (one store of avail.idx) and notify the device if it wants."""
         new = self.avail_idx
-        self.avail[1] = new
+        self._avail_idx[0] = new
         old = self.kicked_idx
         if new == old:
             return False
@@ -154,7 +168,7 @@ class Virtqueue:
         if self.event_idx:
             wanted = need_event(self.avail_event[0], new, old)
         else:
-            wanted = not self.used_hdr[0] & cat.VRING_USED_F_NO_NOTIFY
+            wanted = not self._used_flags[0] & cat.VRING_USED_F_NO_NOTIFY
         if wanted:
             self.kick_irq.trigger()
             self.kicks += 1
@@ -164,7 +178,7 @@ class Virtqueue:
 
     def reap(self) -> list[tuple[object, int]]:
         """Completed requests as ``(token, bytes written)``, oldest first."""
-        used_idx = self.used_hdr[1]
+        used_idx = self._used_idx[0]
         last = self.last_used
         if used_idx == last:
             return []
@@ -174,17 +188,18 @@ class Virtqueue:
                 f" past the {self.in_flight} requests in flight"
             )
         out = []
-        ring = self.used_ring
+        ids = self._used_id
+        lens = self._used_len
         num = self.num
         tokens = self.tokens
         chains = self.chains
         free = self.free
         while last != used_idx:
-            slot = (last % num) * 2
-            head = ring[slot]
+            slot = last % num
+            head = ids[slot]
             if head >= num or chains[head] is None:
                 raise ProtocolError(f"queue {self.index}: the device completed head {head}, which is not in flight")
-            out.append((tokens[head], ring[slot + 1]))
+            out.append((tokens[head], lens[slot]))
             tokens[head] = None
             free.extend(chains[head])
             chains[head] = None
@@ -192,15 +207,15 @@ class Virtqueue:
         self.last_used = last
         self.in_flight -= len(out)
         if self.event_idx:
-            self.avail[2 + num] = last  # used_event: interrupt at the next completion
+            self._used_event[0] = last  # interrupt at the next completion
         return out
 
     def interrupts(self, on: bool) -> None:
         """Ask the device for interrupts (on) or to skip them while we poll (off)."""
         if self.event_idx:
-            self.avail[2 + self.num] = self.last_used if on else (self.last_used + 0x7FFF) & 0xFFFF
+            self._used_event[0] = self.last_used if on else (self.last_used + 0x7FFF) & 0xFFFF
         else:
-            self.avail[0] = 0 if on else cat.VRING_AVAIL_F_NO_INTERRUPT
+            self._avail_flags[0] = 0 if on else cat.VRING_AVAIL_F_NO_INTERRUPT
 
     def wait(self, timeout: float) -> list[tuple[object, int]]:
         """At least one completion, polling briefly and then sleeping on the IRQ."""
@@ -210,10 +225,10 @@ class Virtqueue:
         start = time.perf_counter()
         spin_until = start + COMPLETION_SPIN
         deadline = start + timeout
-        used = self.used_hdr
+        used_idx = self._used_idx
         last = self.last_used
         while time.perf_counter() < spin_until:
-            if used[1] != last:
+            if used_idx[0] != last:
                 return self.reap()
         while True:
             self.interrupts(True)
@@ -260,7 +275,6 @@ class Virtqueue:
                 self.watch = None
 
     def close(self) -> None:
+        """Release the ring views (the ring memory can then be unmapped)."""
         self._poller = None
-        for view in reversed(self._views):
-            view.release()
-        self._views = []
+        self.views.release()  # every bound view with them

@@ -218,5 +218,5 @@ def _recv_now(sock: socket.socket, any_version: bool, msg_flags: int) -> Frame:
 def peek_seq(data: bytes) -> int | None:
     """The sequence number of a frame whose header is readable, else None."""
     if len(data) >= HEADER_SIZE and data[:4] == cat.WIRE_MAGIC:
-        return _HDR.struct.unpack_from(data)[4]
+        return _HDR.unpack(data)["seq"]
     return None

@@ -11,8 +11,12 @@ from l4vctl.errors import UsageError
 from l4vctl.formats.fast import codec
 
 RX, TX = cat.NET_RX_QUEUE, cat.NET_TX_QUEUE
-_NET_HDR = codec("l4virtio_net_header_t").struct
+_NET_HDR = codec("l4virtio_net_header_t")
 HDR = _NET_HDR.size
+#: The header in front of every frame sent: no checksum offload, no segmentation.
+TX_HEADER = _NET_HDR.pack(
+    {"flags": 0, "gso_type": 0, "hdr_len": 0, "gso_size": 0, "csum_start": 0, "csum_offset": 0, "num_buffers": 0}
+)
 BUFFER = 2048
 BROADCAST = b"\xff" * 6
 #: IEEE 802 local experimental ethertype, used by l4vctl's own frames.
@@ -55,7 +59,7 @@ class NetDriver:
                 self.tx_pool.give(i)
         i = self.tx_pool.take()
         view = self.tx_pool.views[i]
-        _NET_HDR.pack_into(view, 0, 0, 0, 0, 0, 0, 0, 0)
+        view[0:HDR] = TX_HEADER
         view[HDR : HDR + len(frame)] = frame
         self.tx.add([(self.tx_pool.addrs[i], HDR + len(frame), False)], i)
         self.tx.kick()

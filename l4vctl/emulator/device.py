@@ -19,6 +19,7 @@ from l4vctl.emulator import log
 from l4vctl import page as pg
 from l4vctl.caps import PAGE, RIGHT_W, RIGHTS_RO, SEAL_FUTURE_WRITE, Dataspace, Irq, dataspace_problem
 from l4vctl.emulator.ring import BadChain, DeviceRing
+from l4vctl.formats.fast import SplitRingViews
 from l4vctl.formats.fast import ring as ring_geometry
 
 
@@ -65,8 +66,7 @@ class Queue:
     """Device-side state of one virtqueue."""
 
     __slots__ = (
-        "index", "enabled", "num", "desc_addr", "avail_addr", "used_addr", "desc", "avail",
-        "used_hdr", "used_ring", "used_event_view", "avail_event_view", "next_avail",
+        "index", "enabled", "num", "desc_addr", "avail_addr", "used_addr", "views", "next_avail",
         "completed", "notified", "ring",
     )  # fmt: skip
 
@@ -80,8 +80,7 @@ class Queue:
         self.enabled = False
         self.num = 0
         self.desc_addr = self.avail_addr = self.used_addr = 0
-        self.desc = self.avail = self.used_hdr = self.used_ring = None
-        self.used_event_view = self.avail_event_view = None
+        self.views: SplitRingViews | None = None  # typed views of the rings while enabled
         self.next_avail = 0
         self.ring = None  # the DeviceRing while enabled
 
@@ -89,12 +88,40 @@ class Queue:
         """Ring indices as the monitor shows them (0 while disabled)."""
         if not self.enabled:
             return {"avail_idx": 0, "avail_flags": 0, "used_idx": 0, "used_flags": 0}
+        v = self.views
         return {
-            "avail_idx": self.avail[1],
-            "avail_flags": self.avail[0],
-            "used_idx": self.used_hdr[1],
-            "used_flags": self.used_hdr[0],
+            "avail_idx": v.avail_idx[0],
+            "avail_flags": v.avail_flags[0],
+            "used_idx": v.used_idx[0],
+            "used_flags": v.used_flags[0],
         }
+
+    # Whole-part views of an enabled queue's rings, for inspection (None while disabled).
+
+    @property
+    def desc(self) -> memoryview | None:
+        """The descriptor table's bytes."""
+        return self.views.desc if self.views is not None else None
+
+    @property
+    def avail(self) -> memoryview | None:
+        """The available ring as 16-bit words."""
+        return self.views.avail if self.views is not None else None
+
+    @property
+    def used_hdr(self) -> memoryview | None:
+        """The used ring's header as 16-bit words."""
+        return self.views.used_hdr if self.views is not None else None
+
+    @property
+    def used_event_view(self) -> memoryview | None:
+        """The driver's used_event word (EVENT_IDX)."""
+        return self.views.used_event if self.views is not None else None
+
+    @property
+    def avail_event_view(self) -> memoryview | None:
+        """The device's avail_event word (EVENT_IDX)."""
+        return self.views.avail_event if self.views is not None else None
 
 
 class Device:
@@ -407,12 +434,7 @@ class Device:
         q.enabled = True
         q.num = num
         q.desc_addr, q.avail_addr, q.used_addr = desc, avail, used
-        q.desc = dv
-        q.avail = av.cast("H")
-        q.used_hdr = uv[0:4].cast("H")
-        q.used_ring = uv[4 : 4 + 8 * num].cast("I")
-        q.avail_event_view = uv[4 + 8 * num : 6 + 8 * num].cast("H")
-        q.used_event_view = q.avail[2 + num : 3 + num]
+        q.views = r.views_of(num, dv, av, uv)
         q.next_avail = 0
         q.ring = DeviceRing(self, q)
         log.info("queue %d enabled: num %d desc %#x avail %#x used %#x", index, num, desc, avail, used)

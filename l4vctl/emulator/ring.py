@@ -24,9 +24,9 @@ from __future__ import annotations
 from l4vctl import catalog as cat
 from l4vctl.barrier import full_barrier
 from l4vctl.emulator import log
-from l4vctl.formats.fast import codec
+from l4vctl.formats.fast import ring as ring_geometry
 
-_DESC = codec("vring_desc").struct
+_DESC = ring_geometry().desc.struct  # unpacks in Descriptor field order: addr, len, flags, next
 DESC_SIZE = _DESC.size
 NEXT = cat.VRING_DESC_F_NEXT
 WRITE = cat.VRING_DESC_F_WRITE
@@ -58,23 +58,38 @@ def need_event(event: int, new: int, old: int) -> bool:
 
 
 class DeviceRing:
-    """Fetch chains from an enabled queue and publish completions."""
+    """Fetch chains from an enabled queue and publish completions.
 
-    def __init__(self, device, queue):
+    The queue's typed ring views (:class:`~l4vctl.formats.fast.SplitRingViews`)
+    are bound here once; every field is read and written through them.
+    """
+
+    def __init__(self, device, queue) -> None:
         self.device = device
         self.q = queue
         self.num = queue.num
         self.pending: list[tuple[int, int]] = []  # completions not yet published
+        views = queue.views
+        self.desc = views.desc
+        self.avail_flags = views.avail_flags
+        self.avail_idx = views.avail_idx
+        self.avail_ring = views.avail_ring
+        self.used_event = views.used_event
+        self.used_flags = views.used_flags
+        self.used_idx = views.used_idx
+        self.used_id = views.used_id
+        self.used_len = views.used_len
+        self.avail_event = views.avail_event
 
     # -- fetching ---------------------------------------------------------------------
 
     def available(self) -> int:
         """How many heads the driver has offered that the device has not taken."""
         q = self.q
-        ahead = (q.avail[1] - q.next_avail) & 0xFFFF
+        ahead = (self.avail_idx[0] - q.next_avail) & 0xFFFF
         if ahead > self.num:
             raise BadChain(
-                f"queue {q.index}: avail.idx {q.avail[1]} is {ahead} ahead of the device "
+                f"queue {q.index}: avail.idx {self.avail_idx[0]} is {ahead} ahead of the device "
                 f"({q.next_avail}), more than the queue size {self.num} (L4Re does not check this)"
             )
         return ahead
@@ -82,7 +97,7 @@ class DeviceRing:
     def pop(self) -> int:
         """The next head index (the caller checked :meth:`available`)."""
         q = self.q
-        head = q.avail[2 + q.next_avail % self.num]
+        head = self.avail_ring[q.next_avail % self.num]
         q.next_avail = (q.next_avail + 1) & 0xFFFF
         if head >= self.num:
             raise BadChain(f"queue {q.index}: head index {head} is not below the queue size {self.num} "
@@ -93,7 +108,7 @@ class DeviceRing:
         """The buffers of the chain starting at ``head``, every bound checked."""
         q = self.q
         dev = self.device
-        table = q.desc
+        table = self.desc
         size = self.num
         addr, length, flags, nxt = _DESC.unpack_from(table, head * DESC_SIZE)
         if flags & INDIRECT:
@@ -153,23 +168,24 @@ class DeviceRing:
         if not self.pending:
             return False
         q = self.q
-        ring = q.used_ring
+        ids = self.used_id
+        lens = self.used_len
         num = self.num
-        old = q.used_hdr[1]
+        old = self.used_idx[0]
         idx = old
         for head, written in self.pending:
-            slot = (idx % num) * 2
-            ring[slot] = head
-            ring[slot + 1] = written
+            slot = idx % num
+            ids[slot] = head
+            lens[slot] = written
             idx = (idx + 1) & 0xFFFF
         q.completed += len(self.pending)
         self.pending.clear()
-        q.used_hdr[1] = idx  # one store publishes the batch
+        self.used_idx[0] = idx  # one store publishes the batch
         full_barrier()  # the driver's used_event / NO_INTERRUPT is read after it
         if self.device.negotiated_bit(cat.EVENT_IDX_BIT):
-            wanted = need_event(q.used_event_view[0], idx, old)
+            wanted = need_event(self.used_event[0], idx, old)
         else:
-            wanted = not q.avail[0] & cat.VRING_AVAIL_F_NO_INTERRUPT
+            wanted = not self.avail_flags[0] & cat.VRING_AVAIL_F_NO_INTERRUPT
         if wanted:
             q.notified += 1
             self.device.notify(cat.IRQ_STATUS_VRING)
@@ -183,6 +199,6 @@ class DeviceRing:
         if self.device.negotiated_bit(cat.EVENT_IDX_BIT):
             # avail_event = next_avail: "kick me when you publish past what I have
             # seen"; half the index space ahead: "do not kick".
-            q.avail_event_view[0] = (q.next_avail + (0x7FFF if on else 0)) & 0xFFFF
+            self.avail_event[0] = (q.next_avail + (0x7FFF if on else 0)) & 0xFFFF
         else:
-            q.used_hdr[0] = cat.VRING_USED_F_NO_NOTIFY if on else 0
+            self.used_flags[0] = cat.VRING_USED_F_NO_NOTIFY if on else 0

@@ -25,7 +25,10 @@ from __future__ import annotations
 import struct
 import sys
 from functools import lru_cache
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    from l4vctl.formats.records import Descriptor, UsedElem
 
 LITTLE = sys.byteorder == "little"
 
@@ -298,17 +301,47 @@ def unpack_array(buf, fmt: str, count: int, offset: int = 0) -> list:
     return list(struct.unpack_from(f"<{count}{fmt}", buf, offset))
 
 
-# -- split ring geometry and bulk decoding ---------------------------------------
+# -- split ring geometry, views and bulk decoding -----------------------------------
+
+
+def _word_format(codec_: Codec) -> str:
+    """The one scalar format shared by every field of ``codec_`` (for a single typed view)."""
+    fields = codec_.fields.values()
+    formats = {fmt for _off, _size, fmt, _count in fields}
+    if len(formats) != 1 or any(count is not None for *_rest, count in fields):
+        raise TypeError(f"{codec_.name}: fields are not all one scalar type; no single typed view fits")
+    return formats.pop()
+
+
+def native_format(fmt: str) -> str:
+    """The ``memoryview.cast`` format of the host's integer type as wide as little-endian ``fmt``.
+
+    Struct formats are standard-sized (``<L`` is 4 bytes), casts are native
+    (``L`` may be 8 bytes), so ring views pick their type by size.
+    """
+    size = struct.calcsize("<" + fmt)
+    for ch in ("bhiq" if fmt.islower() else "BHIQ"):
+        if struct.calcsize(ch) == size:
+            return ch
+    raise TypeError(f"no native integer type of {size} bytes for {fmt!r}")
+
+
+def _typed(area: memoryview, offset: int, fmt: str, count: int, what: str) -> memoryview:
+    """``count`` scalars of struct format ``fmt`` at byte ``offset`` of ``area`` as one typed view."""
+    end = offset + struct.calcsize("<" + fmt) * count
+    if end > len(area):
+        raise ValueError(f"{what} needs {end} bytes, have {len(area)}")
+    return area[offset:end].cast(native_format(fmt))
 
 
 class Ring:
-    """Sizes, the simple layout and bulk decoding of split rings of any size.
+    """Sizes, offsets, typed views and bulk decoding of split rings of any size.
 
     Everything is computed from the derived codecs of the ring pieces
     (``vring_desc``, ring headers, elements, event word).
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.desc = codec("vring_desc")
         self.used_elem = codec("vring_used_elem")
         self.avail_hdr = codec("vring_avail_hdr")
@@ -317,15 +350,45 @@ class Ring:
         self.event_fmt = scalar_format("vring_event_word")
         self.avail_elem_size = struct.calcsize(self.avail_fmt)
         self.event_size = struct.calcsize(self.event_fmt)
+        # Typed-view plan: each ring header is one word type; the used element
+        # is one word type too, viewed with a stride of its size in words.
+        self.avail_word = _word_format(self.avail_hdr)
+        self.used_word = _word_format(self.used_hdr)
+        self.used_elem_word = _word_format(self.used_elem)
+        if {self.avail_fmt, self.event_fmt} != {self.avail_word} or self.event_fmt != self.used_word:
+            raise TypeError("the ring headers, avail elements and event words differ in type")
+        size = struct.calcsize("<" + self.used_elem_word)
+        #: used element stride and field positions, in words of ``used_elem_word``
+        self.used_stride = self.used_elem.size // size
+        self.used_id_at = self.used_elem.offset("id") // size
+        self.used_len_at = self.used_elem.offset("len") // size
 
     def desc_size(self, num: int) -> int:
+        """Bytes of a descriptor table of ``num`` entries."""
         return self.desc.size * num
 
     def avail_size(self, num: int) -> int:
+        """Bytes of an available ring of ``num`` entries (with ``used_event``)."""
         return self.avail_hdr.size + self.avail_elem_size * num + self.event_size
 
     def used_size(self, num: int) -> int:
+        """Bytes of a used ring of ``num`` entries (with ``avail_event``)."""
         return self.used_hdr.size + self.used_elem.size * num + self.event_size
+
+    def offsets(self, num: int) -> dict[str, int]:
+        """Byte offset of every field of both rings, each from the start of its ring.
+
+        Keys are ``avail.flags``, ``avail.idx``, ``avail.ring``,
+        ``avail.used_event``, ``used.flags``, ``used.idx``, ``used.ring``,
+        ``used.avail_event``.
+        """
+        out = {f"avail.{name}": f[0] for name, f in self.avail_hdr.fields.items()}
+        out["avail.ring"] = self.avail_hdr.size
+        out["avail.used_event"] = self.avail_hdr.size + self.avail_elem_size * num
+        out.update({f"used.{name}": f[0] for name, f in self.used_hdr.fields.items()})
+        out["used.ring"] = self.used_hdr.size
+        out["used.avail_event"] = self.used_hdr.size + self.used_elem.size * num
+        return out
 
     def simple_layout(self, num: int) -> dict[str, int]:
         """Offsets of the contiguous layout of L4Re drivers (desc, avail, used, total)."""
@@ -335,14 +398,34 @@ class Ring:
         used = -(-(avail + self.avail_size(num)) // USED_ALIGN) * USED_ALIGN
         return {"desc": 0, "avail": avail, "used": used, "total": used + self.used_size(num)}
 
+    def views(self, mem: memoryview, num: int, desc: int, avail: int, used: int) -> SplitRingViews:
+        """Typed views of a ring whose parts lie at byte offsets ``desc``/``avail``/``used`` of ``mem``."""
+        mem = memoryview(mem)
+        if mem.format != "B":
+            mem = mem.cast("B")
+        return self.views_of(
+            num,
+            mem[desc : desc + self.desc_size(num)],
+            mem[avail : avail + self.avail_size(num)],
+            mem[used : used + self.used_size(num)],
+        )
+
+    def views_of(self, num: int, desc: memoryview, avail: memoryview, used: memoryview) -> SplitRingViews:
+        """Typed views of a ring whose three parts are the byte views ``desc``, ``avail``, ``used``.
+
+        The views take the three areas over: :meth:`SplitRingViews.release` releases them too.
+        """
+        return SplitRingViews(self, num, desc, avail, used)
+
     def descriptors(self, buf, num: int, offset: int = 0) -> list[tuple]:
-        """A descriptor table as ``(addr, len, flags, next)`` tuples."""
+        """A descriptor table as flat tuples in the field order of :class:`~l4vctl.formats.records.Descriptor`."""
         end = offset + self.desc_size(num)
         if end > len(buf):
             raise ValueError(f"descriptor table needs {end} bytes, have {len(buf)}")
         return list(self.desc.iter_unpack(memoryview(buf)[offset:end]))
 
     def avail(self, buf, num: int, offset: int = 0) -> dict:
+        """An available ring decoded like its Construct schema."""
         if offset + self.avail_size(num) > len(buf):
             raise ValueError("available ring runs past the end of the buffer")
         out = self.avail_hdr.unpack(buf, offset)
@@ -353,6 +436,7 @@ class Ring:
         return out
 
     def used(self, buf, num: int, offset: int = 0) -> dict:
+        """A used ring decoded like its Construct schema (elements as flat tuples)."""
         if offset + self.used_size(num) > len(buf):
             raise ValueError("used ring runs past the end of the buffer")
         out = self.used_hdr.unpack(buf, offset)
@@ -363,8 +447,89 @@ class Ring:
         return out
 
 
+class SplitRingViews:
+    """Typed single-store views of one split ring, laid out by the ring schemas.
+
+    Every field that the other side reads while the ring runs has a typed
+    view of its own (``cast('H')``, ``cast('I')``), so that each store is one
+    store (design notes §4); nothing here packs into ring fields.  Index a
+    one-field view with ``[0]`` and a ring view with the slot ``idx % num``:
+
+    ``desc``
+        the descriptor table's bytes (fields as :class:`~l4vctl.formats.records.Descriptor`,
+        codec ``Ring.desc``)
+    ``avail_flags``, ``avail_idx``, ``used_event``
+        one 16-bit word each
+    ``avail_ring``
+        the ``num`` head indices
+    ``used_flags``, ``used_idx``, ``avail_event``
+        one 16-bit word each
+    ``used_id``, ``used_len``
+        the two fields of the ``num`` used elements (strided views)
+    ``avail``, ``used_hdr``
+        the whole available ring and the used ring's header as words, for
+        inspection (hot paths use the field views)
+
+    The areas must be little-endian memory (the host's order; big-endian
+    hosts are refused).
+    """
+
+    __slots__ = (
+        "num", "desc", "avail", "used_hdr", "avail_flags", "avail_idx", "avail_ring", "used_event",
+        "used_flags", "used_idx", "used_id", "used_len", "avail_event", "_ring", "_views",
+    )  # fmt: skip
+
+    def __init__(self, ring: Ring, num: int, desc: memoryview, avail: memoryview, used: memoryview):
+        if not LITTLE:
+            raise NotImplementedError("typed ring views need a little-endian host")
+        self._ring = ring
+        self.num = num
+        off = ring.offsets(num)
+        word = ring.avail_word
+        if len(desc) < ring.desc_size(num):
+            raise ValueError(f"descriptor table needs {ring.desc_size(num)} bytes, have {len(desc)}")
+        self.desc = desc[: ring.desc_size(num)]
+        self.avail = _typed(avail, 0, word, ring.avail_size(num) // struct.calcsize("<" + word), "available ring")
+        self.avail_flags = _typed(avail, off["avail.flags"], word, 1, "avail.flags")
+        self.avail_idx = _typed(avail, off["avail.idx"], word, 1, "avail.idx")
+        self.avail_ring = _typed(avail, off["avail.ring"], ring.avail_fmt, num, "avail.ring")
+        self.used_event = _typed(avail, off["avail.used_event"], ring.event_fmt, 1, "avail.used_event")
+        hdr_words = ring.used_hdr.size // struct.calcsize("<" + ring.used_word)
+        self.used_hdr = _typed(used, 0, ring.used_word, hdr_words, "used ring header")
+        self.used_flags = _typed(used, off["used.flags"], ring.used_word, 1, "used.flags")
+        self.used_idx = _typed(used, off["used.idx"], ring.used_word, 1, "used.idx")
+        elems = _typed(used, off["used.ring"], ring.used_elem_word, ring.used_stride * num, "used.ring")
+        self.used_id = elems[ring.used_id_at :: ring.used_stride]
+        self.used_len = elems[ring.used_len_at :: ring.used_stride]
+        self.avail_event = _typed(used, off["used.avail_event"], ring.event_fmt, 1, "used.avail_event")
+        self._views = [
+            desc, avail, used, self.desc, self.avail, self.avail_flags, self.avail_idx, self.avail_ring,
+            self.used_event, self.used_hdr, self.used_flags, self.used_idx, elems, self.used_id,
+            self.used_len, self.avail_event,
+        ]  # fmt: skip
+
+    def descriptor(self, index: int) -> Descriptor:
+        """Descriptor ``index`` of the table as a record."""
+        from l4vctl.formats.records import Descriptor
+
+        return Descriptor._make(self._ring.desc.struct.unpack_from(self.desc, index * self._ring.desc.size))
+
+    def used_elem(self, slot: int) -> UsedElem:
+        """Used element ``slot`` (``idx % num``) as a record."""
+        from l4vctl.formats.records import UsedElem
+
+        return UsedElem(self.used_id[slot], self.used_len[slot])
+
+    def release(self) -> None:
+        """Release every view (the mapping can then be closed)."""
+        for view in reversed(self._views):
+            view.release()
+        self._views = []
+
+
 @lru_cache(maxsize=None)
 def ring() -> Ring:
+    """The split ring geometry (one shared instance)."""
     return Ring()
 
 
