@@ -7,7 +7,7 @@ import time
 
 import click
 
-from l4vctl.commands._common import abi_option, attach_of, attach_option, begin, driven, examples, io_options, json_option, timeout_option
+from l4vctl.commands._common import Driven, abi_option, attach_of, attach_option, begin, examples, io_options, json_option, timeout_option
 from l4vctl.errors import UsageError
 
 
@@ -73,7 +73,7 @@ def send(ctx, device, device_opt, abi, mode, timeout, json_mode, dst, ethertype,
     except ValueError:
         raise UsageError("--hex and --type must be hex numbers") from None
     to = _mac(dst)
-    run = driven(ctx, "net send", json_mode, device, device_opt, abi, mode, timeout)
+    run = Driven(ctx, "net send", json_mode, device, device_opt, abi, mode, timeout)
     with run as s:
         drv = NetDriver(s)
         data = frame(to, drv.mac, etype, payload)
@@ -96,7 +96,7 @@ def recv(ctx, device, device_opt, abi, mode, timeout, json_mode, count, wait):
     from l4vctl.drivers.net import NetDriver
     from l4vctl.errors import TimeoutExpired
 
-    run = driven(ctx, "net recv", json_mode, device, device_opt, abi, mode, timeout)
+    run = Driven(ctx, "net recv", json_mode, device, device_opt, abi, mode, timeout)
     frames: list[bytes] = []
     with run as s:
         drv = NetDriver(s)
