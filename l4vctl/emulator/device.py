@@ -31,6 +31,7 @@ ENOSYS = -cat.L4_ENOSYS
 EMSGTOOSHORT = -cat.L4_EMSGTOOSHORT
 
 FAIL = cat.STATUS_FAIL_MASK
+CLASSIC, CURRENT = cat.Abi.CLASSIC, cat.Abi.CURRENT
 ACK_DRIVER = cat.STATUS_ACKNOWLEDGE | cat.STATUS_DRIVER
 
 
@@ -105,7 +106,7 @@ class Device:
         self.model = model
         model.device = self
         self.abi = opts["abi"]
-        classic = self.abi == cat.Abi.CLASSIC
+        classic = self.abi == CLASSIC
         self.attach = opts.get("attach") or ("both" if classic else "config")
         if self.attach != "config" and not classic:
             raise ValueError(f"attach={self.attach}: REGISTER_IFACE exists only in the classic era (use abi=classic)")
@@ -355,7 +356,7 @@ class Device:
 
     def notify(self, bits: int) -> None:
         """Interrupt the driver: set irq_status bits (current era), trigger its IRQ."""
-        if self.abi == cat.Abi.CURRENT:
+        if self.abi == CURRENT:
             self.set("irq_status", self.get("irq_status") | bits)
         if self.driver_irq is not None:
             self.driver_irq.trigger()
@@ -561,9 +562,9 @@ class Device:
         elif command == cat.CMD_CFG_QUEUE:
             result = self.setup_queue(arg)
             log.info("cmd CFG_QUEUE %d: %s", arg, cat.l4_error_name(result))
-        elif command == cat.CMD_CFG_CHANGED and self.abi == cat.Abi.CURRENT:
+        elif command == cat.CMD_CFG_CHANGED and self.abi == CURRENT:
             self.model.config_changed(arg)
-        elif command == cat.CMD_NOTIFY_QUEUE and self.abi == cat.Abi.CURRENT:
+        elif command == cat.CMD_NOTIFY_QUEUE and self.abi == CURRENT:
             pass  # every kick already looks at all queues
         else:
             log.warning("cmd %#010x is not a command of the %s era: ignored", value, self.abi)
