@@ -15,6 +15,7 @@ import stat
 import threading
 import time
 
+from l4vctl import catalog as cat
 from l4vctl.errors import FormatError
 
 PAGE = mmap.PAGESIZE
@@ -29,12 +30,12 @@ SEAL_WRITE = fcntl.F_SEAL_WRITE
 SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
 SIZE_SEALS = SEAL_SHRINK | SEAL_GROW
 
-# object rights of a capability item (L4 cap rights)
-RIGHT_W = 0x1
-RIGHT_S = 0x2
-RIGHT_R = 0x4
-RIGHTS_RO = RIGHT_R
-RIGHTS_RW = RIGHT_R | RIGHT_W
+# Object rights of a capability item (L4 cap rights): the catalog's, by their short names.
+RIGHT_W = cat.CAP_RIGHT_W
+RIGHT_S = cat.CAP_RIGHT_S
+RIGHT_R = cat.CAP_RIGHT_R
+RIGHTS_RO = cat.CAP_RIGHTS_RO
+RIGHTS_RW = cat.CAP_RIGHTS_RW
 
 
 def fd_kind(fd: int) -> str:

@@ -7,10 +7,36 @@ is plain data plus a few lookups; it imports nothing heavy.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+import enum
+from typing import Iterable, Mapping, Sequence
 
-ABIS = ("classic", "current")
-DEFAULT_ABI = "current"
+
+class Abi(enum.StrEnum):
+    """A header layout era; members compare equal to their strings."""
+
+    CLASSIC = "classic"
+    CURRENT = "current"
+
+
+class Role(enum.StrEnum):
+    """What a client of the socket emulation is: the driver or a read-only monitor."""
+
+    DRIVER = "driver"
+    MONITOR = "monitor"
+
+
+class Mode(enum.StrEnum):
+    """How a driver writes status and queue config: by IPC or through the cmd word."""
+
+    AUTO = "auto"
+    IPC = "ipc"
+    CMD = "cmd"
+
+
+ABIS: tuple[str, ...] = (Abi.CLASSIC.value, Abi.CURRENT.value)
+DEFAULT_ABI = Abi.CURRENT.value
+#: The modes a driver session takes (``auto``: cmd if the device offers it).
+MODES: tuple[str, ...] = (Mode.AUTO.value, Mode.IPC.value, Mode.CMD.value)
 
 # -- identification ----------------------------------------------------------
 
@@ -147,6 +173,8 @@ CAP_RIGHT_W = 0x1
 CAP_RIGHT_S = 0x2
 CAP_RIGHT_R = 0x4
 CAP_RIGHT_D = 0x8
+CAP_RIGHTS_RO = CAP_RIGHT_R
+CAP_RIGHTS_RW = CAP_RIGHT_R | CAP_RIGHT_W
 FPAGE_RIGHT_X = 1
 FPAGE_RIGHT_W = 2
 FPAGE_RIGHT_R = 4
@@ -220,16 +248,21 @@ class DeviceId:
         return f"DeviceId({self.id}, {self.name!r}, {self.cls!r}, {self.era!r})"
 
 
+DEVICE_ID_NET = 1
+DEVICE_ID_BLK = 2
+DEVICE_ID_CONSOLE = 3
+DEVICE_ID_RNG = 4
+
 #: Device ids of the virtio 1.3 specification (chapter "Device Types"), named
 #: as in Linux's virtio_ids.h where Linux has a name.  37 is reserved in the
 #: specification; Linux names it DMABUF.
 DEVICE_IDS: Mapping[int, DeviceId] = {
     d.id: d
     for d in (
-        DeviceId(1, "NET", "net"),
-        DeviceId(2, "BLOCK", "blk"),
-        DeviceId(3, "CONSOLE", "console"),
-        DeviceId(4, "RNG", "rng"),
+        DeviceId(DEVICE_ID_NET, "NET", "net"),
+        DeviceId(DEVICE_ID_BLK, "BLOCK", "blk"),
+        DeviceId(DEVICE_ID_CONSOLE, "CONSOLE", "console"),
+        DeviceId(DEVICE_ID_RNG, "RNG", "rng"),
         DeviceId(5, "BALLOON", None),
         DeviceId(6, "IOMEM", None),
         DeviceId(7, "RPMSG", None),
@@ -311,6 +344,8 @@ def _table(features: Iterable[Feature]) -> Mapping[int, Feature]:
 
 
 CMD_CONFIG_BIT: Mapping[str, int] = {"classic": 224, "current": 160}
+#: 32-bit words of the device and driver feature maps per ABI era.
+FEATURE_MAP_WORDS: Mapping[str, int] = {"classic": 8, "current": 6}
 VERSION_1_BIT = 32
 INDIRECT_DESC_BIT = 28
 EVENT_IDX_BIT = 29
@@ -348,79 +383,140 @@ TRANSPORT_FEATURES: Mapping[str, Mapping[int, Feature]] = {
     for abi in ABIS
 }
 
+# device-class feature bits (bit numbers), one name per bit of the tables below
+BLK_F_BARRIER = 0
+BLK_F_SIZE_MAX = 1
+BLK_F_SEG_MAX = 2
+BLK_F_GEOMETRY = 4
+BLK_F_RO = 5
+BLK_F_BLK_SIZE = 6
+BLK_F_SCSI = 7
+BLK_F_FLUSH = 9
+BLK_F_TOPOLOGY = 10
+BLK_F_CONFIG_WCE = 11
+BLK_F_MQ = 12
+BLK_F_DISCARD = 13
+BLK_F_WRITE_ZEROES = 14
+BLK_F_LIFETIME = 15
+BLK_F_SECURE_ERASE = 16
+BLK_F_ZONED = 17
+
+NET_F_CSUM = 0
+NET_F_GUEST_CSUM = 1
+NET_F_CTRL_GUEST_OFFLOADS = 2
+NET_F_MTU = 3
+NET_F_MAC = 5
+NET_F_GSO = 6
+NET_F_GUEST_TSO4 = 7
+NET_F_GUEST_TSO6 = 8
+NET_F_GUEST_ECN = 9
+NET_F_GUEST_UFO = 10
+NET_F_HOST_TSO4 = 11
+NET_F_HOST_TSO6 = 12
+NET_F_HOST_ECN = 13
+NET_F_HOST_UFO = 14
+NET_F_MRG_RXBUF = 15
+NET_F_STATUS = 16
+NET_F_CTRL_VQ = 17
+NET_F_CTRL_RX = 18
+NET_F_CTRL_VLAN = 19
+NET_F_CTRL_RX_EXTRA = 20
+NET_F_GUEST_ANNOUNCE = 21
+NET_F_MQ = 22
+NET_F_CTRL_MAC_ADDR = 23
+NET_F_HASH_TUNNEL = 51
+NET_F_VQ_NOTF_COAL = 52
+NET_F_NOTF_COAL = 53
+NET_F_GUEST_USO4 = 54
+NET_F_GUEST_USO6 = 55
+NET_F_HOST_USO = 56
+NET_F_HASH_REPORT = 57
+NET_F_GUEST_HDRLEN = 59
+NET_F_RSS = 60
+NET_F_RSC_EXT = 61
+NET_F_STANDBY = 62
+NET_F_SPEED_DUPLEX = 63
+
+CONSOLE_F_SIZE = 0
+CONSOLE_F_MULTIPORT = 1
+CONSOLE_F_EMERG_WRITE = 2
+
+VSOCK_F_STREAM = 0
+VSOCK_F_SEQPACKET = 1
+
 DEVICE_FEATURES: Mapping[str, Mapping[int, Feature]] = {
     "blk": _table(
         (
-            Feature(0, "VIRTIO_BLK_F_BARRIER", "barrier", note="legacy"),
-            Feature(1, "VIRTIO_BLK_F_SIZE_MAX", "size_max"),
-            Feature(2, "VIRTIO_BLK_F_SEG_MAX", "seg_max"),
-            Feature(4, "VIRTIO_BLK_F_GEOMETRY", "geometry"),
-            Feature(5, "VIRTIO_BLK_F_RO", "ro"),
-            Feature(6, "VIRTIO_BLK_F_BLK_SIZE", "blk_size"),
-            Feature(7, "VIRTIO_BLK_F_SCSI", "scsi", note="legacy"),
-            Feature(9, "VIRTIO_BLK_F_FLUSH", "flush"),
-            Feature(10, "VIRTIO_BLK_F_TOPOLOGY", "topology"),
-            Feature(11, "VIRTIO_BLK_F_CONFIG_WCE", "config_wce"),
-            Feature(12, "VIRTIO_BLK_F_MQ", "mq"),
-            Feature(13, "VIRTIO_BLK_F_DISCARD", "discard"),
-            Feature(14, "VIRTIO_BLK_F_WRITE_ZEROES", "write_zeroes"),
-            Feature(15, "VIRTIO_BLK_F_LIFETIME", "lifetime"),
-            Feature(16, "VIRTIO_BLK_F_SECURE_ERASE", "secure_erase"),
-            Feature(17, "VIRTIO_BLK_F_ZONED", "zoned"),
+            Feature(BLK_F_BARRIER, "VIRTIO_BLK_F_BARRIER", "barrier", note="legacy"),
+            Feature(BLK_F_SIZE_MAX, "VIRTIO_BLK_F_SIZE_MAX", "size_max"),
+            Feature(BLK_F_SEG_MAX, "VIRTIO_BLK_F_SEG_MAX", "seg_max"),
+            Feature(BLK_F_GEOMETRY, "VIRTIO_BLK_F_GEOMETRY", "geometry"),
+            Feature(BLK_F_RO, "VIRTIO_BLK_F_RO", "ro"),
+            Feature(BLK_F_BLK_SIZE, "VIRTIO_BLK_F_BLK_SIZE", "blk_size"),
+            Feature(BLK_F_SCSI, "VIRTIO_BLK_F_SCSI", "scsi", note="legacy"),
+            Feature(BLK_F_FLUSH, "VIRTIO_BLK_F_FLUSH", "flush"),
+            Feature(BLK_F_TOPOLOGY, "VIRTIO_BLK_F_TOPOLOGY", "topology"),
+            Feature(BLK_F_CONFIG_WCE, "VIRTIO_BLK_F_CONFIG_WCE", "config_wce"),
+            Feature(BLK_F_MQ, "VIRTIO_BLK_F_MQ", "mq"),
+            Feature(BLK_F_DISCARD, "VIRTIO_BLK_F_DISCARD", "discard"),
+            Feature(BLK_F_WRITE_ZEROES, "VIRTIO_BLK_F_WRITE_ZEROES", "write_zeroes"),
+            Feature(BLK_F_LIFETIME, "VIRTIO_BLK_F_LIFETIME", "lifetime"),
+            Feature(BLK_F_SECURE_ERASE, "VIRTIO_BLK_F_SECURE_ERASE", "secure_erase"),
+            Feature(BLK_F_ZONED, "VIRTIO_BLK_F_ZONED", "zoned"),
         )
     ),
     "net": _table(
         (
-            Feature(0, "VIRTIO_NET_F_CSUM", "csum"),
-            Feature(1, "VIRTIO_NET_F_GUEST_CSUM", "guest_csum"),
-            Feature(2, "VIRTIO_NET_F_CTRL_GUEST_OFFLOADS", "ctrl_guest_offloads"),
-            Feature(3, "VIRTIO_NET_F_MTU", "mtu"),
-            Feature(5, "VIRTIO_NET_F_MAC", "mac"),
-            Feature(6, "VIRTIO_NET_F_GSO", "gso", note="legacy"),
-            Feature(7, "VIRTIO_NET_F_GUEST_TSO4", "guest_tso4"),
-            Feature(8, "VIRTIO_NET_F_GUEST_TSO6", "guest_tso6"),
-            Feature(9, "VIRTIO_NET_F_GUEST_ECN", "guest_ecn"),
-            Feature(10, "VIRTIO_NET_F_GUEST_UFO", "guest_ufo"),
-            Feature(11, "VIRTIO_NET_F_HOST_TSO4", "host_tso4"),
-            Feature(12, "VIRTIO_NET_F_HOST_TSO6", "host_tso6"),
-            Feature(13, "VIRTIO_NET_F_HOST_ECN", "host_ecn"),
-            Feature(14, "VIRTIO_NET_F_HOST_UFO", "host_ufo"),
-            Feature(15, "VIRTIO_NET_F_MRG_RXBUF", "mrg_rxbuf"),
-            Feature(16, "VIRTIO_NET_F_STATUS", "status"),
-            Feature(17, "VIRTIO_NET_F_CTRL_VQ", "ctrl_vq"),
-            Feature(18, "VIRTIO_NET_F_CTRL_RX", "ctrl_rx"),
-            Feature(19, "VIRTIO_NET_F_CTRL_VLAN", "ctrl_vlan"),
-            Feature(20, "VIRTIO_NET_F_CTRL_RX_EXTRA", "ctrl_rx_extra"),
-            Feature(21, "VIRTIO_NET_F_GUEST_ANNOUNCE", "guest_announce"),
-            Feature(22, "VIRTIO_NET_F_MQ", "mq"),
-            Feature(23, "VIRTIO_NET_F_CTRL_MAC_ADDR", "ctrl_mac_addr"),
-            Feature(51, "VIRTIO_NET_F_HASH_TUNNEL", "hash_tunnel"),
-            Feature(52, "VIRTIO_NET_F_VQ_NOTF_COAL", "vq_notf_coal"),
-            Feature(53, "VIRTIO_NET_F_NOTF_COAL", "notf_coal"),
-            Feature(54, "VIRTIO_NET_F_GUEST_USO4", "guest_uso4"),
-            Feature(55, "VIRTIO_NET_F_GUEST_USO6", "guest_uso6"),
-            Feature(56, "VIRTIO_NET_F_HOST_USO", "host_uso"),
-            Feature(57, "VIRTIO_NET_F_HASH_REPORT", "hash_report"),
-            Feature(59, "VIRTIO_NET_F_GUEST_HDRLEN", "guest_hdrlen"),
-            Feature(60, "VIRTIO_NET_F_RSS", "rss"),
-            Feature(61, "VIRTIO_NET_F_RSC_EXT", "rsc_ext"),
-            Feature(62, "VIRTIO_NET_F_STANDBY", "standby"),
-            Feature(63, "VIRTIO_NET_F_SPEED_DUPLEX", "speed_duplex"),
+            Feature(NET_F_CSUM, "VIRTIO_NET_F_CSUM", "csum"),
+            Feature(NET_F_GUEST_CSUM, "VIRTIO_NET_F_GUEST_CSUM", "guest_csum"),
+            Feature(NET_F_CTRL_GUEST_OFFLOADS, "VIRTIO_NET_F_CTRL_GUEST_OFFLOADS", "ctrl_guest_offloads"),
+            Feature(NET_F_MTU, "VIRTIO_NET_F_MTU", "mtu"),
+            Feature(NET_F_MAC, "VIRTIO_NET_F_MAC", "mac"),
+            Feature(NET_F_GSO, "VIRTIO_NET_F_GSO", "gso", note="legacy"),
+            Feature(NET_F_GUEST_TSO4, "VIRTIO_NET_F_GUEST_TSO4", "guest_tso4"),
+            Feature(NET_F_GUEST_TSO6, "VIRTIO_NET_F_GUEST_TSO6", "guest_tso6"),
+            Feature(NET_F_GUEST_ECN, "VIRTIO_NET_F_GUEST_ECN", "guest_ecn"),
+            Feature(NET_F_GUEST_UFO, "VIRTIO_NET_F_GUEST_UFO", "guest_ufo"),
+            Feature(NET_F_HOST_TSO4, "VIRTIO_NET_F_HOST_TSO4", "host_tso4"),
+            Feature(NET_F_HOST_TSO6, "VIRTIO_NET_F_HOST_TSO6", "host_tso6"),
+            Feature(NET_F_HOST_ECN, "VIRTIO_NET_F_HOST_ECN", "host_ecn"),
+            Feature(NET_F_HOST_UFO, "VIRTIO_NET_F_HOST_UFO", "host_ufo"),
+            Feature(NET_F_MRG_RXBUF, "VIRTIO_NET_F_MRG_RXBUF", "mrg_rxbuf"),
+            Feature(NET_F_STATUS, "VIRTIO_NET_F_STATUS", "status"),
+            Feature(NET_F_CTRL_VQ, "VIRTIO_NET_F_CTRL_VQ", "ctrl_vq"),
+            Feature(NET_F_CTRL_RX, "VIRTIO_NET_F_CTRL_RX", "ctrl_rx"),
+            Feature(NET_F_CTRL_VLAN, "VIRTIO_NET_F_CTRL_VLAN", "ctrl_vlan"),
+            Feature(NET_F_CTRL_RX_EXTRA, "VIRTIO_NET_F_CTRL_RX_EXTRA", "ctrl_rx_extra"),
+            Feature(NET_F_GUEST_ANNOUNCE, "VIRTIO_NET_F_GUEST_ANNOUNCE", "guest_announce"),
+            Feature(NET_F_MQ, "VIRTIO_NET_F_MQ", "mq"),
+            Feature(NET_F_CTRL_MAC_ADDR, "VIRTIO_NET_F_CTRL_MAC_ADDR", "ctrl_mac_addr"),
+            Feature(NET_F_HASH_TUNNEL, "VIRTIO_NET_F_HASH_TUNNEL", "hash_tunnel"),
+            Feature(NET_F_VQ_NOTF_COAL, "VIRTIO_NET_F_VQ_NOTF_COAL", "vq_notf_coal"),
+            Feature(NET_F_NOTF_COAL, "VIRTIO_NET_F_NOTF_COAL", "notf_coal"),
+            Feature(NET_F_GUEST_USO4, "VIRTIO_NET_F_GUEST_USO4", "guest_uso4"),
+            Feature(NET_F_GUEST_USO6, "VIRTIO_NET_F_GUEST_USO6", "guest_uso6"),
+            Feature(NET_F_HOST_USO, "VIRTIO_NET_F_HOST_USO", "host_uso"),
+            Feature(NET_F_HASH_REPORT, "VIRTIO_NET_F_HASH_REPORT", "hash_report"),
+            Feature(NET_F_GUEST_HDRLEN, "VIRTIO_NET_F_GUEST_HDRLEN", "guest_hdrlen"),
+            Feature(NET_F_RSS, "VIRTIO_NET_F_RSS", "rss"),
+            Feature(NET_F_RSC_EXT, "VIRTIO_NET_F_RSC_EXT", "rsc_ext"),
+            Feature(NET_F_STANDBY, "VIRTIO_NET_F_STANDBY", "standby"),
+            Feature(NET_F_SPEED_DUPLEX, "VIRTIO_NET_F_SPEED_DUPLEX", "speed_duplex"),
         )
     ),
     "console": _table(
         (
-            Feature(0, "VIRTIO_CONSOLE_F_SIZE", "size"),
-            Feature(1, "VIRTIO_CONSOLE_F_MULTIPORT", "multiport"),
-            Feature(2, "VIRTIO_CONSOLE_F_EMERG_WRITE", "emerg_write"),
+            Feature(CONSOLE_F_SIZE, "VIRTIO_CONSOLE_F_SIZE", "size"),
+            Feature(CONSOLE_F_MULTIPORT, "VIRTIO_CONSOLE_F_MULTIPORT", "multiport"),
+            Feature(CONSOLE_F_EMERG_WRITE, "VIRTIO_CONSOLE_F_EMERG_WRITE", "emerg_write"),
         )
     ),
     "rng": {},
     "input": {},
     "vsock": _table(
         (
-            Feature(0, "VIRTIO_VSOCK_F_STREAM", "stream"),
-            Feature(1, "VIRTIO_VSOCK_F_SEQPACKET", "seqpacket"),
+            Feature(VSOCK_F_STREAM, "VIRTIO_VSOCK_F_STREAM", "stream"),
+            Feature(VSOCK_F_SEQPACKET, "VIRTIO_VSOCK_F_SEQPACKET", "seqpacket"),
         )
     ),
 }
@@ -433,6 +529,62 @@ def feature_table(abi: str, device_id: int | None) -> dict[int, Feature]:
     if cls:
         table.update(DEVICE_FEATURES.get(cls, {}))
     return table
+
+
+def feature_names(abi: str, device_id: int | None) -> dict[str, int]:
+    """Feature bits by name: the short name and the lower-case macro name of every named bit."""
+    by_name: dict[str, int] = {}
+    for f in feature_table(abi, device_id).values():
+        by_name[f.short] = f.bit
+        by_name[f.name.lower()] = f.bit
+    return by_name
+
+
+def feature_bit(name: str | int, by_name: Mapping[str, int]) -> int | None:
+    """The bit a feature name stands for: a decimal or 0x number, a short or macro name.
+
+    ``by_name`` is :func:`feature_names` of the device; None when the name is
+    not known or the number is malformed (the range is the caller's to check).
+    """
+    if isinstance(name, int):
+        return name
+    key = str(name).strip().lower()
+    if key.isdigit():
+        return int(key)
+    if key.startswith("0x"):
+        try:
+            return int(key, 16)
+        except ValueError:
+            return None
+    return by_name.get(key)
+
+
+def resolve_features(names: Iterable[str | int], abi: str, device_id: int | None) -> set[int]:
+    """Bit numbers for feature names (short or macro names) or numbers; empty names are skipped.
+
+    Raises UsageError for a name the device class does not know or a bit
+    beyond the era's feature map.
+    """
+    by_name = feature_names(abi, device_id)
+    words = FEATURE_MAP_WORDS[abi]
+    out = set()
+    for name in names:
+        if not str(name).strip():
+            continue
+        bit = feature_bit(name, by_name)
+        if bit is None or not 0 <= bit < 32 * words:
+            from l4vctl.errors import UsageError
+
+            known = ", ".join(sorted(f.short for f in feature_table(abi, device_id).values()))
+            raise UsageError(f"unknown feature {name!r} for this device", hint=f"known: {known}")
+        out.add(bit)
+    return out
+
+
+def has_bit(words: Sequence[int], bit: int) -> bool:
+    """Whether feature ``bit`` is set in a little-endian list of 32-bit words."""
+    index = bit >> 5
+    return index < len(words) and bool(words[index] >> (bit & 31) & 1)
 
 
 # -- split ring ----------------------------------------------------------------
@@ -532,6 +684,10 @@ NET_CTRL_CLASSES: Mapping[int, tuple[str, Mapping[int, str]]] = {
 NET_CTRL_MQ_VQ_PAIRS_MIN = 1
 NET_CTRL_MQ_VQ_PAIRS_MAX = 0x8000
 
+#: Queues of console port 0: receiveq (input to the driver) and transmitq.
+CONSOLE_RX_QUEUE = 0
+CONSOLE_TX_QUEUE = 1
+
 #: Control events; 1 and 2 are PORT_ADD/PORT_REMOVE in Linux and the specification.
 CONSOLE_EVENTS: Mapping[int, str] = {
     0: "DEVICE_READY",
@@ -613,7 +769,7 @@ KINDS = {KIND_HELLO: "HELLO", KIND_WELCOME: "WELCOME", KIND_REQUEST: "REQUEST", 
 # roles a client asks for in HELLO
 ROLE_DRIVER = 1
 ROLE_MONITOR = 2
-ROLES = {ROLE_DRIVER: "driver", ROLE_MONITOR: "monitor"}
+ROLES = {ROLE_DRIVER: Role.DRIVER.value, ROLE_MONITOR: Role.MONITOR.value}
 
 # capability profiles
 PROFILE_FD = 1  # capabilities are file descriptors passed with SCM_RIGHTS

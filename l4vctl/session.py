@@ -22,6 +22,7 @@ import time
 from l4vctl import catalog as cat
 from l4vctl import page as pg
 from l4vctl.caps import PAGE, RIGHT_W, RIGHTS_RW, Dataspace, Irq
+from l4vctl.catalog import resolve_features
 from l4vctl.drivers import implemented_features
 from l4vctl.errors import (
     DeviceStateError,
@@ -45,35 +46,6 @@ DEVICE_ADDRESS_BASE = 0x200000
 SUPPORTED_TRANSPORT = {cat.INDIRECT_DESC_BIT, cat.EVENT_IDX_BIT, cat.VERSION_1_BIT}
 #: How a driver session attaches: by what the device answers, or forced.
 ATTACH_CHOICES = ("auto", "config", "iface")
-
-
-def resolve_features(names, abi: str, device_id: int | None) -> set[int]:
-    """Bit numbers for feature names (short or macro names) or numbers."""
-    table = cat.feature_table(abi, device_id)
-    by_name: dict[str, int] = {}
-    for f in table.values():
-        by_name[f.short] = f.bit
-        by_name[f.name.lower()] = f.bit
-    out = set()
-    for name in names:
-        key = str(name).strip().lower()
-        if not key:
-            continue
-        if key.isdigit():
-            bit = int(key)
-        elif key.startswith("0x"):
-            try:
-                bit = int(key, 16)
-            except ValueError:
-                bit = -1
-        else:
-            bit = by_name.get(key, -1)
-        words = 8 if abi == "classic" else 6
-        if not 0 <= bit < 32 * words:
-            known = ", ".join(sorted(f.short for f in table.values()))
-            raise UsageError(f"unknown feature {name!r} for this device", hint=f"known: {known}")
-        out.add(bit)
-    return out
 
 
 class Transition:

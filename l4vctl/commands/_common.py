@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, Callable
+
 import click
 
 from l4vctl.output import Output
+
+if TYPE_CHECKING:
+    from l4vctl.session import Session
 
 _current: Output | None = None
 
@@ -61,8 +66,10 @@ def _page_abi(ctx, param, value):
 def abi_option(*, auto: bool):
     """--abi (also L4VCTL_ABI).  ``auto`` guesses from the page; commands
     without a page (``auto=False``) treat it as the default, current."""
-    choices = ["classic", "current", "auto"]
-    default = "auto" if auto else "current"
+    from l4vctl.catalog import ABIS, DEFAULT_ABI
+
+    choices = [*ABIS, "auto"]
+    default = "auto" if auto else DEFAULT_ABI
     text = (
         "Header layout era: classic (l4virtio before 2024-01: feature maps at "
         "0xA8/0xC8, cmd at 0xF8) or current (shm fields at 0xAC, maps at 0xC0/0xE0, "
@@ -188,10 +195,12 @@ def io_options(f):
     """The options of every command that drives a device: device, --abi, --mode, --timeout, --json."""
     f = json_option(f)
     f = timeout_option(f)
+    from l4vctl.catalog import MODES, Mode
+
     f = click.option(
         "--mode",
-        type=click.Choice(["auto", "ipc", "cmd"]),
-        default="auto",
+        type=click.Choice(MODES),
+        default=Mode.AUTO.value,
         show_default=True,
         help="Status and queue setup by IPC or through the cmd word (auto: cmd if offered).",
     )(f)
@@ -201,11 +210,17 @@ def io_options(f):
     return f
 
 
-class driven:
-    """A session brought to DRIVER_OK for an I/O command (a context manager)."""
+class Driven:
+    """A session brought to DRIVER_OK for an I/O command (a context manager).
 
-    def __init__(self, ctx, command: str, json_mode: bool, device, device_opt, abi, mode, timeout,
-                 device_class: str | None = None, **handshake):  # fmt: skip
+    Entering it opens the session, refuses a device of another class than
+    ``device_class`` (the command's first word unless given) and does the
+    handshake; leaving it closes the session.
+    """
+
+    def __init__(self, ctx: click.Context, command: str, json_mode: bool, device: str | None,
+                 device_opt: str | None, abi: str, mode: str, timeout: float,
+                 device_class: str | None = None, **handshake: Any) -> None:  # fmt: skip
         self.url = resolve_device(ctx, device, device_opt)
         self.out = begin(ctx, command, json_mode)
         self.out.device = self.url
@@ -213,9 +228,9 @@ class driven:
         self.args = dict(abi=abi, mode=mode, timeout=timeout, attach=attach_of(ctx))
         self.device_class = device_class or command.split()[0]
         self.handshake = handshake
-        self.session = None
+        self.session: Session | None = None
 
-    def __enter__(self):
+    def __enter__(self) -> Session:
         from l4vctl.drivers import require_class
         from l4vctl.session import Session
 
@@ -231,37 +246,45 @@ class driven:
             raise
         return self.session
 
-    def __exit__(self, *exc):
-        self.session.close()
+    def __exit__(self, *exc: object) -> None:
+        if self.session is not None:
+            self.session.close()
 
 
-class progress:
-    """A progress bar on stderr for long transfers, only on a terminal."""
+class Progress:
+    """A progress bar on stderr for long transfers, only on a terminal (a context manager).
 
-    def __init__(self, total: int, label: str, enabled: bool = True):
+    Entering it gives the function to call with each byte count done, or
+    None when no bar is shown.
+    """
+
+    def __init__(self, total: int, label: str, enabled: bool = True) -> None:
         import sys
 
-        self.bar = None
+        self.bar: Any = None
         if enabled and total >= (4 << 20) and sys.stderr.isatty():
-            from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+            from rich.progress import BarColumn, DownloadColumn, TransferSpeedColumn
+            from rich.progress import Progress as RichProgress
 
             from rich.console import Console
 
-            self.bar = Progress(
+            self.bar = RichProgress(
                 "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                 console=Console(stderr=True), transient=True,
             )  # fmt: skip
             self.task = self.bar.add_task(label, total=total)
 
-    def __enter__(self):
+    def __enter__(self) -> Callable[[int], None] | None:
         if self.bar is not None:
             self.bar.start()
         return self.advance if self.bar is not None else None
 
     def advance(self, n: int) -> None:
-        self.bar.advance(self.task, n)
+        """Count ``n`` more bytes done."""
+        if self.bar is not None:
+            self.bar.advance(self.task, n)
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.stop()
 

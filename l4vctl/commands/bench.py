@@ -11,7 +11,7 @@ from array import array
 
 import click
 
-from l4vctl.commands._common import driven, examples, io_options
+from l4vctl.commands._common import Driven, examples, io_options
 from l4vctl.errors import UsageError
 
 WORKLOADS = ("randread", "seqread", "randwrite", "seqwrite")
@@ -29,7 +29,7 @@ def parse_duration(text: str) -> float:
 
 
 def parse_bs(text: str) -> int:
-    from l4vctl.emulator.models import parse_size
+    from l4vctl.parsing import parse_size
 
     try:
         value = parse_size(text)
@@ -77,7 +77,7 @@ def bench(ctx, device, device_opt, abi, mode, timeout, json_mode, workload, bs, 
     size = parse_bs(bs)
     seconds = parse_duration(duration)
     want_indirect = {"auto": None, "on": True, "off": False}[indirect]
-    run = driven(ctx, "bench", json_mode, device, device_opt, abi, mode, timeout, device_class="blk")
+    run = Driven(ctx, "bench", json_mode, device, device_opt, abi, mode, timeout, device_class="blk")
     with run as s:
         drv = BlkDriver(s, depth=qd, max_io=size, indirect=want_indirect)
         if drv.depth < qd:

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from l4vctl.commands._common import driven, examples, io_options, progress, write_output
+from l4vctl.commands._common import Driven, Progress, examples, io_options, write_output
 from l4vctl.errors import UnavailableError, UsageError
 
 SECTOR = 512
@@ -78,10 +78,10 @@ def read(ctx, device, device_opt, abi, mode, timeout, json_mode, sector, count, 
     SHA-256 of the data and, up to 64 KiB, the data as hex.
     """
     _range_checks(sector, count)
-    run = driven(ctx, "blk read", json_mode, device, device_opt, abi, mode, timeout)
+    run = Driven(ctx, "blk read", json_mode, device, device_opt, abi, mode, timeout)
     with run as s:
         drv = _driver(s, depth=depth)
-        with progress(count * SECTOR, "reading") as tick:
+        with Progress(count * SECTOR, "reading") as tick:
             data = drv.read(sector, count * SECTOR, progress=tick)
     o = run.out
     result = {"sector": sector, "count": count, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -151,10 +151,10 @@ def write(ctx, device, device_opt, abi, mode, timeout, json_mode, sector, input_
     padded = -len(data) % SECTOR
     if padded:
         data = data + bytes(padded)
-    run = driven(ctx, "blk write", json_mode, device, device_opt, abi, mode, timeout)
+    run = Driven(ctx, "blk write", json_mode, device, device_opt, abi, mode, timeout)
     with run as s:
         drv = _driver(s, depth=depth)
-        with progress(len(data), "writing") as tick:
+        with Progress(len(data), "writing") as tick:
             drv.write(sector, data, progress=tick)
         if then_flush:
             drv.flush()
@@ -184,7 +184,7 @@ def _read_input(path: str, limit: int | None) -> bytes:
 @click.pass_context
 def flush(ctx, device, device_opt, abi, mode, timeout, json_mode):
     """Flush the device's write cache (VIRTIO_BLK_T_FLUSH)."""
-    run = driven(ctx, "blk flush", json_mode, device, device_opt, abi, mode, timeout)
+    run = Driven(ctx, "blk flush", json_mode, device, device_opt, abi, mode, timeout)
     with run as s:
         drv = _driver(s, depth=1)
         drv.flush()
@@ -198,7 +198,7 @@ def flush(ctx, device, device_opt, abi, mode, timeout, json_mode):
 @click.pass_context
 def get_id(ctx, device, device_opt, abi, mode, timeout, json_mode):
     """Print the device id string (VIRTIO_BLK_T_GET_ID, 20 bytes at most)."""
-    run = driven(ctx, "blk id", json_mode, device, device_opt, abi, mode, timeout)
+    run = Driven(ctx, "blk id", json_mode, device, device_opt, abi, mode, timeout)
     from l4vctl.output import escape
 
     with run as s:
@@ -218,7 +218,7 @@ def _range_command(name: str, method: str, what: str):
     @click.pass_context
     def command(ctx, device, device_opt, abi, mode, timeout, json_mode, sector, count):
         _range_checks(sector, count)
-        run = driven(ctx, f"blk {name}", json_mode, device, device_opt, abi, mode, timeout)
+        run = Driven(ctx, f"blk {name}", json_mode, device, device_opt, abi, mode, timeout)
         with run as s:
             getattr(_driver(s, depth=1), method)(sector, count)
         run.out.emit({"sector": sector, "count": count}, lambda: f"{name}: {count} sectors at {sector}\n")

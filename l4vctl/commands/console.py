@@ -8,7 +8,7 @@ import time
 
 import click
 
-from l4vctl.commands._common import driven, examples, io_options
+from l4vctl.commands._common import Driven, examples, io_options
 from l4vctl.errors import UnavailableError, UsageError
 
 ESCAPE = b"\x1d"  # Ctrl-]
@@ -58,7 +58,7 @@ def attach(ctx, device, device_opt, abi, mode, timeout, json_mode):
     """Interactive session with port 0 (Ctrl-] leaves)."""
     from l4vctl.output import info
 
-    run = driven(ctx, "console", json_mode, device, device_opt, abi, mode, timeout)
+    run = Driven(ctx, "console", json_mode, device, device_opt, abi, mode, timeout)
     with run as s:
         drv = _driver(s)
         fd = sys.stdin.fileno()
@@ -125,7 +125,7 @@ def send(ctx, device, device_opt, abi, mode, timeout, json_mode, text, input_pat
             data = sys.stdin.buffer.read() if input_path == "-" else open(input_path, "rb").read()
         except OSError as exc:
             raise UnavailableError(f"{input_path}: {exc.strerror or exc}") from None
-    run = driven(ctx, "console send", json_mode, device, device_opt, abi, mode, timeout)
+    run = Driven(ctx, "console send", json_mode, device, device_opt, abi, mode, timeout)
     with run as s:
         _driver(s).send(data)
     run.out.emit({"sent": len(data)}, lambda: "")
@@ -151,7 +151,7 @@ def recv(ctx, device, device_opt, abi, mode, timeout, json_mode, nbytes, until, 
     """
     from l4vctl.errors import TimeoutExpired
 
-    run = driven(ctx, "console recv", json_mode, device, device_opt, abi, mode, timeout)
+    run = Driven(ctx, "console recv", json_mode, device, device_opt, abi, mode, timeout)
     got = bytearray()
     marker = until.encode() if until else None
     with run as s:

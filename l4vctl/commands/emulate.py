@@ -6,6 +6,7 @@ import os
 
 import click
 
+from l4vctl.catalog import ABIS, DEFAULT_ABI
 from l4vctl.commands._common import begin, examples, json_option
 from l4vctl.errors import UsageError
 
@@ -62,7 +63,7 @@ def _apply(decorators):
               help="Close connections that send no HELLO, or leave replies unread, this long.")  # fmt: skip
 @click.option("--idle-timeout", type=click.FloatRange(0), default=0, metavar="SECONDS",
               help="Close attached clients that send nothing for this long (default 0: never).")  # fmt: skip
-@click.option("--abi", type=click.Choice(["classic", "current"]), default="current", show_default=True,
+@click.option("--abi", type=click.Choice(ABIS), default=DEFAULT_ABI, show_default=True,
               help="Header layout era of the emulated device.")  # fmt: skip
 @click.option("--attach", type=click.Choice(["iface", "config", "both"]), default=None,
               help="How drivers attach (classic era only): iface = REGISTER_IFACE only (DEVICE_CONFIG, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from l4vctl.catalog import MODES, Mode
 from l4vctl.commands._common import abi_option, attach_of, attach_option, begin, device_options, examples, json_option, resolve_device, timeout_option
 
 
@@ -32,7 +33,7 @@ def _names(values: tuple[str, ...]) -> list[str]:
                    "implements; others are accepted only through --want or --require and shown as [forced].")  # fmt: skip
 @click.option("--require", multiple=True, metavar="F,...", help="Fail with exit status 5 unless these are negotiated.")
 @click.option("--refuse", multiple=True, metavar="F,...", help="Never accept these.")
-@click.option("--mode", type=click.Choice(["auto", "ipc", "cmd"]), default="auto", show_default=True,
+@click.option("--mode", type=click.Choice(MODES), default=Mode.AUTO.value, show_default=True,
               help="Status and queue setup by IPC or through the cmd word; auto = cmd when the device offers "
                    "L4VIRTIO_FEATURE_CMD_CONFIG (as uvmm does).")  # fmt: skip
 @click.option("--queue-size", type=click.IntRange(1, 32768), default=None, metavar="N",

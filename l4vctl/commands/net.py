@@ -7,7 +7,7 @@ import time
 
 import click
 
-from l4vctl.commands._common import abi_option, attach_of, attach_option, begin, driven, examples, io_options, json_option, timeout_option
+from l4vctl.commands._common import Driven, abi_option, attach_of, attach_option, begin, examples, io_options, json_option, timeout_option
 from l4vctl.errors import UsageError
 
 
@@ -29,7 +29,7 @@ def net():
 
 
 def _mac(text: str) -> bytes:
-    from l4vctl.emulator.models.net import parse_mac
+    from l4vctl.parsing import parse_mac
 
     try:
         return parse_mac(text)
@@ -38,7 +38,8 @@ def _mac(text: str) -> bytes:
 
 
 def _frame_json(data: bytes) -> dict:
-    from l4vctl.drivers.net import mac_text, parse_frame
+    from l4vctl.drivers.net import parse_frame
+    from l4vctl.parsing import mac_text
 
     f = parse_frame(data)
     return {
@@ -61,7 +62,8 @@ def _frame_json(data: bytes) -> dict:
 @click.pass_context
 def send(ctx, device, device_opt, abi, mode, timeout, json_mode, dst, ethertype, text, hexdata, count):
     """Send Ethernet frames from the device's MAC address."""
-    from l4vctl.drivers.net import NetDriver, frame, mac_text
+    from l4vctl.drivers.net import NetDriver, frame
+    from l4vctl.parsing import mac_text
 
     if (text is None) == (hexdata is None):
         raise UsageError("give exactly one of --text and --hex")
@@ -71,7 +73,7 @@ def send(ctx, device, device_opt, abi, mode, timeout, json_mode, dst, ethertype,
     except ValueError:
         raise UsageError("--hex and --type must be hex numbers") from None
     to = _mac(dst)
-    run = driven(ctx, "net send", json_mode, device, device_opt, abi, mode, timeout)
+    run = Driven(ctx, "net send", json_mode, device, device_opt, abi, mode, timeout)
     with run as s:
         drv = NetDriver(s)
         data = frame(to, drv.mac, etype, payload)
@@ -94,7 +96,7 @@ def recv(ctx, device, device_opt, abi, mode, timeout, json_mode, count, wait):
     from l4vctl.drivers.net import NetDriver
     from l4vctl.errors import TimeoutExpired
 
-    run = driven(ctx, "net recv", json_mode, device, device_opt, abi, mode, timeout)
+    run = Driven(ctx, "net recv", json_mode, device, device_opt, abi, mode, timeout)
     frames: list[bytes] = []
     with run as s:
         drv = NetDriver(s)
@@ -137,7 +139,8 @@ def ping(ctx, device_a, device_b, abi, count, size, timeout, json_mode):
     answers it, A receives the answer.  The two devices must share a cable.
     """
     from l4vctl.drivers import require_class
-    from l4vctl.drivers.net import ETHERTYPE, NetDriver, frame, mac_text, parse_frame
+    from l4vctl.drivers.net import ETHERTYPE, NetDriver, frame, parse_frame
+    from l4vctl.parsing import mac_text
     from l4vctl.session import Session
 
     out = begin(ctx, "net ping", json_mode)

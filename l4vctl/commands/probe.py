@@ -39,7 +39,7 @@ def probe(ctx, device, device_opt, abi, expect_device, timeout, json_mode):
     out = begin(ctx, "probe", json_mode)
     out.device = url
     expected = _expected_id(expect_device) if expect_device else None
-    with Session(url, abi=abi, timeout=timeout, role="monitor") as s:
+    with Session(url, abi=abi, timeout=timeout, role=cat.Role.MONITOR) as s:
         out.abi = s.abi
         decoded = s.decode().result
     dev = decoded["device"]

@@ -39,6 +39,7 @@ def queue_stats(ctx, device, device_opt, abi, watch, interval, count, timeout, j
 
     With --json and --watch, each sample is one JSON envelope per line.
     """
+    from l4vctl.catalog import Role
     from l4vctl.session import Session
 
     url = resolve_device(ctx, device, device_opt)
@@ -47,7 +48,7 @@ def queue_stats(ctx, device, device_opt, abi, watch, interval, count, timeout, j
     samples = count if count is not None else (None if watch else 1)
     tty = sys.stdout.isatty() and not json_mode
     n = 0
-    with Session(url, abi=abi, timeout=timeout, role="monitor", check=False) as s:
+    with Session(url, abi=abi, timeout=timeout, role=Role.MONITOR, check=False) as s:
         out.abi = s.abi
         try:
             while True:

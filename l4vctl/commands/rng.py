@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from l4vctl.commands._common import driven, examples, io_options, progress, write_output
+from l4vctl.commands._common import Driven, Progress, examples, io_options, write_output
 
 
 @click.group(epilog=examples(("l4vctl rng read emu:rng --bytes 32", "32 bytes of entropy as hex:")))
@@ -33,16 +33,16 @@ def read(ctx, device, device_opt, abi, mode, timeout, json_mode, nbytes, output,
     with --json the result holds their hex (up to 64 KiB) and SHA-256.
     """
     from l4vctl.drivers.rng import RngDriver
-    from l4vctl.emulator.models import parse_size
+    from l4vctl.parsing import parse_size
     from l4vctl.errors import UsageError
 
     try:
         n = parse_size(nbytes)
     except ValueError as exc:
         raise UsageError(f"--bytes: {exc}") from None
-    run = driven(ctx, "rng read", json_mode, device, device_opt, abi, mode, timeout)
+    run = Driven(ctx, "rng read", json_mode, device, device_opt, abi, mode, timeout)
     with run as s:
-        with progress(n, "reading") as tick:
+        with Progress(n, "reading") as tick:
             data = RngDriver(s).read(n, progress=tick)
     result = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     if output:

@@ -1,19 +1,30 @@
-"""Device-class drivers on top of a Session and its virtqueues."""
+"""Device-class drivers on top of a Session and its virtqueues.
+
+Each driver derives from :class:`l4vctl.drivers.base.Driver`; this package
+module holds only what a Session needs before any driver exists (the class
+check and the bits each driver implements), so that it stays light.
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from l4vctl import catalog as cat
+
+if TYPE_CHECKING:
+    from l4vctl.session import Session
 
 #: What each driver needs, as a noun for messages.
 NOUNS = {"blk": "a block device", "net": "a network device", "console": "a console", "rng": "an entropy device"}
 
 
-def require_class(session, cls: str, what: str | None = None) -> None:
+def require_class(session: Session, cls: str, what: str | None = None) -> None:
     """Refuse a device that is not of class ``cls`` before any request of that class is sent.
 
     A device of another class is a missing device (NegotiationError, exit 5);
     a device whose class the backend cannot know (vhost-user without
     ``?type=``) is a usage error (exit 2): the user must say what it is.
     """
-    from l4vctl import catalog as cat
     from l4vctl.errors import NegotiationError, UsageError
 
     noun = NOUNS.get(cls, f"a {cls} device")
@@ -48,10 +59,13 @@ def require_class(session, cls: str, what: str | None = None) -> None:
 #:   not EMERG_WRITE.
 #: * rng (4): none (the class defines none).
 IMPLEMENTED_FEATURES: dict[int, frozenset[int]] = {
-    1: frozenset({3, 5, 16}),
-    2: frozenset({1, 2, 4, 5, 6, 9, 10, 13, 14}),
-    3: frozenset({0}),
-    4: frozenset(),
+    cat.DEVICE_ID_NET: frozenset({cat.NET_F_MTU, cat.NET_F_MAC, cat.NET_F_STATUS}),
+    cat.DEVICE_ID_BLK: frozenset({
+        cat.BLK_F_SIZE_MAX, cat.BLK_F_SEG_MAX, cat.BLK_F_GEOMETRY, cat.BLK_F_RO, cat.BLK_F_BLK_SIZE,
+        cat.BLK_F_FLUSH, cat.BLK_F_TOPOLOGY, cat.BLK_F_DISCARD, cat.BLK_F_WRITE_ZEROES,
+    }),  # fmt: skip
+    cat.DEVICE_ID_CONSOLE: frozenset({cat.CONSOLE_F_SIZE}),
+    cat.DEVICE_ID_RNG: frozenset(),
 }
 
 

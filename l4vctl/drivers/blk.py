@@ -11,61 +11,64 @@ batches.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
 from l4vctl import catalog as cat
-from l4vctl.drivers import require_class
+from l4vctl.drivers.base import Driver
 from l4vctl.errors import DeviceStateError, UsageError
 from l4vctl.formats.fast import codec
+
+if TYPE_CHECKING:
+    from l4vctl.session import Session
 
 _HDR = codec("l4virtio_block_header_t").struct
 _SEG = codec("virtio_blk_discard_write_zeroes").struct
 SECTOR = cat.BLK_SECTOR_SIZE
-F_SIZE_MAX, F_SEG_MAX, F_RO, F_FLUSH, F_DISCARD, F_WRITE_ZEROES = 1, 2, 5, 9, 13, 14
 
 
 class BlkIOError(DeviceStateError):
     """The device answered a request with IOERR or UNSUPP."""
 
 
+@dataclass(slots=True, eq=False)
 class Slot:
-    """One request in flight and the memory it owns."""
+    """One request in flight and the memory it owns (compared by identity, like any buffer)."""
 
-    __slots__ = ("index", "ctrl", "ctrl_addr", "data", "data_addr", "type", "sector", "nbytes", "status",
-                 "used", "t0", "user")  # fmt: skip
-
-    def __init__(self, index, ctrl, ctrl_addr, data, data_addr):
-        self.index = index
-        self.ctrl = ctrl
-        self.ctrl_addr = ctrl_addr
-        self.data = data
-        self.data_addr = data_addr
-        self.type = self.sector = self.nbytes = 0
-        self.status = None
-        self.used = 0
-        self.t0 = 0
-        self.user = None
+    index: int
+    ctrl: memoryview  # header, status byte and indirect table
+    ctrl_addr: int
+    data: memoryview
+    data_addr: int
+    type: int = 0
+    sector: int = 0
+    nbytes: int = 0
+    status: int | None = None
+    used: int = 0
+    t0: int = 0
+    user: Callable[[Slot], Any] | None = None
 
 
-class BlkDriver:
+class BlkDriver(Driver):
     """Drive queue ``queue`` of a block device whose handshake is done."""
 
-    def __init__(self, session, *, depth: int = 32, max_io: int = 128 * 1024, segments: int = 1,
-                 indirect: bool | None = None, queue: int = 0, timeout: float | None = None):  # fmt: skip
-        require_class(session, "blk")
-        self.session = session
-        self.timeout = session.timeout if timeout is None else timeout
+    CLASS = "blk"
+
+    def __init__(self, session: Session, *, depth: int = 32, max_io: int = 128 * 1024, segments: int = 1,
+                 indirect: bool | None = None, queue: int = 0, timeout: float | None = None) -> None:  # fmt: skip
+        super().__init__(session, timeout)
         cfg = session.device_config()
-        neg = session.negotiated
+        has = self.has_feature
         self.capacity = cfg.get("capacity", 0)  # sectors
-        self.read_only = F_RO in neg
-        self.flush_supported = F_FLUSH in neg
-        self.discard_supported = F_DISCARD in neg
-        self.write_zeroes_supported = F_WRITE_ZEROES in neg
+        self.read_only = has(cat.BLK_F_RO)
+        self.flush_supported = has(cat.BLK_F_FLUSH)
+        self.discard_supported = has(cat.BLK_F_DISCARD)
+        self.write_zeroes_supported = has(cat.BLK_F_WRITE_ZEROES)
         if segments < 1:
             raise UsageError("segments must be at least 1")
-        if F_SEG_MAX in neg and cfg.get("seg_max") and segments > cfg["seg_max"]:
+        if has(cat.BLK_F_SEG_MAX) and cfg.get("seg_max") and segments > cfg["seg_max"]:
             raise UsageError(f"{segments} segments exceed the device's seg_max {cfg['seg_max']}")
-        if F_SIZE_MAX in neg and cfg.get("size_max"):
+        if has(cat.BLK_F_SIZE_MAX) and cfg.get("size_max"):
             max_io = min(max_io, cfg["size_max"] * segments)
         max_io = max(SECTOR, max_io // SECTOR * SECTOR)
         self.max_io = max_io

@@ -4,27 +4,25 @@ from __future__ import annotations
 
 import select
 import time
+from typing import TYPE_CHECKING
 
-from l4vctl.drivers import require_class
-from l4vctl.drivers.buffers import BufferPool
+from l4vctl import catalog as cat
+from l4vctl.drivers.base import Driver
 
-RX, TX = 0, 1
+if TYPE_CHECKING:
+    from l4vctl.session import Session
+
+RX, TX = cat.CONSOLE_RX_QUEUE, cat.CONSOLE_TX_QUEUE
 
 
-class ConsoleDriver:
-    def __init__(self, session, *, buffers: int = 16, size: int = 4096):
-        require_class(session, "console")
-        self.session = session
-        self.timeout = session.timeout
-        self.rx = session.virtqueue(RX)
-        self.tx = session.virtqueue(TX)
-        n = max(1, min(buffers, self.rx.num, self.tx.num))
-        self.rx_pool = BufferPool(session, n, size, "l4vctl-console-rx")
-        self.tx_pool = BufferPool(session, n, size, "l4vctl-console-tx")
-        while self.rx_pool.free:
-            i = self.rx_pool.take()
-            self.rx.add([(self.rx_pool.addrs[i], size, True)], i)
-        self.rx.kick()
+class ConsoleDriver(Driver):
+    """Port 0 of a console: bytes out on the transmit queue, bytes in on the receive queue."""
+
+    CLASS = "console"
+
+    def __init__(self, session: Session, *, buffers: int = 16, size: int = 4096) -> None:
+        super().__init__(session)
+        self._open_duplex(RX, TX, buffers, size, "console")
 
     def fileno(self) -> int:
         """The driver IRQ: readable when the device has something for us."""

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from l4vctl import catalog as cat
-from l4vctl.drivers import require_class
-from l4vctl.drivers.buffers import BufferPool
+from l4vctl.drivers.base import Driver
 from l4vctl.errors import UsageError
 from l4vctl.formats.fast import codec
+from l4vctl.parsing import mac_text as mac_text  # re-exported: drivers.net.mac_text
+
+if TYPE_CHECKING:
+    from l4vctl.session import Session
 
 RX, TX = cat.NET_RX_QUEUE, cat.NET_TX_QUEUE
 _NET_HDR = codec("l4virtio_net_header_t")
@@ -21,32 +25,26 @@ BUFFER = 2048
 BROADCAST = b"\xff" * 6
 #: IEEE 802 local experimental ethertype, used by l4vctl's own frames.
 ETHERTYPE = 0x88B5
+#: Bytes of an Ethernet header (destination, source, ethertype).
+ETH_HDR = 14
+#: The source address of a device that offers none (VIRTIO_NET_F_MAC not negotiated).
+DEFAULT_MAC = bytes.fromhex("020000000001")
 
 
-def mac_text(mac: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in mac)
+class NetDriver(Driver):
+    """Send and receive Ethernet frames on queues 0 (receive) and 1 (transmit)."""
 
+    CLASS = "net"
 
-class NetDriver:
-    def __init__(self, session, *, buffers: int = 32):
-        require_class(session, "net")
-        self.session = session
-        self.timeout = session.timeout
+    def __init__(self, session: Session, *, buffers: int = 32) -> None:
+        super().__init__(session)
         cfg = session.device_config()
-        self.mac = bytes(cfg["mac"]) if 5 in session.negotiated and "mac" in cfg else bytes.fromhex("020000000001")
+        self.mac = bytes(cfg["mac"]) if self.has_feature(cat.NET_F_MAC) and "mac" in cfg else DEFAULT_MAC
         #: the largest frame the device takes: its MTU plus the Ethernet header (VIRTIO_NET_F_MTU)
         self.max_frame = BUFFER - HDR
-        if 3 in session.negotiated and cfg.get("mtu"):
-            self.max_frame = min(self.max_frame, cfg["mtu"] + 14)
-        self.rx = session.virtqueue(RX)
-        self.tx = session.virtqueue(TX)
-        n = max(1, min(buffers, self.rx.num, self.tx.num))
-        self.rx_pool = BufferPool(session, n, BUFFER, "l4vctl-net-rx")
-        self.tx_pool = BufferPool(session, n, BUFFER, "l4vctl-net-tx")
-        while self.rx_pool.free:
-            i = self.rx_pool.take()
-            self.rx.add([(self.rx_pool.addrs[i], BUFFER, True)], i)
-        self.rx.kick()
+        if self.has_feature(cat.NET_F_MTU) and cfg.get("mtu"):
+            self.max_frame = min(self.max_frame, cfg["mtu"] + ETH_HDR)
+        self._open_duplex(RX, TX, buffers, BUFFER, "net")
 
     def send(self, frame: bytes) -> None:
         if len(frame) > self.max_frame:

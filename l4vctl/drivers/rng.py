@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
-from l4vctl.drivers import require_class
+from typing import TYPE_CHECKING
+
+from l4vctl.drivers.base import Driver
 from l4vctl.drivers.buffers import BufferPool
 from l4vctl.errors import ProtocolError, UsageError
 
+if TYPE_CHECKING:
+    from l4vctl.session import Session
 
-class RngDriver:
-    def __init__(self, session, *, chunk: int = 4096, depth: int = 8):
-        require_class(session, "rng")
-        self.timeout = session.timeout
+
+class RngDriver(Driver):
+    """Entropy from queue 0 of an entropy device, ``depth`` buffers of ``chunk`` bytes in flight."""
+
+    CLASS = "rng"
+
+    def __init__(self, session: Session, *, chunk: int = 4096, depth: int = 8) -> None:
+        super().__init__(session)
         self.vq = session.virtqueue(0)
         self.depth = max(1, min(depth, self.vq.num))
         self.pool = BufferPool(session, self.depth, chunk, "l4vctl-rng-buffers")

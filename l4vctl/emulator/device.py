@@ -32,6 +32,7 @@ ENOSYS = -cat.L4_ENOSYS
 EMSGTOOSHORT = -cat.L4_EMSGTOOSHORT
 
 FAIL = cat.STATUS_FAIL_MASK
+CLASSIC, CURRENT = cat.Abi.CLASSIC, cat.Abi.CURRENT
 ACK_DRIVER = cat.STATUS_ACKNOWLEDGE | cat.STATUS_DRIVER
 
 
@@ -132,8 +133,9 @@ class Device:
         self.model = model
         model.device = self
         self.abi = opts["abi"]
-        self.attach = opts.get("attach") or ("both" if self.abi == "classic" else "config")
-        if self.attach != "config" and self.abi != "classic":
+        classic = self.abi == CLASSIC
+        self.attach = opts.get("attach") or ("both" if classic else "config")
+        if self.attach != "config" and not classic:
             raise ValueError(f"attach={self.attach}: REGISTER_IFACE exists only in the classic era (use abi=classic)")
         self.cmd_mode = opts["cmd_mode"]
         self.faults = dict(opts["inject"])
@@ -142,7 +144,9 @@ class Device:
         if self.ds_offset % PAGE:
             raise ValueError(f"ds_offset {self.ds_offset:#x} is not a multiple of the page size")
         self.hc = pg.header_codec(self.abi)
-        self.qc = pg.queue_codec()
+        #: size of a queue-config entry in the page (the layout of LP64 and ARM peers)
+        self.stride = cat.QUEUE_ENTRY_STRIDE
+        self.qc = pg.queue_codec(self.stride)
         self.offered = self._offered_bits()
         self.offered_words = pg.feature_words(self.abi, self.offered)
         self.num_queues_cfg = model.num_queues()
@@ -180,17 +184,12 @@ class Device:
         bits = set(m.features()) | {cat.VERSION_1_BIT}
         if self.cmd_mode:
             bits.add(cat.CMD_CONFIG_BIT[self.abi])
-        table = cat.feature_table(self.abi, m.DEVICE_ID)
-        by_name = {}
-        for f in table.values():
-            by_name[f.short] = by_name[f.name.lower()] = f.bit
+        by_name = cat.feature_names(self.abi, m.DEVICE_ID)
         for item in m.options["features"]:
-            if isinstance(item, int) or str(item).isdigit():
-                bits.add(int(item))
-            elif str(item).lower() in by_name:
-                bits.add(by_name[str(item).lower()])
-            else:
+            bit = cat.feature_bit(item, by_name)
+            if bit is None:
                 raise ValueError(f"unknown feature {item!r} for a {m.KIND} device")
+            bits.add(bit)
         words = 32 * self.hc.fields["dev_features_map"][3]
         bad = [b for b in bits if b >= words]
         if bad:
@@ -273,11 +272,11 @@ class Device:
             self.w32[(off >> 2) + i] = words[i] if i < len(words) else 0
 
     def queue_entry(self, index: int) -> dict:
-        return self.qc.unpack(self.page, self.queues_offset + index * cat.QUEUE_ENTRY_STRIDE)
+        return self.qc.unpack(self.page, self.queues_offset + index * self.stride)
 
     def _queue_store(self, index: int, name: str, value: int) -> None:
         off, size, _fmt, _count = self.qc.fields[name]
-        pos = self.queues_offset + index * cat.QUEUE_ENTRY_STRIDE + off
+        pos = self.queues_offset + index * self.stride + off
         if size == 2:
             self.w16[pos >> 1] = value
         else:
@@ -313,7 +312,7 @@ class Device:
         log.info("reset: generation %d", self.get("generation"))
 
     def _array_ok(self) -> bool:
-        return bool(self.num_queues) and self.queues_offset + self.num_queues * 40 <= cat.PAGE_SIZE
+        return bool(self.num_queues) and self.queues_offset + self.num_queues * self.stride <= cat.PAGE_SIZE
 
     def set_status(self, value: int) -> None:
         """The status state machine of L4Re's generic device."""
@@ -359,7 +358,7 @@ class Device:
         if self.faults.get("refuse-features-ok"):
             return False, "injected fault"
         driver = self.get_words("driver_features_map")
-        if not driver[1] & 1:
+        if not cat.has_bit(driver, cat.VERSION_1_BIT):
             return False, "the driver did not accept VERSION_1"
         for i, (d, o) in enumerate(zip(driver, self.offered_words)):
             if d & ~o:
@@ -384,7 +383,7 @@ class Device:
 
     def notify(self, bits: int) -> None:
         """Interrupt the driver: set irq_status bits (current era), trigger its IRQ."""
-        if self.abi == "current":
+        if self.abi == CURRENT:
             self.set("irq_status", self.get("irq_status") | bits)
         if self.driver_irq is not None:
             self.driver_irq.trigger()
@@ -585,9 +584,9 @@ class Device:
         elif command == cat.CMD_CFG_QUEUE:
             result = self.setup_queue(arg)
             log.info("cmd CFG_QUEUE %d: %s", arg, cat.l4_error_name(result))
-        elif command == cat.CMD_CFG_CHANGED and self.abi == "current":
+        elif command == cat.CMD_CFG_CHANGED and self.abi == CURRENT:
             self.model.config_changed(arg)
-        elif command == cat.CMD_NOTIFY_QUEUE and self.abi == "current":
+        elif command == cat.CMD_NOTIFY_QUEUE and self.abi == CURRENT:
             pass  # every kick already looks at all queues
         else:
             log.warning("cmd %#010x is not a command of the %s era: ignored", value, self.abi)

@@ -8,7 +8,6 @@ its queues and (for real I/O) how requests are handled.  Options come from
 from __future__ import annotations
 
 import importlib
-import re
 
 from l4vctl.errors import UsageError
 
@@ -19,33 +18,6 @@ MODELS = {
     "console": ("l4vctl.emulator.models.console", "ConsoleModel", "console (virtio-console)"),
     "rng": ("l4vctl.emulator.models.rng", "RngModel", "entropy source (virtio-rng)"),
 }
-
-_SIZE = re.compile(r"^(\d+)\s*([kKmMgGtT]?)(i?[bB])?$")
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """'64M' -> 67108864 (binary units; K, M, G, T with optional iB/B)."""
-    m = _SIZE.match(str(text).strip())
-    if not m:
-        raise ValueError(f"{text!r} is not a size like 512, 64K, 64M or 1G")
-    return int(m.group(1)) * _UNITS[m.group(2).lower()]
-
-
-def parse_bool(text) -> bool:
-    if isinstance(text, bool):
-        return text
-    value = str(text).strip().lower()
-    if value in ("1", "yes", "true", "on", ""):
-        return True
-    if value in ("0", "no", "false", "off"):
-        return False
-    raise ValueError(f"{text!r} is not a boolean (on/off, yes/no, 1/0)")
-
-
-def parse_int(text) -> int:
-    return int(str(text), 0)
-
 
 class Option:
     """A model option: name, parser, default, help."""

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from l4vctl import catalog as cat
-from l4vctl.emulator.models import Option, parse_bool, parse_int
+from l4vctl.emulator.models import Option
+from l4vctl.parsing import parse_bool, parse_int
 
 #: Faults the emulator can inject, for testing drivers against bad devices.
 FAULTS = {

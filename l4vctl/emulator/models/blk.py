@@ -19,15 +19,15 @@ import os
 
 from l4vctl import catalog as cat
 from l4vctl.emulator import log
-from l4vctl.emulator.models import Option, parse_bool, parse_int, parse_size
+from l4vctl.emulator.models import Option
 from l4vctl.emulator.models.base import Model
 from l4vctl.emulator.ring import BadChain
 from l4vctl.formats.fast import codec
+from l4vctl.parsing import parse_bool, parse_int, parse_size
 
 _HDR = codec("l4virtio_block_header_t").struct
 _SEG = codec("virtio_blk_discard_write_zeroes").struct
 SECTOR = cat.BLK_SECTOR_SIZE
-F_SIZE_MAX, F_SEG_MAX, F_RO, F_BLK_SIZE, F_FLUSH, F_DISCARD, F_WRITE_ZEROES = 1, 2, 5, 6, 9, 13, 14
 _ZEROS = bytes(1 << 20)
 #: Segments one DISCARD or WRITE_ZEROES request may carry (max_discard_seg, max_write_zeroes_seg).
 MAX_ZERO_SEGS = 1
@@ -39,7 +39,7 @@ PUBLISH_EVERY = 8
 
 class BlkModel(Model):
     KIND = "blk"
-    DEVICE_ID = 2
+    DEVICE_ID = cat.DEVICE_ID_BLK
     DEFAULT_QUEUES = 1
     DEFAULT_NUM_MAX = 256
     OPTIONS = (
@@ -106,14 +106,14 @@ class BlkModel(Model):
 
     def features(self) -> set[int]:
         o = self.options
-        bits = {cat.INDIRECT_DESC_BIT, F_BLK_SIZE, F_FLUSH, F_DISCARD, F_WRITE_ZEROES}
+        bits = {cat.INDIRECT_DESC_BIT, cat.BLK_F_BLK_SIZE, cat.BLK_F_FLUSH, cat.BLK_F_DISCARD, cat.BLK_F_WRITE_ZEROES}
         if o["seg_max"]:
-            bits.add(F_SEG_MAX)
+            bits.add(cat.BLK_F_SEG_MAX)
         if o["size_max"]:
-            bits.add(F_SIZE_MAX)
+            bits.add(cat.BLK_F_SIZE_MAX)
         if o["ro"]:
-            bits.add(F_RO)
-            bits -= {F_DISCARD, F_WRITE_ZEROES}
+            bits.add(cat.BLK_F_RO)
+            bits -= {cat.BLK_F_DISCARD, cat.BLK_F_WRITE_ZEROES}
         return bits
 
     def config(self) -> dict:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import os
 
+from l4vctl import catalog as cat
 from l4vctl.emulator import log
-from l4vctl.emulator.models import Option, parse_bool, parse_int
+from l4vctl.emulator.models import Option
 from l4vctl.emulator.models.base import Model
 from l4vctl.emulator.ring import BadChain
+from l4vctl.parsing import parse_bool, parse_int
 
-RX, TX = 0, 1
+RX, TX = cat.CONSOLE_RX_QUEUE, cat.CONSOLE_TX_QUEUE
 PENDING_MAX = 1 << 20
 #: Bytes of one transmit chain the console copies out (the rest of a longer chain is dropped).
 MAX_TX_CHAIN = 1 << 20
@@ -30,7 +32,7 @@ def parse_io(text) -> str:
 
 class ConsoleModel(Model):
     KIND = "console"
-    DEVICE_ID = 3
+    DEVICE_ID = cat.DEVICE_ID_CONSOLE
     DEFAULT_QUEUES = 2  # port 0: receive 0, transmit 1
     MIN_QUEUES = 2
     DEFAULT_NUM_MAX = 128
@@ -85,7 +87,7 @@ class ConsoleModel(Model):
                 raise ValueError(f"cannot open {options['input']}: {exc.strerror}") from None
 
     def features(self) -> set[int]:
-        return {0}  # SIZE
+        return {cat.CONSOLE_F_SIZE}
 
     def config(self) -> dict:
         return {"cols": self.options["cols"], "rows": self.options["rows"], "max_nr_ports": 1}

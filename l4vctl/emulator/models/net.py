@@ -16,29 +16,17 @@ import socket
 
 from l4vctl import catalog as cat
 from l4vctl.emulator import log
-from l4vctl.emulator.models import Option, parse_bool, parse_int
+from l4vctl.emulator.models import Option
 from l4vctl.emulator.models.base import Model
 from l4vctl.emulator.ring import BadChain
 from l4vctl.formats.fast import codec
+from l4vctl.parsing import mac_text, parse_bool, parse_int, parse_mac
 
 RX, TX = cat.NET_RX_QUEUE, cat.NET_TX_QUEUE
 _NET_HDR = codec("l4virtio_net_header_t").struct
 HDR_SIZE = _NET_HDR.size
 MAX_FRAME = 65535
 PENDING_FRAMES = 256
-
-
-def parse_mac(text) -> bytes:
-    if isinstance(text, bytes) and len(text) == 6:
-        return text
-    parts = str(text).replace("-", ":").split(":")
-    if len(parts) != 6:
-        raise ValueError(f"{text!r} is not a MAC address like 52:54:00:12:34:56")
-    try:
-        out = bytes(int(p, 16) for p in parts)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a MAC address like 52:54:00:12:34:56") from None
-    return out
 
 
 def parse_link(text) -> str:
@@ -55,7 +43,7 @@ def link_address(name: str, end: str) -> bytes:
 
 class NetModel(Model):
     KIND = "net"
-    DEVICE_ID = 1
+    DEVICE_ID = cat.DEVICE_ID_NET
     DEFAULT_QUEUES = 2  # 0 receive, 1 transmit
     MIN_QUEUES = 2
     DEFAULT_NUM_MAX = 256
@@ -97,7 +85,7 @@ class NetModel(Model):
         raise ValueError(f"link {name!r} already has two devices")
 
     def features(self) -> set[int]:
-        return {3, 5, 16}  # MTU, MAC, STATUS
+        return {cat.NET_F_MTU, cat.NET_F_MAC, cat.NET_F_STATUS}
 
     def config(self) -> dict:
         return {"mac": self.mac, "status": cat.NET_S_LINK_UP, "mtu": self.options["mtu"]}
@@ -106,7 +94,7 @@ class NetModel(Model):
         return [RX, TX]
 
     def describe(self) -> str:
-        mac = ":".join(f"{b:02x}" for b in self.mac)
+        mac = mac_text(self.mac)
         link = f", link {self.options['link']} end {self.end}" if self.sock else ""
         return f"net {mac}{link}{', loop' if self.options['loop'] else ''}"
 

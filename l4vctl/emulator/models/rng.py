@@ -15,7 +15,7 @@ from l4vctl.emulator.ring import BadChain
 
 class RngModel(Model):
     KIND = "rng"
-    DEVICE_ID = 4
+    DEVICE_ID = cat.DEVICE_ID_RNG
     DEFAULT_QUEUES = 1
     DEFAULT_NUM_MAX = 128
 

@@ -1,0 +1,48 @@
+"""The base of the device-class drivers."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+from l4vctl.drivers import require_class
+from l4vctl.drivers.buffers import BufferPool
+
+if TYPE_CHECKING:
+    from l4vctl.session import Session
+
+
+class Driver:
+    """A driver for one device class over a Session whose handshake is done.
+
+    A subclass names its class in ``CLASS``; constructing it refuses a device
+    of another class before any request is sent, and keeps the session and
+    the timeout of every wait (the session's unless given).
+    """
+
+    CLASS: ClassVar[str] = ""
+
+    def __init__(self, session: Session, timeout: float | None = None) -> None:
+        require_class(session, self.CLASS)
+        self.session = session
+        self.timeout: float = session.timeout if timeout is None else timeout
+
+    def has_feature(self, bit: int) -> bool:
+        """Whether feature ``bit`` was negotiated."""
+        return bit in self.session.negotiated
+
+    def _open_duplex(self, rx: int, tx: int, buffers: int, size: int, name: str) -> None:
+        """Set up a receive and a transmit queue, each with a pool of ``size``-byte buffers.
+
+        The pools hold as many buffers as the smaller queue takes (``buffers``
+        at most); every receive buffer is posted to the device at once.
+        """
+        session = self.session
+        self.rx = session.virtqueue(rx)
+        self.tx = session.virtqueue(tx)
+        n = max(1, min(buffers, self.rx.num, self.tx.num))
+        self.rx_pool = BufferPool(session, n, size, f"l4vctl-{name}-rx")
+        self.tx_pool = BufferPool(session, n, size, f"l4vctl-{name}-tx")
+        while self.rx_pool.free:
+            i = self.rx_pool.take()
+            self.rx.add([(self.rx_pool.addrs[i], size, True)], i)
+        self.rx.kick()
