@@ -25,6 +25,18 @@ QSD = shutil.which("qemu-storage-daemon")
 SECTOR = 512
 
 
+def listening(path) -> bool:
+    """Whether a Unix socket is bound at ``path`` and listening (from /proc/net/unix, without connecting)."""
+    want = str(path)
+    with open("/proc/net/unix") as f:
+        next(f)
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 8 and parts[7] == want and int(parts[3], 16) & 0x10000:  # __SO_ACCEPTCON
+                return True
+    return False
+
+
 class StorageDaemon:
     def __init__(self, tmp_path, size=16 << 20, queues=2):
         assert QSD, "qemu-storage-daemon is required (.ci/run installs qemu-system-common)"
@@ -42,9 +54,9 @@ class StorageDaemon:
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
         deadline = time.monotonic() + 20
-        while not self.sock.exists():
+        while not listening(self.sock):  # bound is not enough: connecting before listen() is refused
             assert self.proc.poll() is None, self.proc.stderr.read()
-            assert time.monotonic() < deadline, "qemu-storage-daemon did not create its socket"
+            assert time.monotonic() < deadline, "qemu-storage-daemon did not listen on its socket"
             time.sleep(0.02)
 
     def image_bytes(self, sector: int, n: int) -> bytes:
