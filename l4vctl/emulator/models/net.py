@@ -23,8 +23,12 @@ from l4vctl.formats.fast import codec
 from l4vctl.parsing import mac_text, parse_bool, parse_int, parse_mac
 
 RX, TX = cat.NET_RX_QUEUE, cat.NET_TX_QUEUE
-_NET_HDR = codec("l4virtio_net_header_t").struct
+_NET_HDR = codec("l4virtio_net_header_t")
 HDR_SIZE = _NET_HDR.size
+#: The header in front of every received frame: no offloads, the frame in one buffer.
+RX_HEADER = _NET_HDR.pack(
+    {"flags": 0, "gso_type": 0, "hdr_len": 0, "gso_size": 0, "csum_start": 0, "csum_offset": 0, "num_buffers": 1}
+)
 MAX_FRAME = 65535
 PENDING_FRAMES = 256
 
@@ -140,8 +144,7 @@ class NetModel(Model):
                 ring.complete(head, 0)
                 continue
             self.pending.popleft()
-            data = bytearray(HDR_SIZE)
-            _NET_HDR.pack_into(data, 0, 0, 0, 0, 0, 0, 0, 1)  # num_buffers = 1
+            data = bytearray(RX_HEADER)
             data += frame
             pos = 0
             for seg in segs:
