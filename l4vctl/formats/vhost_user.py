@@ -28,7 +28,9 @@ vhost_user_header = Struct(
 )
 
 #: A 64-bit payload: features, protocol features, a queue count, an ack, a queue index (+ NOFD).
-vhost_user_u64 = Int64ul
+vhost_user_u64 = Struct(
+    "value" / Int64ul * "the number",
+)
 
 vhost_vring_state = Struct(
     "index" / Int32ul * "queue index",
