@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from l4vctl import catalog as cat
 from l4vctl import page as pg
-from l4vctl._session.negotiation import CMD_SPIN, SUPPORTED_TRANSPORT, Negotiation, Transition  # noqa: F401
 from l4vctl._session.pageview import PageView
 from l4vctl.errors import FormatError, L4vError, NegotiationError, DeviceStateError, ProtocolError, UnavailableError, UsageError
 
 if TYPE_CHECKING:
     from l4vctl._session.attachment import Attachment
+    from l4vctl._session.negotiation import Negotiation, Transition
     from l4vctl._session.queues import QueueSet, QueueSetup
     from l4vctl.backends.base import Backend, Channel
     from l4vctl.caps import Dataspace, Irq
@@ -108,7 +108,7 @@ class Session:
         self.source_format = "live"
         self._view: PageView | None = None
         self._link: Attachment | None = None
-        self._neg = Negotiation(mode, timeout)
+        self._neg: Negotiation | None = None  # made when a status is first written
         self._queues: QueueSet | None = None
 
     # -- context management ------------------------------------------------------------
@@ -186,24 +186,31 @@ class Session:
     def _memory(self) -> list[Dataspace]:
         return self._link.dataspaces if self._link is not None else []
 
+    def _negotiation(self) -> Negotiation:
+        if self._neg is None:
+            from l4vctl._session.negotiation import Negotiation
+
+            self._neg = Negotiation(self.mode_request, self.timeout)
+        return self._neg
+
     @property
     def mode(self) -> str:
         """How status and queue configuration reach the device: "ipc" or "cmd"."""
-        return self._neg.mode
+        return self._neg.mode if self._neg is not None else "ipc"
 
     @mode.setter
     def mode(self, value: str) -> None:
-        self._neg.mode = value
+        self._negotiation().mode = value
 
     @property
     def transitions(self) -> list[Transition]:
         """Every status write and what the device made of it."""
-        return self._neg.transitions
+        return self._negotiation().transitions
 
     @property
     def negotiated(self) -> set[int]:
         """Feature bits accepted at FEATURES_OK."""
-        return self._neg.negotiated
+        return self._negotiation().negotiated
 
     @property
     def queues(self) -> list[QueueSetup]:
@@ -345,14 +352,14 @@ class Session:
     def write_status(self, value: int) -> int:
         """Write a status value (IPC or cmd) and return what the device accepted."""
         self._need_driver("a status write")
-        return self._neg.write_status(self._view, self._live(), value)  # type: ignore[arg-type]
+        return self._negotiation().write_status(self._view, self._live(), value)  # type: ignore[arg-type]
 
     def send_cmd(self, word: int) -> None:
         """Post a cmd word, kick the device and wait until it is consumed."""
-        self._neg.send_cmd(self._view, self._live(), word)  # type: ignore[arg-type]
+        self._negotiation().send_cmd(self._view, self._live(), word)  # type: ignore[arg-type]
 
     def _fail_check(self, after: str) -> None:
-        self._neg.fail_check(self._view, after)  # type: ignore[arg-type]
+        self._negotiation().fail_check(self._view, after)  # type: ignore[arg-type]
 
     def give_up(self) -> None:
         """Tell the device the driver gave up (FAILED), as far as it still listens."""
@@ -366,7 +373,7 @@ class Session:
     # -- the handshake -------------------------------------------------------------------------------
 
     def _choose_mode(self) -> None:
-        self._neg.choose_mode(self._view)  # type: ignore[arg-type]
+        self._negotiation().choose_mode(self._view)  # type: ignore[arg-type]
 
     def reset(self) -> int:
         """Reset the device (status 0)."""
@@ -408,7 +415,7 @@ class Session:
 
     def negotiate(self, want: Any, require: Iterable[Any], refuse: Iterable[Any], device_id: int) -> dict[str, Any]:
         """Accept features (see :meth:`handshake`), set FEATURES_OK and check it; a summary dict."""
-        return self._neg.negotiate(self._view, self._live(), want, require, refuse, device_id)  # type: ignore[arg-type]
+        return self._negotiation().negotiate(self._view, self._live(), want, require, refuse, device_id)  # type: ignore[arg-type]
 
     # -- queues ------------------------------------------------------------------------------------
 
@@ -419,7 +426,7 @@ class Session:
 
             self._queues = QueueSet(self.stride)
         # a saved page or a monitor fails at lending the ring memory, as it always did
-        return self._queues.setup(self._view, self._link, self._neg, queue_size, self._lend)  # type: ignore[arg-type]
+        return self._queues.setup(self._view, self._link, self._negotiation(), queue_size, self._lend)  # type: ignore[arg-type]
 
     # -- memory and I/O ------------------------------------------------------------------------------
 
@@ -493,8 +500,8 @@ class Session:
     def close(self, reset: bool = True) -> None:
         """Detach; a driver that drove the device resets it first (status 0)."""
         link = self._link
-        if link is not None and link.channel is not None and reset and self._neg.drove and self.role == "driver" \
-                and not link.broken:  # fmt: skip
+        drove = self._neg is not None and self._neg.drove
+        if link is not None and link.channel is not None and reset and drove and self.role == "driver" and not link.broken:
             try:
                 if not self.mode == "cmd" or not self.get("cmd"):
                     self.write_status(0)
