@@ -729,6 +729,50 @@ INPUT_CFG_SELECT: Mapping[int, str] = {
 }
 
 
+# -- vhost-user (the front-end side of the protocol, as far as l4vctl speaks it) ----------
+
+#: Front-end message types.
+VHOST_USER_GET_FEATURES = 1
+VHOST_USER_SET_FEATURES = 2
+VHOST_USER_SET_OWNER = 3
+VHOST_USER_SET_MEM_TABLE = 5
+VHOST_USER_SET_VRING_NUM = 8
+VHOST_USER_SET_VRING_ADDR = 9
+VHOST_USER_SET_VRING_BASE = 10
+VHOST_USER_GET_VRING_BASE = 11
+VHOST_USER_SET_VRING_KICK = 12
+VHOST_USER_SET_VRING_CALL = 13
+VHOST_USER_GET_PROTOCOL_FEATURES = 15
+VHOST_USER_SET_PROTOCOL_FEATURES = 16
+VHOST_USER_GET_QUEUE_NUM = 17
+VHOST_USER_SET_VRING_ENABLE = 18
+VHOST_USER_GET_CONFIG = 24
+VHOST_USER_REQUESTS: Mapping[int, str] = {
+    1: "GET_FEATURES", 2: "SET_FEATURES", 3: "SET_OWNER", 5: "SET_MEM_TABLE", 8: "SET_VRING_NUM",
+    9: "SET_VRING_ADDR", 10: "SET_VRING_BASE", 11: "GET_VRING_BASE", 12: "SET_VRING_KICK",
+    13: "SET_VRING_CALL", 15: "GET_PROTOCOL_FEATURES", 16: "SET_PROTOCOL_FEATURES", 17: "GET_QUEUE_NUM",
+    18: "SET_VRING_ENABLE", 24: "GET_CONFIG",
+}  # fmt: skip
+#: Header flags: protocol version (low two bits), reply, reply wanted.
+VHOST_USER_VERSION = 0x1
+VHOST_USER_VERSION_MASK = 0x3
+VHOST_USER_FLAG_REPLY = 0x4
+VHOST_USER_FLAG_NEED_REPLY = 0x8
+#: SET_VRING_KICK/CALL payload: queue index in the low byte; this bit: no fd passed (polling).
+VHOST_USER_VRING_IDX_MASK = 0xFF
+VHOST_USER_VRING_NOFD = 0x100
+#: vhost-user feature bits (not virtio ones): protocol features, dirty-page logging.
+VHOST_USER_F_PROTOCOL_FEATURES = 30
+VHOST_F_LOG_ALL = 26
+#: Protocol feature bits l4vctl asks for.
+VHOST_USER_PROTOCOL_F_MQ = 0
+VHOST_USER_PROTOCOL_F_REPLY_ACK = 3
+VHOST_USER_PROTOCOL_F_CONFIG = 9
+#: Regions a SET_MEM_TABLE carries at most.
+VHOST_USER_MAX_REGIONS = 8
+#: Longest reply payload l4vctl accepts.
+VHOST_USER_MAX_PAYLOAD = 4096
+
 # -- bit-set helpers ---------------------------------------------------------------
 
 def flag_names(value: int, bits: Iterable[tuple[int, str]]) -> tuple[list[str], int]:

@@ -305,7 +305,7 @@ def test_cmd_is_ignored_without_cmd_mode(abi):
     with driver(abi) as s:
         word = cat.cmd_word(cat.CMD_SET_STATUS, ACK)
         s._set("cmd", word)
-        s._device_irq.trigger()
+        s.device_irq.trigger()
         # the kick was handled but the cmd left alone
         assert wait_for(lambda: s.stats()["kicks"] >= 1, 5)
         assert s.get("cmd") == word and s.status == 0

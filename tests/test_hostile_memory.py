@@ -459,7 +459,7 @@ def test_full_driver_irq_does_not_hang_the_emulator(emu):
     with Session(url, timeout=2) as s:
         s.handshake()
         vq = s.virtqueue(0)
-        fd = s._driver_irq.fd
+        fd = s.driver_irq.fd
         blocking(fd)
         os.eventfd_write(fd, FULL)
         status = _get_id_request(s, vq)
@@ -473,7 +473,7 @@ def test_kick_irq_made_blocking_does_not_hang_the_emulator(emu):
     url, proc = emu
     with Session(url, timeout=2) as s:
         s.handshake()
-        blocking(s._device_irq.fd)  # the device's own kick IRQ: the open file is shared
+        blocking(s.device_irq.fd)  # the device's own kick IRQ: the open file is shared
         vq = s.virtqueue(0)
         status = _get_id_request(s, vq)
         assert wait_for(lambda: status[0] == cat.BLK_S_OK, 3)

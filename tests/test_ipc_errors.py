@@ -165,7 +165,7 @@ def test_unknown_opcode_and_label(s):
 def test_register_iface_classic():
     with Session("emu:blk?abi=classic", abi="classic", attach="iface") as s:  # attaches with REGISTER_IFACE
         assert s.attached_via == "iface"
-        assert s._device_irq is not None and s.get("magic") == cat.L4VIRTIO_MAGIC
+        assert s.device_irq is not None and s.get("magic") == cat.L4VIRTIO_MAGIC
         s.handshake()
         assert s.status == 0x0F
         assert call(s, V, cat.OP_REGISTER_IFACE)[0] == err("L4_EMSGTOOSHORT")

@@ -243,7 +243,7 @@ def test_emulator_process_survives_a_hostile_driver_and_serves_the_next():
             time.sleep(0.005)
         assert s.status & cat.STATUS_DEVICE_NEEDS_RESET
         assert s.get("irq_status") & cat.IRQ_STATUS_CONFIG
-        assert s._driver_irq.wait(1)  # the config interrupt arrived
+        assert s.driver_irq.wait(1)  # the config interrupt arrived
         assert s.stats()["device_errors"] == 1
         # reset and start over on the same connection
         s.handshake()

@@ -2,9 +2,11 @@
 
 A URL is ``SCHEME:REST``.  Built-in schemes are listed in :data:`SCHEMES`;
 other packages may add schemes through the ``l4vctl.backends`` entry-point
-group (``name = "package.module:Class"``).  Listing the schemes imports none
-of their modules.  An unknown scheme is a usage error; a known scheme that
-cannot work on this machine is "unavailable".
+group (``name = "package.module:Class"``, a subclass of :class:`Backend`;
+the contract is in :mod:`l4vctl.backends.base`).  Entry points are read once
+per process; listing the schemes imports none of their modules.  An unknown
+scheme is a usage error; a known scheme that cannot work on this machine is
+"unavailable".
 """
 
 from __future__ import annotations
@@ -12,8 +14,13 @@ from __future__ import annotations
 import importlib
 import os
 import re
+from typing import TYPE_CHECKING
 
+from l4vctl.backends.base import Backend, Channel, Memory, Response, parse_query  # noqa: F401 - the contract
 from l4vctl.errors import UnavailableError, UsageError
+
+if TYPE_CHECKING:
+    import socket
 
 ENTRY_POINT_GROUP = "l4vctl.backends"
 DEFAULT_DEVICE = "emu:blk"
@@ -49,8 +56,18 @@ SCHEMES: dict[str, tuple[str, str, str, str]] = {
 _SCHEME = re.compile(r"^([a-z][a-z0-9+.-]*):(.*)$", re.S)
 
 
+_plugin_cache: dict[str, str] | None = None
+
+
 def _plugins() -> dict[str, str]:
-    """Schemes added by other packages: name -> "module:attr" (nothing imported)."""
+    """Schemes added by other packages: name -> "module:attr" (nothing imported; read once)."""
+    global _plugin_cache
+    if _plugin_cache is None:
+        _plugin_cache = _scan_plugins()
+    return _plugin_cache
+
+
+def _scan_plugins() -> dict[str, str]:
     from importlib.metadata import entry_points
 
     try:
@@ -76,7 +93,8 @@ def split_url(url: str) -> tuple[str, str]:
     return "dump", url
 
 
-def backend_class(scheme: str):
+def backend_class(scheme: str) -> type[Backend]:
+    """The Backend class of a scheme (built-in or plugin; the plugin's module is imported now)."""
     if scheme in SCHEMES:
         module, attr, _usage, _desc = SCHEMES[scheme]
         return getattr(importlib.import_module(module), attr)
@@ -90,7 +108,7 @@ def backend_class(scheme: str):
         raise UnavailableError(f"backend {scheme!r} ({plugin}) cannot be loaded: {exc}") from None
 
 
-def open_backend(url: str):
+def open_backend(url: str) -> Backend:
     """The backend object for a device URL (not yet connected)."""
     scheme, rest = split_url(url)
     cls = backend_class(scheme)
@@ -100,11 +118,11 @@ def open_backend(url: str):
     return cls(url, rest)
 
 
-def list_backends() -> list[dict]:
+def list_backends() -> list[dict[str, object]]:
     """Every scheme with its availability (built-ins are checked cheaply)."""
     out = []
     for scheme, (_module, _attr, usage, desc) in SCHEMES.items():
-        ok, why = _builtin_available(scheme)
+        ok, why = builtin_available(scheme)
         out.append({"scheme": scheme, "usage": usage, "description": desc, "available": ok,
                     "reason": why, "source": "built-in"})  # fmt: skip
     for scheme, value in sorted(_plugins().items()):
@@ -114,7 +132,8 @@ def list_backends() -> list[dict]:
     return out
 
 
-def _builtin_available(scheme: str) -> tuple[bool, str]:
+def builtin_available(scheme: str) -> tuple[bool, str]:
+    """Whether a built-in scheme works on this machine: (True, "") or (False, why)."""
     import socket
 
     if scheme == "dump":
@@ -126,31 +145,7 @@ def _builtin_available(scheme: str) -> tuple[bool, str]:
     return True, ""
 
 
-class Backend:
-    """Base of every backend: a URL that names one device."""
-
-    scheme = ""
-    live = True  # False: no handshake possible (a saved page)
-    #: Why the device id on the page is not the device's own ("unknown (...)"), or None.
-    device_unknown: str | None = None
-
-    def __init__(self, url: str, target: str):
-        self.url = url
-        self.target = target
-
-    @classmethod
-    def available(cls) -> tuple[bool, str]:
-        return _builtin_available(cls.scheme)
-
-    def connect(self, role: str = "driver", timeout: float = 5.0):
-        """A Channel to the device in the given role ('driver' or 'monitor')."""
-        raise UnavailableError(f"{self.url}: cannot be connected to")
-
-    def close(self) -> None:
-        """Release what the backend holds (processes, files)."""
-
-
-def connect_unix(path: str, kind: int, timeout: float, listener: str):
+def connect_unix(path: str, kind: int, timeout: float, listener: str) -> "socket.socket":
     """A connected AF_UNIX socket, or a clear error naming what should be listening.
 
     A listener whose backlog is full makes a non-blocking connect fail with

@@ -14,9 +14,9 @@ import signal
 import socket
 import sys
 import time
-from urllib.parse import parse_qsl
+from typing import TYPE_CHECKING
 
-from l4vctl.backends import Backend
+from l4vctl.backends.base import Backend, parse_query
 from l4vctl.backends.unix import SocketChannel
 from l4vctl.errors import UnavailableError, UsageError
 
@@ -24,18 +24,18 @@ from l4vctl.errors import UnavailableError, UsageError
 REAP_TIMEOUT = 0.5
 
 
+if TYPE_CHECKING:
+    from l4vctl.emulator.device import Device
+
+
 def parse_emu_target(target: str) -> tuple[str, dict[str, str]]:
-    kind, _, query = target.partition("?")
-    if not kind:
+    """``(type, raw options)`` of ``TYPE[?OPT=VALUE&...]``."""
+    if not target.partition("?")[0]:
         raise UsageError("emu: needs a device type (emu:blk, emu:net, emu:console, emu:rng)")
-    try:
-        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
-    except ValueError:
-        raise UsageError(f"emu:{target}: options must look like ?size=64M&abi=classic") from None
-    return kind, dict(pairs)
+    return parse_query(target, "emu", "?size=64M&abi=classic")
 
 
-def build_device(kind: str, raw: dict[str, str]):
+def build_device(kind: str, raw: dict[str, str]) -> Device:
     """Model and device from a type and raw options; usage errors for bad ones."""
     from l4vctl.emulator.device import Device
     from l4vctl.emulator.models import model_class, parse_options
@@ -56,6 +56,8 @@ def build_device(kind: str, raw: dict[str, str]):
 
 
 class EmuBackend(Backend):
+    """``emu:TYPE``: a device served by a child process for this session alone."""
+
     scheme = "emu"
 
     def __init__(self, url: str, target: str):
@@ -66,6 +68,7 @@ class EmuBackend(Backend):
         self._used = False
 
     def connect(self, role: str = "driver", timeout: float = 5.0) -> SocketChannel:
+        """Build the device, fork its server, HELLO over a socket pair (one connection only)."""
         if self._used:
             raise UnavailableError(f"{self.url}: an embedded emulator serves one connection")
         self._used = True
@@ -168,7 +171,7 @@ def _wait_exit(pid: int, timeout: float) -> bool:
     return False
 
 
-def _serve_child(device, conn: socket.socket) -> int:
+def _serve_child(device: Device, conn: socket.socket) -> int:
     from l4vctl.emulator.server import Server
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and closes the socket

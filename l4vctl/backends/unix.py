@@ -8,12 +8,18 @@ import socket
 import struct
 import time
 import weakref
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from l4vctl import catalog as cat
 from l4vctl import wire
-from l4vctl.backends import Backend, connect_unix
-from l4vctl.caps import close_fds
+from l4vctl.backends import connect_unix
+from l4vctl.backends.base import Backend, Channel, Response
 from l4vctl.errors import ProtocolError, TimeoutExpired, UnavailableError
+
+if TYPE_CHECKING:
+    from l4vctl.wire import Cap
+
+__all__ = ["OPEN_CHANNELS", "Response", "SocketChannel", "TooManyClients", "UnixBackend", "describe_op"]
 
 ROLE_CODES = {"driver": cat.ROLE_DRIVER, "monitor": cat.ROLE_MONITOR}
 #: Seconds to poll for a reply before sleeping (replies usually take tens of microseconds).
@@ -22,35 +28,11 @@ REPLY_SPIN = 200e-6
 HANGUP = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
 
 
-class Response:
-    """A reply: result code, output words, capability items and their fds."""
-
-    __slots__ = ("result", "words", "caps", "fds")
-
-    def __init__(self, result: int, words, caps, fds):
-        self.result = result
-        self.words = words
-        self.caps = caps
-        self.fds = fds
-
-    def fd(self, index: int = 0, kind: int | None = None) -> int:
-        """Take the descriptor of capability ``index`` (the caller now owns it)."""
-        cap = self.caps[index] if index < len(self.caps) else None
-        if cap is None or (kind is not None and cap.type != kind) or not 0 <= cap.handle < len(self.fds):
-            raise ProtocolError(f"reply lacks the expected {cat.CAP_TYPES.get(kind, 'capability')} item")
-        fd = self.fds[cap.handle]
-        self.fds[cap.handle] = -1
-        return fd
-
-    def close(self) -> None:
-        close_fds(fd for fd in self.fds if fd >= 0)
-        self.fds = []
-
-
 _OP_NAMES = {**cat.VIRTIO_OPCODES["classic"], **cat.VIRTIO_OPCODES["current"]}
 
 
 def describe_op(label: int, opcode: int) -> str:
+    """What a request is, for error messages ("SET_STATUS", "ICU BIND", ...)."""
     if label == cat.L4VIRTIO_PROTOCOL:
         return _OP_NAMES.get(opcode, f"opcode {opcode}")
     if label == cat.L4_PROTO_IRQ:
@@ -75,10 +57,11 @@ class TooManyClients(UnavailableError):
     """The emulator refused the connection for now (-L4_EAGAIN): worth another try."""
 
 
-class SocketChannel:
-    """One connection to an emulator: HELLO, then request/reply calls."""
+class SocketChannel(Channel):
+    """One connection to an emulator: HELLO, then request/reply calls (memory: local mappings)."""
 
-    def __init__(self, sock: socket.socket, name: str, role: str, timeout: float, exit_status=None):
+    def __init__(self, sock: socket.socket, name: str, role: str, timeout: float,
+                 exit_status: Callable[[], str | None] | None = None):  # fmt: skip
         self.sock = sock
         OPEN_CHANNELS.add(sock)
         self.name = name
@@ -121,7 +104,8 @@ class SocketChannel:
         if frame.label != 0:
             raise ProtocolError(f"{self.name}: HELLO refused with {cat.l4_error_name(frame.label)}")
 
-    def call(self, label: int, opcode: int, words=(), caps=(), fds=(), timeout: float | None = None) -> Response:
+    def call(self, label: int, opcode: int, words: Sequence[int] = (), caps: Sequence[Cap] = (),
+             fds: Sequence[int] = (), timeout: float | None = None) -> Response:  # fmt: skip
         """One IPC: send the request, wait for its reply (``timeout`` seconds)."""
         self.seq = (self.seq + 1) & 0xFFFFFFFF
         seq = self.seq
@@ -182,6 +166,7 @@ class SocketChannel:
             raise UnavailableError(f"{self.name}: the device went away during I/O (" + (why or "it closed the connection") + ")")
 
     def close(self) -> None:
+        """Close the connection (the device sees its driver leave)."""
         if self.sock is not None:
             OPEN_CHANNELS.discard(self.sock)
             self.sock.close()
@@ -189,9 +174,12 @@ class SocketChannel:
 
 
 class UnixBackend(Backend):
+    """``unix:PATH``: an emulator listening on a SOCK_SEQPACKET socket."""
+
     scheme = "unix"
 
     def connect(self, role: str = "driver", timeout: float = 5.0) -> SocketChannel:
+        """HELLO in ``role``; a full emulator (-L4_EAGAIN) is asked again until ``timeout``."""
         path = self.target
         if not path:
             raise UnavailableError("unix: needs a socket path (unix:/run/dev.sock)")

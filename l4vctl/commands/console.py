@@ -91,7 +91,7 @@ def attach(ctx, device, device_opt, abi, mode, timeout, json_mode):
                             break
                 out = drv.poll()
                 if drv.fileno() in ready:
-                    s._driver_irq.drain()
+                    s.driver_irq.drain()
                 if out:
                     os.write(sys.stdout.fileno(), out)
                     received += len(out)

@@ -87,40 +87,19 @@ def dump_config(ctx, source, abi, timeout, fmt, offset, queue_stride, force, as_
         raise UsageError("--raw writes bytes and cannot be combined with --json")
     start = _parse_offset(offset)
 
-    from l4vctl import page as pg
-    from l4vctl.backends import split_url
+    from l4vctl.session import Session
 
-    scheme, _rest = split_url(source)
-    device = None
-    if scheme == "dump":
-        from l4vctl.backends.dump import load_source
-
-        data, stored_as, hints = load_source(_rest, fmt)
-        if start:
-            if start >= len(data):
-                raise FormatError(f"--offset {start:#x} is beyond the end of the input ({len(data)} bytes)")
-            data = data[start : start + pg.PAGE_SIZE]
-        pg.check_size(data)
-        choice = pg.choose_abi(data, abi, hints)
-    else:
-        if start or fmt != "auto":
-            raise UsageError("--offset and --format apply to saved pages, not to live devices")
-        from l4vctl.session import Session
-
-        with Session(source, abi=abi, timeout=timeout, role="monitor", check=False) as s:
-            data = bytes(s.page)
-            choice = s.abi_choice
-            synthesized = getattr(s.backend, "synthesized", None)
-            device = s.device_info() if getattr(s.backend, "device_unknown", None) else None
-        stored_as = "live"
-    out.abi = choice.abi
-    decoded = pg.decode_page(data, choice, stride=int(queue_stride))
+    session = Session(source, abi=abi, timeout=timeout, role="monitor", stride=int(queue_stride), check=False,
+                      fmt=fmt, offset=start)  # fmt: skip
+    if session.live and (start or fmt != "auto"):
+        session.close()
+        raise UsageError("--offset and --format apply to saved pages, not to live devices")
+    with session as s:
+        out.abi = s.abi
+        data = s.page_bytes()
+        stored_as = s.source_format
+        decoded = s.decode()
     result = decoded.result
-    if scheme != "dump" and synthesized:
-        result["synthesized"] = synthesized
-        result["notes"].insert(0, synthesized)
-    if scheme != "dump" and device is not None:
-        result["device"] = device  # the page says 0: the backend cannot know the type
     result["source"] = {"name": source, "format": stored_as, "offset": start}
 
     if decoded.problems and not (force or as_hex or as_raw):

@@ -26,7 +26,7 @@ class ConsoleDriver(Driver):
 
     def fileno(self) -> int:
         """The driver IRQ: readable when the device has something for us."""
-        return self.session._driver_irq.fd
+        return self.session.driver_irq.fd
 
     def send(self, data: bytes) -> None:
         """Transmit all of ``data`` (waits until the device has taken it)."""

@@ -282,6 +282,11 @@ class Device:
         else:
             self.w64[pos >> 3] = value
 
+    def publish_notify_index(self, index: int, notify: int) -> None:
+        """Publish ``device_notify_index`` of queue ``index`` (for devices with a kick IRQ per queue)."""
+        if self._array_ok():
+            self._queue_store(index, "device_notify_index", notify)
+
     def _store_status(self, value: int) -> None:
         self.status = value & 0xFF
         self.set("status", self.status)
