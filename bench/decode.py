@@ -16,7 +16,7 @@ import struct
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _util import best_of, machine  # noqa: E402
+from _util import best_of, machine
 
 
 def main() -> None:

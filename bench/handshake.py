@@ -22,7 +22,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _util import PY, machine  # noqa: E402
+from _util import PY, machine
 
 
 def echo_round_trip(runs: int) -> list[float]:
@@ -87,8 +87,10 @@ def main() -> None:
     bmed = statistics.median(base)
     print(f"# {machine()}; {args.runs} handshakes, mode {args.mode}")
     print(f"bare SEQPACKET round trip    median {bmed * 1e6:8.1f} us   1.00x")
-    print(f"handshake attach..DRIVER_OK  median {med * 1e6:8.1f} us  {med / bmed:6.1f}x  "
-          f"(p10 {sorted(times)[len(times) // 10] * 1e6:.0f} us, p90 {sorted(times)[9 * len(times) // 10] * 1e6:.0f} us)")
+    print(
+        f"handshake attach..DRIVER_OK  median {med * 1e6:8.1f} us  {med / bmed:6.1f}x  "
+        f"(p10 {sorted(times)[len(times) // 10] * 1e6:.0f} us, p90 {sorted(times)[9 * len(times) // 10] * 1e6:.0f} us)"
+    )
     print(f"goal: median under 1000 us -> {'met' if med < 1e-3 else 'NOT met'}")
 
 

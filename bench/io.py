@@ -21,7 +21,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _util import PY, machine  # noqa: E402
+from _util import PY, machine
 
 
 def eventfd_ping_pong(seconds: float) -> float:

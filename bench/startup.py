@@ -17,7 +17,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _util import PY, machine, process_times, summary  # noqa: E402
+from _util import PY, machine, process_times, summary
 
 
 def main() -> None:

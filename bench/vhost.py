@@ -21,7 +21,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _util import PY, machine  # noqa: E402
+from _util import PY, machine
 
 SIZE = 256 << 20
 
@@ -67,7 +67,9 @@ def main() -> None:
         for name, cargs in cases:
             e = bench(f"unix:{emu_sock}", [*cargs, "--time", t])
             q = bench(f"vhost-user:{qsd_sock}?type=blk", [*cargs, "--time", t])
-            unit, ev, qv = ("MB/s", e["mb_per_s"], q["mb_per_s"]) if "64 KiB" in name else ("req/s", e["iops"], q["iops"])
+            unit, ev, qv = (
+                ("MB/s", e["mb_per_s"], q["mb_per_s"]) if "64 KiB" in name else ("req/s", e["iops"], q["iops"])
+            )
             print(f"{name:24s} {ev:9,.0f} {unit:5s} {qv:14,.0f} {unit:5s}   {ev / qv:5.2f}x   "
                   f"(p50 {e['latency_us']['p50']:.0f} vs {q['latency_us']['p50']:.0f} us)")  # fmt: skip
     finally:

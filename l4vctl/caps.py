@@ -117,7 +117,7 @@ class Dataspace:
         self._maps: list[mmap.mmap] = []
 
     @classmethod
-    def create(cls, name: str, size: int, *, final: bool = True) -> "Dataspace":
+    def create(cls, name: str, size: int, *, final: bool = True) -> Dataspace:
         """A new memfd of ``size`` bytes (rounded up to pages), its size sealed.
 
         With ``final`` (the default) the seals are sealed too (F_SEAL_SEAL), so
@@ -140,7 +140,7 @@ class Dataspace:
 
     @classmethod
     def adopt(cls, fd: int, size: int, rights: int = RIGHTS_RW, name: str = "", need: int = 0,
-              what: str = "dataspace") -> "Dataspace":  # fmt: skip
+              what: str = "dataspace") -> Dataspace:  # fmt: skip
         """Wrap a dataspace received from a peer, after checking it is safe to map.
 
         Takes ownership of ``fd`` (closed on failure).  Raises FormatError
@@ -265,11 +265,11 @@ class Irq:
         self._since = 0.0  # when a write started that has not returned yet
 
     @classmethod
-    def create(cls) -> "Irq":
+    def create(cls) -> Irq:
         return cls(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
 
     @classmethod
-    def adopt(cls, fd: int, what: str = "IRQ") -> "Irq":
+    def adopt(cls, fd: int, what: str = "IRQ") -> Irq:
         """Wrap an IRQ received from a peer: it must be an eventfd.
 
         Takes ownership of ``fd`` (closed on failure); raises FormatError

@@ -8,7 +8,7 @@ is plain data plus a few lookups; it imports nothing heavy.
 from __future__ import annotations
 
 import enum
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 
 class Abi(enum.StrEnum):
@@ -233,6 +233,7 @@ def cmd_word(command: int, argument: int) -> int:
 
 # -- device ids ---------------------------------------------------------------
 
+
 class DeviceId:
     """A virtio device id: L4Re/virtio name, l4vctl class name if modelled, era."""
 
@@ -321,6 +322,7 @@ def device_class(device_id: int) -> str | None:
 
 
 # -- feature bits ---------------------------------------------------------------
+
 
 class Feature:
     """A feature bit: virtio/L4Re macro name, lower-case command-line name,
@@ -774,6 +776,7 @@ VHOST_USER_MAX_REGIONS = 8
 VHOST_USER_MAX_PAYLOAD = 4096
 
 # -- bit-set helpers ---------------------------------------------------------------
+
 
 def flag_names(value: int, bits: Iterable[tuple[int, str]]) -> tuple[list[str], int]:
     """Names of the set bits in ``value`` and the mask of bits without a name."""

@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         # The reader went away (l4vctl ... | head): not an error of ours.
         _silence_stdout()
         return 0
-    except Exception as exc:  # noqa: BLE001 - the last line of defence
+    except Exception as exc:
         hint = None if debug else "a bug in l4vctl; --debug shows a traceback"
         _current_output(out).fail("internal", f"internal error: {type(exc).__name__}: {exc}", 1, hint)
         if debug:

@@ -118,9 +118,7 @@ def parse_hexdump(text: str) -> tuple[bytes, dict[str, str]]:
         if pending_repeat:
             gap = offset - len(data)
             if gap < 0 or gap % len(previous):
-                raise FormatError(
-                    f"hex dump line {lineno}: offset {offset:#x} does not continue the repeated lines"
-                )
+                raise FormatError(f"hex dump line {lineno}: offset {offset:#x} does not continue the repeated lines")
             data += previous * (gap // len(previous))
             pending_repeat = False
         if offset != len(data):

@@ -18,8 +18,10 @@ from l4vctl import __version__
 from l4vctl.errors import EXIT_CODES
 
 ENVIRONMENT = (
-    ("L4VCTL_DEVICE", "Default device URL (else emu:blk): emu:TYPE, unix:PATH, vhost-user:PATH?type=blk "
-                      "or dump:FILE; see l4vctl(1)."),
+    (
+        "L4VCTL_DEVICE",
+        "Default device URL (else emu:blk): emu:TYPE, unix:PATH, vhost-user:PATH?type=blk or dump:FILE; see l4vctl(1).",
+    ),
     ("L4VCTL_ABI", "Default for --abi (classic, current or auto)."),
     ("L4VCTL_EMU_LOG", "Log level of emu: emulators on stderr: DEBUG, INFO, WARNING or ERROR (default)."),
     ("L4VCTL_DEBUG", "If set, behave as if --debug was given: show tracebacks."),
@@ -67,9 +69,8 @@ def _option_lines(param: click.Parameter) -> list[str]:
 
 
 def render(command: click.Command, name: str, summary: str) -> str:
-    from l4vctl.commands._common import parse_examples
-
     from l4vctl.cli import CONTEXT_SETTINGS
+    from l4vctl.commands._common import parse_examples
 
     ctx = click.Context(command, info_name=name, **CONTEXT_SETTINGS)
     title = name.upper().replace(" ", "-")
@@ -142,7 +143,9 @@ def pages() -> dict[str, str]:
             sub_ctx = click.Context(command, info_name=name, parent=ctx)
             for sub in command.list_commands(sub_ctx):
                 sc = command.get_command(sub_ctx, sub)
-                out[f"l4vctl-{name}-{sub}.1"] = render(sc, f"l4vctl {name} {sub}", sc.get_short_help_str(200).rstrip("."))
+                out[f"l4vctl-{name}-{sub}.1"] = render(
+                    sc, f"l4vctl {name} {sub}", sc.get_short_help_str(200).rstrip(".")
+                )
     return out
 
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 SCHEMA_VERSION = 1
 
@@ -85,19 +86,19 @@ class Doc:
     def __init__(self):
         self.blocks: list = []
 
-    def heading(self, text: str) -> "Doc":
+    def heading(self, text: str) -> Doc:
         self.blocks.append(Heading(text))
         return self
 
-    def kv(self, rows: list[tuple[str, str]], indent: int = 2) -> "Doc":
+    def kv(self, rows: list[tuple[str, str]], indent: int = 2) -> Doc:
         self.blocks.append(KeyValues(list(rows), indent))
         return self
 
-    def table(self, headers: Sequence[str], rows, align: str = "", indent: int = 2) -> "Doc":
+    def table(self, headers: Sequence[str], rows, align: str = "", indent: int = 2) -> Doc:
         self.blocks.append(Table(list(headers), [list(r) for r in rows], align, indent))
         return self
 
-    def line(self, text: str = "", indent: int = 0) -> "Doc":
+    def line(self, text: str = "", indent: int = 0) -> Doc:
         self.blocks.append(Line(text, indent))
         return self
 

@@ -7,7 +7,7 @@ Decoding goes through the fast codecs derived from the schemas in
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from l4vctl import catalog as cat
 from l4vctl.errors import FormatError, UsageError
@@ -101,13 +101,9 @@ def detect_abi(data) -> AbiChoice:
         return AbiChoice("current", "auto", "VERSION_1 is at the current position (bit 0 of 0xC4) only")
     if a and b:
         if c and not d:
-            return AbiChoice(
-                "classic", "auto", "bit 0 set at 0xAC and 0xC4; feature word 0 is at the classic 0xA8"
-            )
+            return AbiChoice("classic", "auto", "bit 0 set at 0xAC and 0xC4; feature word 0 is at the classic 0xA8")
         if d and not c:
-            return AbiChoice(
-                "current", "auto", "bit 0 set at 0xAC and 0xC4; feature word 0 is at the current 0xC0"
-            )
+            return AbiChoice("current", "auto", "bit 0 set at 0xAC and 0xC4; feature word 0 is at the current 0xC0")
         why = "bit 0 set at both 0xAC and 0xC4 and no feature word 0 tells them apart"
     else:
         why = "VERSION_1 is at neither 0xAC nor 0xC4 (page read before the first reset?)"
@@ -228,9 +224,7 @@ def device_config_fields(data, device_id: int, abi: str, limit: int | None = Non
     buf = bytes(data[HEADER_SIZE : HEADER_SIZE + avail]).ljust(dc.size, b"\0")
     fields = dc.unpack(buf)
     cut = [
-        name
-        for name, (offset, size, _fmt, _count) in dc.fields.items()
-        if "." not in name and offset + size > avail
+        name for name, (offset, size, _fmt, _count) in dc.fields.items() if "." not in name and offset + size > avail
     ]
     for name in cut:
         del fields[name]
@@ -330,10 +324,7 @@ def decode_page(
             problems.append(f"queues_offset {qoff:#x} is not 8-byte aligned")
             queues_ok = False
         elif qoff + nq * stride > size:
-            problems.append(
-                f"queue array runs past the end of the page: "
-                f"{qoff:#x} + {nq} x {stride} bytes > {size:#x}"
-            )
+            problems.append(f"queue array runs past the end of the page: {qoff:#x} + {nq} x {stride} bytes > {size:#x}")
             queues_ok = False
     elif qoff and qoff > size:
         problems.append(f"queues_offset {qoff:#x} points outside the page ({size:#x} bytes)")

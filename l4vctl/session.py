@@ -17,13 +17,22 @@ mode, through the cmd word.  Every wait has a timeout.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from l4vctl import catalog as cat
 from l4vctl import page as pg
 from l4vctl._session.pageview import PageView
 from l4vctl.catalog import resolve_features  # noqa: F401 - part of this module's API
-from l4vctl.errors import FormatError, L4vError, NegotiationError, DeviceStateError, ProtocolError, UnavailableError, UsageError
+from l4vctl.errors import (
+    DeviceStateError,
+    FormatError,
+    L4vError,
+    NegotiationError,
+    ProtocolError,
+    UnavailableError,
+    UsageError,
+)
 
 if TYPE_CHECKING:
     from l4vctl._session.attachment import Attachment
@@ -235,7 +244,9 @@ class Session:
     def _check_identity(self) -> None:
         magic = self.get("magic")
         if magic != cat.L4VIRTIO_MAGIC:
-            raise ProtocolError(f"bad magic {magic:#010x} {bytes(self.page[:4])!r} (expected b'virt'): not an L4-VIRTIO device")
+            raise ProtocolError(
+                f"bad magic {magic:#010x} {bytes(self.page[:4])!r} (expected b'virt'): not an L4-VIRTIO device"
+            )
         version = self.get("version")
         if version != cat.L4VIRTIO_VERSION:
             raise ProtocolError(f"unsupported version {version} (expected 2)")
@@ -339,7 +350,7 @@ class Session:
             return
         try:
             self.write_status(self.status | cat.STATUS_FAILED)
-        except Exception:  # noqa: BLE001 - best effort on the way out
+        except Exception:
             pass
 
     # -- the handshake -------------------------------------------------------------------------------
@@ -473,11 +484,18 @@ class Session:
         """Detach; a driver that drove the device resets it first (status 0)."""
         link = self._link
         drove = self._neg is not None and self._neg.drove
-        if link is not None and link.channel is not None and reset and drove and self.role == "driver" and not link.broken:
+        if (
+            link is not None
+            and link.channel is not None
+            and reset
+            and drove
+            and self.role == "driver"
+            and not link.broken
+        ):
             try:
                 if not self.mode == "cmd" or not self.get("cmd"):
                     self.write_status(0)
-            except Exception:  # noqa: BLE001 - the device may be gone already
+            except Exception:
                 pass
         if self._queues is not None:
             self._queues.close()

@@ -129,4 +129,4 @@ def open_fds() -> set[int]:
     return {int(n) for n in os.listdir("/proc/self/fd")}
 
 
-__all__ = ["Dataspace", "Irq", "Session", "Cap"]
+__all__ = ["Cap", "Dataspace", "Irq", "Session"]

@@ -23,13 +23,28 @@ def test_version():
 def test_help_lists_commands_and_exit_codes():
     r = run_cli("--help")
     assert r.code == 0
-    for name in ("layout", "dump-config", "probe", "negotiate", "queue-stats", "emulate", "backends", "blk", "rng", "console", "net", "bench"):
+    for name in (
+        "layout",
+        "dump-config",
+        "probe",
+        "negotiate",
+        "queue-stats",
+        "emulate",
+        "backends",
+        "blk",
+        "rng",
+        "console",
+        "net",
+        "bench",
+    ):
         assert name in r.stdout
     for code, _text in EXIT_CODES:
         assert f"{code:>3}  " in r.stdout
 
 
-@pytest.mark.parametrize("command", ["layout", "dump-config", "probe", "negotiate", "queue-stats", "emulate", "backends"])
+@pytest.mark.parametrize(
+    "command", ["layout", "dump-config", "probe", "negotiate", "queue-stats", "emulate", "backends"]
+)
 def test_every_command_has_json_and_examples(command):
     r = run_cli(command, "--help")
     assert r.code == 0 and "--json" in r.stdout and "Examples:" in r.stdout
@@ -93,7 +108,9 @@ def test_python_dash_m_and_console_script(tmp_path):
 
 def test_broken_pipe_is_quiet():
     code = "import sys; sys.stdin.close()"
-    p1 = subprocess.Popen([sys.executable, "-m", "l4vctl", "layout"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    p1 = subprocess.Popen(
+        [sys.executable, "-m", "l4vctl", "layout"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV
+    )
     p2 = subprocess.run([sys.executable, "-c", "import sys; sys.stdin.readline()"], stdin=p1.stdout, env=ENV)
     p1.stdout.close()
     _out, err = p1.communicate(timeout=30)
@@ -116,8 +133,18 @@ def _modules_after(*args: str) -> set[str]:
     return set(r.stderr.split())
 
 
-@pytest.mark.parametrize("args", [["--help"], ["layout", "--help"], ["dump-config", "--help"], ["--version"],
-                                  ["probe", "--help"], ["negotiate", "--help"], ["emulate", "--help"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["layout", "--help"],
+        ["dump-config", "--help"],
+        ["--version"],
+        ["probe", "--help"],
+        ["negotiate", "--help"],
+        ["emulate", "--help"],
+    ],
+)
 def test_help_imports_neither_rich_nor_construct(args):
     mods = _modules_after(*args)
     assert "click" in mods

@@ -94,7 +94,7 @@ def test_every_driver_checks_its_class_through_the_base(cls: str) -> None:
 
     name = {"blk": "BlkDriver", "net": "NetDriver", "console": "ConsoleDriver", "rng": "RngDriver"}[cls]
     driver = getattr(importlib.import_module(f"l4vctl.drivers.{cls}"), name)
-    assert issubclass(driver, Driver) and driver.CLASS == cls
+    assert issubclass(driver, Driver) and cls == driver.CLASS
     other = "rng" if cls != "rng" else "blk"
     with Session(f"emu:{other}") as s:
         s.handshake()

@@ -10,7 +10,18 @@ import pytest
 
 from l4vctl import catalog as cat
 from l4vctl.caps import Dataspace
-from tests.emu import Session, call, config_queue, read_queue, register, rings, set_status, wait_for, write_features, write_queue
+from tests.emu import (
+    Session,
+    call,
+    config_queue,
+    read_queue,
+    register,
+    rings,
+    set_status,
+    wait_for,
+    write_features,
+    write_queue,
+)
 
 ABIS = ["classic", "current"]
 ACK, DRV, FOK, DOK, NR, FAILED = 1, 2, 8, 4, 0x40, 0x80

@@ -15,6 +15,7 @@ from l4vctl import catalog as cat
 from l4vctl.errors import UnavailableError
 from tests.emu import Session, emulator, reap, set_status, wait_for
 
+
 def test_socket_is_private_and_removed_on_sigterm(tmp_path):
     with emulator(tmp_path) as (url, proc):
         path = url[5:]

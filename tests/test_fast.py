@@ -29,9 +29,7 @@ def plain(value):
 
 def test_generated_layouts_are_current():
     """_derived.py equals a fresh derivation from the schemas."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "l4vctl.formats.fast", "--check"], capture_output=True, text=True
-    )
+    proc = subprocess.run([sys.executable, "-m", "l4vctl.formats.fast", "--check"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
 

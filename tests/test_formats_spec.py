@@ -109,7 +109,12 @@ def test_net_config_matches_spec():
 
 
 def test_small_device_configs():
-    assert named(devcfg.virtio_console_config) == [(0, 2, "cols"), (2, 2, "rows"), (4, 4, "max_nr_ports"), (8, 4, "emerg_wr")]
+    assert named(devcfg.virtio_console_config) == [
+        (0, 2, "cols"),
+        (2, 2, "rows"),
+        (4, 4, "max_nr_ports"),
+        (8, 4, "emerg_wr"),
+    ]
     assert devcfg.l4virtio_input_config_t.sizeof() == 136
     assert devcfg.l4virtio_input_absinfo_t.sizeof() == 20
     assert devcfg.l4virtio_input_devids_t.sizeof() == 8

@@ -148,6 +148,7 @@ def test_json_envelope_on_ctrl_c(tmp_path):
             assert left > 0 and proc.poll() is None, seen.decode(errors="replace")
             if select.select([proc.stderr], [], [], left)[0]:
                 seen += os.read(proc.stderr.fileno(), 4096)
+
         # and until it sleeps in its receive loop (the handshake's last steps are behind it)
         def sleeping():
             with open(f"/proc/{proc.pid}/stat") as f:

@@ -30,8 +30,8 @@ from l4vctl import catalog as cat
 from l4vctl import page as pg
 from l4vctl import wire
 from l4vctl.caps import PAGE, RIGHTS_RW, Dataspace, Irq, dataspace_problem
-from l4vctl.errors import FormatError, ProtocolError
-from tests.emu import Cap, Session, call, emulator, register, wait_for
+from l4vctl.errors import FormatError
+from tests.emu import Cap, Session, call, emulator, wait_for
 
 V = cat.L4VIRTIO_PROTOCOL
 EINVAL = -cat.L4_EINVAL
@@ -63,7 +63,7 @@ def bounded(fn, timeout: float = 3.0):
     def run():
         try:
             out["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
+        except BaseException as exc:
             out["error"] = exc
 
     t = threading.Thread(target=run, daemon=True)
@@ -287,7 +287,9 @@ class HostileDevice:
             f.close_fds()
             words, caps, fds = [], [], []
             if f.kind == cat.KIND_HELLO:
-                wire.send(conn, wire.encode(cat.KIND_WELCOME, f.seq, 0, 0, [cat.WIRE_VERSION, f.words[2], cat.MAX_FRAME, 2]))
+                wire.send(
+                    conn, wire.encode(cat.KIND_WELCOME, f.seq, 0, 0, [cat.WIRE_VERSION, f.words[2], cat.MAX_FRAME, 2])
+                )
                 continue
             if f.opcode == cat.OP_DEVICE_CONFIG and f.label == V:
                 fd = (self.config_fd or self.good_page)()

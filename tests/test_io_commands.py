@@ -160,7 +160,16 @@ def test_console_pty(tmp_path):
 
 
 def test_net_ping_two_embedded_devices():
-    r = ok("net", "ping", f"emu:net?link=t-ping-{os.getpid()}", f"emu:net?link=t-ping-{os.getpid()}", "--count", "3", "--size", "100")
+    r = ok(
+        "net",
+        "ping",
+        f"emu:net?link=t-ping-{os.getpid()}",
+        f"emu:net?link=t-ping-{os.getpid()}",
+        "--count",
+        "3",
+        "--size",
+        "100",
+    )
     assert r["sent"] == 3 and r["received"] == 3 and r["lost"] == 0 and r["rtt_ms"]["min"] > 0
 
 

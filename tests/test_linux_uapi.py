@@ -110,7 +110,9 @@ FIELDS = [
     if (struct, path) not in NO_C_MEMBER
 ]
 # Whole-struct sizes must agree for every modelled struct.
-SIZES = [(schema, struct) for struct, schema in STRUCTS.items() if struct not in ("struct vring_avail", "struct vring_used")]
+SIZES = [
+    (schema, struct) for struct, schema in STRUCTS.items() if struct not in ("struct vring_avail", "struct vring_used")
+]
 
 _LINUX_ID_NAMES = {"I2C": "I2C_ADAPTER"}
 
@@ -212,7 +214,6 @@ REQUIRED = {
     "VIRTIO_ID_VSOCK", "VIRTIO_CONFIG_S_NEEDS_RESET", "VRING_DESC_F_INDIRECT", "VIRTIO_BLK_T_GET_ID",
     "VIRTIO_BLK_T_WRITE_ZEROES", "VIRTIO_CONSOLE_PORT_NAME", "VIRTIO_INPUT_CFG_ABS_INFO",
 }  # fmt: skip
-
 
 
 def discover(gcc: str) -> dict[str, dict[str, list[str]]]:

@@ -31,7 +31,7 @@ def test_check_detects_drift(tmp_path):
     assert manpage.main(["--write", str(tmp_path)]) == 0
     assert manpage.main(["--check", str(tmp_path)]) == 0
     page = tmp_path / "l4vctl-layout.1"
-    page.write_text(page.read_text() + ".\\\" edited\n")
+    page.write_text(page.read_text() + '.\\" edited\n')
     assert manpage.main(["--check", str(tmp_path)]) == 1
 
 

@@ -7,7 +7,14 @@ import time
 import pytest
 
 from l4vctl import catalog as cat
-from l4vctl.errors import DeviceStateError, NegotiationError, ProtocolError, TimeoutExpired, UnavailableError, UsageError
+from l4vctl.errors import (
+    DeviceStateError,
+    NegotiationError,
+    ProtocolError,
+    TimeoutExpired,
+    UnavailableError,
+    UsageError,
+)
 from l4vctl.session import Session, resolve_features
 from tests.emu import emulator
 

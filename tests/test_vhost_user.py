@@ -269,12 +269,11 @@ class FakeBackEnd:
         self.thread.start()
 
     def _serve(self):
-        import socket
 
         while not self.stopping.is_set():
             try:
                 conn, _ = self.listener.accept()
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 continue
             with conn:
                 conn.settimeout(0.1)
@@ -288,7 +287,7 @@ class FakeBackEnd:
         while not self.stopping.is_set():
             try:
                 data, fds, _flags, _addr = socket.recv_fds(conn, 4096, 8)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return

@@ -25,7 +25,14 @@ def test_encode_matches_schema_and_round_trips(kind, seq, label, opcode, ws, cs)
     data = wire.encode(kind, seq, label, opcode, ws, cs)
     hdr = schema.frame_header.parse(data)
     assert (hdr.magic, hdr.version, hdr.kind, hdr.length) == (b"L4VW", 1, kind, len(data))
-    assert (hdr.seq, hdr.label, hdr.opcode, hdr.nwords, hdr.ncaps, hdr.flags) == (seq, label, opcode, len(ws), len(cs), 0)
+    assert (hdr.seq, hdr.label, hdr.opcode, hdr.nwords, hdr.ncaps, hdr.flags) == (
+        seq,
+        label,
+        opcode,
+        len(ws),
+        len(cs),
+        0,
+    )
     pos = schema.frame_header.sizeof()
     for w in ws:
         assert schema.wire_word.parse(data[pos : pos + 8]) == w

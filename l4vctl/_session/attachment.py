@@ -9,7 +9,8 @@ IRQs and every dataspace lent with REGISTER_DS.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from l4vctl import catalog as cat
 from l4vctl.backends.base import Channel, Lent, Memory, Response, lend_local, map_local
@@ -155,7 +156,9 @@ class Attachment:
             r = self.call(cat.L4VIRTIO_PROTOCOL, cat.OP_GET_DEVICE_IRQ, [index])
             try:
                 if r.result < 0:
-                    raise ProtocolError(f"GET_DEVICE_IRQ({index}) for queue {queue} failed: {cat.l4_error_name(r.result)}")
+                    raise ProtocolError(
+                        f"GET_DEVICE_IRQ({index}) for queue {queue} failed: {cat.l4_error_name(r.result)}"
+                    )
                 irq = self.queue_irqs[index] = Irq.adopt(r.fd(0, cat.CAP_IRQ), f"IRQ of queue {queue}")
             finally:
                 r.close()

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from l4vctl import catalog as cat
 from l4vctl import page as pg
-from l4vctl.errors import DeviceStateError, NegotiationError, ProtocolError, TimeoutExpired, UnavailableError, UsageError
+from l4vctl.errors import (
+    DeviceStateError,
+    NegotiationError,
+    ProtocolError,
+    TimeoutExpired,
+    UnavailableError,
+    UsageError,
+)
 
 if TYPE_CHECKING:
     from l4vctl._session.attachment import Attachment
@@ -117,8 +125,8 @@ class Negotiation:
     def negotiate(self, view: PageView, link: Attachment, want: Any, require: Iterable[Any], refuse: Iterable[Any],
                   device_id: int) -> dict[str, Any]:  # fmt: skip
         """Accept features, set FEATURES_OK and read it back; the summary dict of the negotiation."""
-        from l4vctl.drivers import implemented_features
         from l4vctl.catalog import resolve_features
+        from l4vctl.drivers import implemented_features
 
         abi = view.abi
         offered = self.offered(view)

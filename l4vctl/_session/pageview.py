@@ -65,7 +65,11 @@ class PageView:
         if self.w32 is not None:
             return list(self.w32[off >> 2 : (off >> 2) + count])
         # a saved page whose length is not a multiple of 4, or memory elsewhere: the header is still whole
-        raw = bytes(self.page[off : off + 4 * count]) if self.page is not None else self.memory.read([(off, 4 * count)])[0]
+        raw = (
+            bytes(self.page[off : off + 4 * count])
+            if self.page is not None
+            else self.memory.read([(off, 4 * count)])[0]
+        )
         return [int.from_bytes(raw[i : i + 4], "little") for i in range(0, 4 * count, 4)]
 
     def set_words(self, name: str, words: list[int]) -> None:

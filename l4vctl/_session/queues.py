@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from l4vctl import catalog as cat
 from l4vctl import page as pg
@@ -107,7 +108,9 @@ class QueueSet:
                 q.result = r.result
                 q.accepted = r.result >= 0
                 if r.result < 0:
-                    raise NegotiationError(f"queue {i} was rejected: CONFIG_QUEUE answered {cat.l4_error_name(r.result)}")
+                    raise NegotiationError(
+                        f"queue {i} was rejected: CONFIG_QUEUE answered {cat.l4_error_name(r.result)}"
+                    )
             self.queues.append(q)
         return self.queues
 

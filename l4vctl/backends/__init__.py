@@ -72,7 +72,7 @@ def _scan_plugins() -> dict[str, str]:
 
     try:
         eps = entry_points(group=ENTRY_POINT_GROUP)
-    except Exception:  # noqa: BLE001 - broken metadata must not break l4vctl
+    except Exception:
         return {}
     return {ep.name: ep.value for ep in eps if ep.name not in SCHEMES}
 
@@ -104,7 +104,7 @@ def backend_class(scheme: str) -> type[Backend]:
     module, _, attr = plugin.partition(":")
     try:
         return getattr(importlib.import_module(module), attr)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise UnavailableError(f"backend {scheme!r} ({plugin}) cannot be loaded: {exc}") from None
 
 
@@ -145,7 +145,7 @@ def builtin_available(scheme: str) -> tuple[bool, str]:
     return True, ""
 
 
-def connect_unix(path: str, kind: int, timeout: float, listener: str) -> "socket.socket":
+def connect_unix(path: str, kind: int, timeout: float, listener: str) -> socket.socket:
     """A connected AF_UNIX socket, or a clear error naming what should be listening.
 
     A listener whose backlog is full makes a non-blocking connect fail with
@@ -169,7 +169,7 @@ def connect_unix(path: str, kind: int, timeout: float, listener: str) -> "socket
             except (BlockingIOError, InterruptedError):  # EAGAIN: the backlog is full
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise socket.timeout() from None
+                    raise TimeoutError() from None
                 time.sleep(min(pause, left))
                 pause = min(pause * 2, 0.02)
         sock.setblocking(True)
@@ -178,7 +178,7 @@ def connect_unix(path: str, kind: int, timeout: float, listener: str) -> "socket
         why = f"no such socket (is {listener} running?)"
     except ConnectionRefusedError:
         why = f"connection refused (no {listener} is listening)"
-    except socket.timeout:
+    except TimeoutError:
         sock.close()
         raise TimeoutExpired(
             f"{path}: the listener's queue stayed full for {timeout:g} s (too many clients connecting)"

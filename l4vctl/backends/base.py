@@ -27,7 +27,8 @@ contract is on every command's start-up path.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from l4vctl.errors import ProtocolError, UnavailableError, UsageError
 

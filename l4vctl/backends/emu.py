@@ -95,7 +95,7 @@ class EmuBackend(Backend):
                     except OSError:
                         pass
                 code = _serve_child(device, theirs)
-            except BaseException:  # noqa: BLE001 - report, then leave
+            except BaseException:
                 import traceback
 
                 traceback.print_exc()

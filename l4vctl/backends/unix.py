@@ -8,7 +8,8 @@ import socket
 import struct
 import time
 import weakref
-from typing import TYPE_CHECKING, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from l4vctl import catalog as cat
 from l4vctl import wire
@@ -42,7 +43,7 @@ def describe_op(label: int, opcode: int) -> str:
 
 #: Connections to devices open in this process.  A forked emulator closes its copies,
 #: so that a device sees its driver leave when the driver closes, not when the child ends.
-OPEN_CHANNELS: "weakref.WeakSet[socket.socket]" = weakref.WeakSet()
+OPEN_CHANNELS: weakref.WeakSet[socket.socket] = weakref.WeakSet()
 
 
 def set_send_timeout(sock: socket.socket, seconds: float) -> None:
@@ -163,7 +164,9 @@ class SocketChannel(Channel):
         """Raise UnavailableError if the device went away (called while waiting for completions)."""
         if self.hung_up():
             why = self._exit_status() if self._exit_status else None
-            raise UnavailableError(f"{self.name}: the device went away during I/O (" + (why or "it closed the connection") + ")")
+            raise UnavailableError(
+                f"{self.name}: the device went away during I/O (" + (why or "it closed the connection") + ")"
+            )
 
     def close(self) -> None:
         """Close the connection (the device sees its driver leave)."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -263,10 +264,9 @@ class Progress:
 
         self.bar: Any = None
         if enabled and total >= (4 << 20) and sys.stderr.isatty():
+            from rich.console import Console
             from rich.progress import BarColumn, DownloadColumn, TransferSpeedColumn
             from rich.progress import Progress as RichProgress
-
-            from rich.console import Console
 
             self.bar = RichProgress(
                 "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),

@@ -130,7 +130,9 @@ def _pattern(text: str) -> bytes:
 @click.option("--flush", "then_flush", is_flag=True, help="Flush the device's cache afterwards.")
 @click.option("--depth", type=click.IntRange(1, 1024), default=32, show_default=True, help="Requests in flight.")
 @click.pass_context
-def write(ctx, device, device_opt, abi, mode, timeout, json_mode, sector, input_path, pattern, count, then_flush, depth):
+def write(
+    ctx, device, device_opt, abi, mode, timeout, json_mode, sector, input_path, pattern, count, then_flush, depth
+):
     """Write sectors from a file, stdin or a byte pattern.
 
     Data that does not fill its last sector is padded with zeros (and the
@@ -161,8 +163,15 @@ def write(ctx, device, device_opt, abi, mode, timeout, json_mode, sector, input_
     o = run.out
     result = {"sector": sector, "count": len(data) // SECTOR, "bytes": len(data), "padded": padded,
               "flushed": then_flush, "sha256": hashlib.sha256(data).hexdigest()}  # fmt: skip
-    o.emit(result, lambda: f"wrote {len(data)} bytes ({len(data) // SECTOR} sectors) at sector {sector}"
-           + (f", {padded} bytes of zero padding" if padded else "") + (", flushed" if then_flush else "") + "\n")
+    o.emit(
+        result,
+        lambda: (
+            f"wrote {len(data)} bytes ({len(data) // SECTOR} sectors) at sector {sector}"
+            + (f", {padded} bytes of zero padding" if padded else "")
+            + (", flushed" if then_flush else "")
+            + "\n"
+        ),
+    )
 
 
 def _read_input(path: str, limit: int | None) -> bytes:

@@ -6,7 +6,15 @@ import sys
 
 import click
 
-from l4vctl.commands._common import abi_option, begin, examples, json_option, queue_stride_option, timeout_option, write_output
+from l4vctl.commands._common import (
+    abi_option,
+    begin,
+    examples,
+    json_option,
+    queue_stride_option,
+    timeout_option,
+    write_output,
+)
 from l4vctl.errors import FormatError, UsageError
 
 
@@ -191,9 +199,7 @@ def _device_config_rows(cls: str | None, fields: dict) -> list[tuple[str, str]]:
     derived = {k: shown.pop(k) for k in ("capacity_bytes", "status_flags", "decoded") if k in shown}
     rows = _config_rows(shown)
     if cls == "blk":
-        rows = [
-            (k, f"{v} sectors ({_size(derived['capacity_bytes'])})" if k == "capacity" else v) for k, v in rows
-        ]
+        rows = [(k, f"{v} sectors ({_size(derived['capacity_bytes'])})" if k == "capacity" else v) for k, v in rows]
     elif cls == "net":
         rows = [(k, f"{int(v):#x} {flags_text(int(v), cat.NET_STATUS_BITS)}" if k == "status" else v) for k, v in rows]
     if "decoded" in derived:
@@ -276,8 +282,7 @@ def render_page(r: dict):
         fs = feats[which]
         if fs["unknown_bits"]:
             doc.line(
-                f"unknown {which} bits: {', '.join(map(str, fs['unknown_bits']))} "
-                f"(mask {fs['unknown_mask']:#x})",
+                f"unknown {which} bits: {', '.join(map(str, fs['unknown_bits']))} (mask {fs['unknown_mask']:#x})",
                 indent=2,
             )
 
@@ -297,7 +302,7 @@ def render_page(r: dict):
         doc.heading(f"Device config (no decoder for device {hdr['device']}, {dc['size']} bytes raw)")
         raw = bytes.fromhex(dc["raw"])
         for i in range(0, len(raw), 16):
-            doc.line(f"{dc['offset'] + i:#05x}  {raw[i:i + 16].hex(' ')}", indent=2)
+            doc.line(f"{dc['offset'] + i:#05x}  {raw[i : i + 16].hex(' ')}", indent=2)
 
     doc.heading(f"Queues ({hdr['num_queues']} at {hdr['queues_offset']:#x}, stride {r['queue_stride']})")
     if r["queues"]:

@@ -179,7 +179,9 @@ def emulate(ctx, kind, socket_path, max_clients, client_timeout, idle_timeout, a
     if not quiet:
         from l4vctl.output import info
 
-        info(f"emulating {device.model.describe()} ({abi} ABI{'' if device.attach == 'config' else ', attach ' + device.attach}{', cmd mode' if device.cmd_mode else ''}) on {url}")
+        info(
+            f"emulating {device.model.describe()} ({abi} ABI{'' if device.attach == 'config' else ', attach ' + device.attach}{', cmd mode' if device.cmd_mode else ''}) on {url}"
+        )
     try:
         server.serve()
     finally:

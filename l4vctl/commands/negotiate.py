@@ -5,7 +5,17 @@ from __future__ import annotations
 import click
 
 from l4vctl.catalog import MODES, Mode
-from l4vctl.commands._common import abi_option, attach_of, attach_option, begin, device_options, examples, json_option, resolve_device, timeout_option
+from l4vctl.commands._common import (
+    abi_option,
+    attach_of,
+    attach_option,
+    begin,
+    device_options,
+    examples,
+    json_option,
+    resolve_device,
+    timeout_option,
+)
 
 
 def _names(values: tuple[str, ...]) -> list[str]:
@@ -18,7 +28,10 @@ def _names(values: tuple[str, ...]) -> list[str]:
 @click.command(
     epilog=examples(
         ("l4vctl negotiate emu:blk", "Handshake with a fresh emulated block device:"),
-        ("l4vctl negotiate unix:/tmp/blk.sock --want flush,indirect_desc --require flush", "Ask for two features, insist on one:"),
+        (
+            "l4vctl negotiate unix:/tmp/blk.sock --want flush,indirect_desc --require flush",
+            "Ask for two features, insist on one:",
+        ),
         ("l4vctl negotiate emu:blk?cmd_mode=1 --mode cmd", "Drive status and queues through the cmd word:"),
         ("l4vctl negotiate unix:/tmp/blk.sock --refuse ro --json", "Refuse a feature, for a script:"),
     )
@@ -43,7 +56,9 @@ def _names(values: tuple[str, ...]) -> list[str]:
 @timeout_option
 @json_option
 @click.pass_context
-def negotiate(ctx, device, device_opt, abi, want, require, refuse, mode, queue_size, no_queues, keep, timeout, json_mode):
+def negotiate(
+    ctx, device, device_opt, abi, want, require, refuse, mode, queue_size, no_queues, keep, timeout, json_mode
+):
     """Run the driver handshake up to DRIVER_OK and show what was agreed.
 
     Attaches as the driver, resets the device, sets ACKNOWLEDGE and DRIVER,
@@ -137,8 +152,14 @@ def _text(r: dict):
         doc.table(
             ("queue", "num", "desc", "avail", "used", "accepted"),
             [
-                (q["index"], q["num"], f"{q['desc_addr']:#x}", f"{q['avail_addr']:#x}", f"{q['used_addr']:#x}",
-                 {True: "yes", False: "no", None: "(cmd mode: not reported)"}[q["accepted"]])  # fmt: skip
+                (
+                    q["index"],
+                    q["num"],
+                    f"{q['desc_addr']:#x}",
+                    f"{q['avail_addr']:#x}",
+                    f"{q['used_addr']:#x}",
+                    {True: "yes", False: "no", None: "(cmd mode: not reported)"}[q["accepted"]],
+                )  # fmt: skip
                 for q in r["queues"]
             ],
             align="rr",

@@ -7,7 +7,17 @@ import time
 
 import click
 
-from l4vctl.commands._common import Driven, abi_option, attach_of, attach_option, begin, examples, io_options, json_option, timeout_option
+from l4vctl.commands._common import (
+    Driven,
+    abi_option,
+    attach_of,
+    attach_option,
+    begin,
+    examples,
+    io_options,
+    json_option,
+    timeout_option,
+)
 from l4vctl.errors import UsageError
 
 
@@ -85,7 +95,9 @@ def send(ctx, device, device_opt, abi, mode, timeout, json_mode, dst, ethertype,
                  lambda: f"sent {count} frame{'s' if count > 1 else ''} of {len(data)} bytes {src} > {mac_text(to)}\n")  # fmt: skip
 
 
-@net.command(epilog=examples(("l4vctl net recv unix:/tmp/b.sock --count 2 --wait 10 --json", "Two frames, for a script:")))
+@net.command(
+    epilog=examples(("l4vctl net recv unix:/tmp/b.sock --count 2 --wait 10 --json", "Two frames, for a script:"))
+)
 @io_options
 @click.option("--count", type=click.IntRange(min=1), default=1, show_default=True, help="Frames to wait for.")
 @click.option("--wait", type=click.FloatRange(min=0), default=5.0, show_default=True, metavar="SECONDS",

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import click
 
-from l4vctl.commands._common import abi_option, begin, device_options, examples, json_option, resolve_device, timeout_option
+from l4vctl.commands._common import (
+    abi_option,
+    begin,
+    device_options,
+    examples,
+    json_option,
+    resolve_device,
+    timeout_option,
+)
 from l4vctl.errors import NegotiationError
 
 
@@ -13,7 +21,10 @@ from l4vctl.errors import NegotiationError
         ("l4vctl probe emu:blk", "An emulator started just for this (the zero-setup default):"),
         ("l4vctl probe unix:/tmp/blk.sock", "A running emulator:"),
         ("l4vctl probe unix:/tmp/blk.sock --expect-device blk", "Fail (exit 5) unless it is a block device:"),
-        ("l4vctl probe 'vhost-user:/tmp/qsd.sock?type=blk'", "A vhost-user back-end (say its type: vhost-user does not report it):"),
+        (
+            "l4vctl probe 'vhost-user:/tmp/qsd.sock?type=blk'",
+            "A vhost-user back-end (say its type: vhost-user does not report it):",
+        ),
         ("l4vctl probe page.bin --json | jq .result.features.names", "A saved page, for a script:"),
     )
 )
@@ -72,9 +83,7 @@ def probe(ctx, device, device_opt, abi, expect_device, timeout, json_mode):
             hint=f"if it is one, say so: {suggestion}",
         )
     if expected is not None and dev["id"] != expected:
-        raise NegotiationError(
-            f"expected a {expect_device} device ({expected}), found {dev['name']} ({dev['id']})"
-        )
+        raise NegotiationError(f"expected a {expect_device} device ({expected}), found {dev['name']} ({dev['id']})")
     out.emit(result, lambda: _text(result))
 
 
@@ -107,8 +116,11 @@ def _text(r: dict):
     st = r["status"]["value"]
     doc.kv(
         [
-            ("device", (dev["name"] if dev["id"] is None else f"{dev['id']} {dev['name']}")
-             + (f" ({dev['class']})" if dev["class"] else "")),  # fmt: skip
+            (
+                "device",
+                (dev["name"] if dev["id"] is None else f"{dev['id']} {dev['name']}")
+                + (f" ({dev['class']})" if dev["class"] else ""),
+            ),  # fmt: skip
             ("vendor", f"{vendor['id']:#x}" + (f" {vendor['name']}" if vendor["name"] else "")),
             ("url", r["url"]),
             ("abi", f"{r['abi']} ({det['method']}: {det['reason']})"),

@@ -7,7 +7,15 @@ import time
 
 import click
 
-from l4vctl.commands._common import abi_option, begin, device_options, examples, json_option, resolve_device, timeout_option
+from l4vctl.commands._common import (
+    abi_option,
+    begin,
+    device_options,
+    examples,
+    json_option,
+    resolve_device,
+    timeout_option,
+)
 
 
 @click.command(

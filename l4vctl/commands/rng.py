@@ -33,8 +33,8 @@ def read(ctx, device, device_opt, abi, mode, timeout, json_mode, nbytes, output,
     with --json the result holds their hex (up to 64 KiB) and SHA-256.
     """
     from l4vctl.drivers.rng import RngDriver
-    from l4vctl.parsing import parse_size
     from l4vctl.errors import UsageError
+    from l4vctl.parsing import parse_size
 
     try:
         n = parse_size(nbytes)

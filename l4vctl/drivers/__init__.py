@@ -60,10 +60,19 @@ def require_class(session: Session, cls: str, what: str | None = None) -> None:
 #: * rng (4): none (the class defines none).
 IMPLEMENTED_FEATURES: dict[int, frozenset[int]] = {
     cat.DEVICE_ID_NET: frozenset({cat.NET_F_MTU, cat.NET_F_MAC, cat.NET_F_STATUS}),
-    cat.DEVICE_ID_BLK: frozenset({
-        cat.BLK_F_SIZE_MAX, cat.BLK_F_SEG_MAX, cat.BLK_F_GEOMETRY, cat.BLK_F_RO, cat.BLK_F_BLK_SIZE,
-        cat.BLK_F_FLUSH, cat.BLK_F_TOPOLOGY, cat.BLK_F_DISCARD, cat.BLK_F_WRITE_ZEROES,
-    }),  # fmt: skip
+    cat.DEVICE_ID_BLK: frozenset(
+        {
+            cat.BLK_F_SIZE_MAX,
+            cat.BLK_F_SEG_MAX,
+            cat.BLK_F_GEOMETRY,
+            cat.BLK_F_RO,
+            cat.BLK_F_BLK_SIZE,
+            cat.BLK_F_FLUSH,
+            cat.BLK_F_TOPOLOGY,
+            cat.BLK_F_DISCARD,
+            cat.BLK_F_WRITE_ZEROES,
+        }
+    ),  # fmt: skip
     cat.DEVICE_ID_CONSOLE: frozenset({cat.CONSOLE_F_SIZE}),
     cat.DEVICE_ID_RNG: frozenset(),
 }

@@ -11,8 +11,9 @@ batches.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from l4vctl import catalog as cat
 from l4vctl.drivers.base import Driver
@@ -84,8 +85,13 @@ class BlkDriver(Driver):
         mem, addr = session.alloc(self.depth * (self.ctrl_size + max_io), "l4vctl-blk-buffers")
         data0 = self.depth * self.ctrl_size
         self.slots = [
-            Slot(i, mem[i * self.ctrl_size : (i + 1) * self.ctrl_size], addr + i * self.ctrl_size,
-                 mem[data0 + i * max_io : data0 + (i + 1) * max_io], addr + data0 + i * max_io)  # fmt: skip
+            Slot(
+                i,
+                mem[i * self.ctrl_size : (i + 1) * self.ctrl_size],
+                addr + i * self.ctrl_size,
+                mem[data0 + i * max_io : data0 + (i + 1) * max_io],
+                addr + data0 + i * max_io,
+            )  # fmt: skip
             for i in range(self.depth)
         ]
         self.free = list(reversed(self.slots))

@@ -15,13 +15,12 @@ import mmap
 import os
 
 from l4vctl import catalog as cat
-from l4vctl.emulator import log
 from l4vctl import page as pg
 from l4vctl.caps import PAGE, RIGHT_W, RIGHTS_RO, SEAL_FUTURE_WRITE, Dataspace, Irq, dataspace_problem
+from l4vctl.emulator import log
 from l4vctl.emulator.ring import BadChain, DeviceRing
 from l4vctl.formats.fast import SplitRingViews
 from l4vctl.formats.fast import ring as ring_geometry
-
 
 EOK = 0
 EIO = -cat.L4_EIO
@@ -620,7 +619,6 @@ class Device:
         self._cmd_left = 0
 
     def stats(self) -> list[int]:
-
         words = [cat.STATS_VERSION, 0, self.status, self.get("generation"), self.kicks, self.irqs_sent,
                  len(self.regions), self.device_errors, len(self.queues)]  # fmt: skip
         for q in self.queues:

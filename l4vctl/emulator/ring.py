@@ -121,9 +121,13 @@ class DeviceRing:
                 raise BadChain(f"queue {q.index}: indirect table of {length} bytes holds no descriptor")
             view = dev.translate(addr, entries * DESC_SIZE)
             if view is None:
-                raise BadChain(f"queue {q.index}: indirect table {addr:#x}+{length:#x} is not inside one registered region")
+                raise BadChain(
+                    f"queue {q.index}: indirect table {addr:#x}+{length:#x} is not inside one registered region"
+                )
             if length % DESC_SIZE and log.enabled(log.INFO):
-                log.info("queue %d: indirect table length %d is not a multiple of 16 (remainder ignored)", q.index, length)
+                log.info(
+                    "queue %d: indirect table length %d is not a multiple of 16 (remainder ignored)", q.index, length
+                )
             table = view
             size = entries
             addr, length, flags, nxt = _DESC.unpack_from(table, 0)

@@ -20,13 +20,12 @@ import stat
 import time
 
 from l4vctl import catalog as cat
-from l4vctl.emulator import log
 from l4vctl import wire
 from l4vctl.barrier import full_barrier
 from l4vctl.caps import close_fds
+from l4vctl.emulator import log
 from l4vctl.emulator.device import EMSGTOOSHORT
 from l4vctl.emulator.dispatch import EBADPROTO, NO_REPLY, Dispatcher, Reply
-
 
 EBUSY = -cat.L4_EBUSY
 EAGAIN = -cat.L4_EAGAIN
@@ -83,7 +82,9 @@ class Server:
         # True from the start: a signal that comes before serve() must still end it
         self.running = True
         self._next_sweep = 0.0
-        self._sweep_every = min(SWEEP_INTERVAL, client_timeout / 4, idle_timeout / 4 if idle_timeout else SWEEP_INTERVAL)
+        self._sweep_every = min(
+            SWEEP_INTERVAL, client_timeout / 4, idle_timeout / 4 if idle_timeout else SWEEP_INTERVAL
+        )
         self._accept_paused_until = 0.0
         self._warned: dict[str, float] = {}
         self._reserve_fd = _reserve_fd()
@@ -184,7 +185,7 @@ class Server:
             callback()
         except BadChain as exc:
             self.device.device_error(str(exc))
-        except Exception:  # noqa: BLE001 - a model bug must not take the device down
+        except Exception:
             log.exception("model input handling failed")
         self._poll()
 
@@ -362,12 +363,14 @@ class Server:
             if client.role is None:
                 self._hello(client, frame)
             elif frame.kind != cat.KIND_REQUEST:
-                log.warning("client %d sent a %s frame: -L4_EBADPROTO", client.id, cat.KINDS.get(frame.kind, frame.kind))
+                log.warning(
+                    "client %d sent a %s frame: -L4_EBADPROTO", client.id, cat.KINDS.get(frame.kind, frame.kind)
+                )
                 self._send(client, cat.KIND_REPLY, frame.seq, EBADPROTO, frame.opcode, Reply(EBADPROTO))
             else:
                 try:
                     reply = self._request(client, frame)
-                except Exception:  # noqa: BLE001 - a bug must not take the device down
+                except Exception:
                     log.exception("request label %d opcode %d failed inside the emulator: -L4_EIO",
                                   frame.label, frame.opcode)  # fmt: skip
                     reply = Reply(-cat.L4_EIO)
@@ -433,7 +436,9 @@ class Server:
         if frame.kind != cat.KIND_HELLO:
             self._drop(client, "first frame is not HELLO")
             return
-        lo, hi, role, profile = (frame.words + [cat.WIRE_VERSION, cat.WIRE_VERSION, cat.ROLE_DRIVER, cat.PROFILE_FD])[:4]
+        lo, hi, role, profile = (frame.words + [cat.WIRE_VERSION, cat.WIRE_VERSION, cat.ROLE_DRIVER, cat.PROFILE_FD])[
+            :4
+        ]
         result = 0
         if not lo <= cat.WIRE_VERSION <= hi:
             log.warning("client %d speaks wire versions %d..%d, not %d", client.id, lo, hi, cat.WIRE_VERSION)

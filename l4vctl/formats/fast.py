@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import struct
 import sys
-from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Iterator
+from collections.abc import Iterator
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from l4vctl.formats.records import Descriptor, UsedElem
@@ -262,7 +263,7 @@ class Codec:
         return f"<Codec {self.name} {self.size} bytes>"
 
 
-@lru_cache(maxsize=None)
+@cache
 def codec(key: str) -> Codec:
     """The codec of a registered struct schema (see ``registry.fixed_schemas``)."""
     from l4vctl.formats._derived import LAYOUTS
@@ -320,7 +321,7 @@ def native_format(fmt: str) -> str:
     (``L`` may be 8 bytes), so ring views pick their type by size.
     """
     size = struct.calcsize("<" + fmt)
-    for ch in ("bhiq" if fmt.islower() else "BHIQ"):
+    for ch in "bhiq" if fmt.islower() else "BHIQ":
         if struct.calcsize(ch) == size:
             return ch
     raise TypeError(f"no native integer type of {size} bytes for {fmt!r}")
@@ -527,7 +528,7 @@ class SplitRingViews:
         self._views = []
 
 
-@lru_cache(maxsize=None)
+@cache
 def ring() -> Ring:
     """The split ring geometry (one shared instance)."""
     return Ring()

@@ -9,7 +9,7 @@ registers that L4Re devices never touch.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 from construct import Array, Int16ul, Int32ul, Int64ul, Padding, Struct
 
@@ -95,7 +95,7 @@ CONFIG_HDR = {
 assert set(CONFIG_HDR) == set(ABIS)
 
 
-@lru_cache(maxsize=None)
+@cache
 def l4virtio_config_queue(stride: int = QUEUE_ENTRY_STRIDE) -> Struct:
     """One queue-config entry; ``stride`` 40 (LP64, ARM EABI) or 36 (i386)."""
     if stride not in (QUEUE_ENTRY_STRIDE, QUEUE_ENTRY_STRIDE_I386):

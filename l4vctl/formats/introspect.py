@@ -47,7 +47,7 @@ class FieldInfo:
     ctype: str
     doc: str = ""
     count: int | None = None
-    fields: list["FieldInfo"] = field(default_factory=list)  # members of a nested struct
+    fields: list[FieldInfo] = field(default_factory=list)  # members of a nested struct
 
     def to_json(self) -> dict:
         out = {"name": self.name if self.name is not None else "(padding)", "offset": self.offset, "size": self.size}

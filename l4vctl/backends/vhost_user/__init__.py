@@ -25,7 +25,8 @@ back-end uses them for.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from l4vctl import catalog as cat
 from l4vctl import wire
@@ -122,7 +123,9 @@ class VhostChannel(Channel):
             offered = client.get_u64(cat.VHOST_USER_GET_PROTOCOL_FEATURES)
             client.send(cat.VHOST_USER_SET_PROTOCOL_FEATURES, vu.u64(offered & WANTED_PROTOCOL))
             client.protocol = offered & WANTED_PROTOCOL
-        queues = client.get_u64(cat.VHOST_USER_GET_QUEUE_NUM) if client.has_protocol(cat.VHOST_USER_PROTOCOL_F_MQ) else 1
+        queues = (
+            client.get_u64(cat.VHOST_USER_GET_QUEUE_NUM) if client.has_protocol(cat.VHOST_USER_PROTOCOL_F_MQ) else 1
+        )
         config: dict[str, Any] = {}
         if kind and client.has_protocol(cat.VHOST_USER_PROTOCOL_F_CONFIG):
             body = client.call(cat.VHOST_USER_GET_CONFIG, vu.config_request(config_size))
@@ -177,7 +180,7 @@ class VhostChannel(Channel):
         if self.client.sock is not None:
             try:
                 self.device.vhost_stop_rings()
-            except Exception:  # noqa: BLE001 - the back-end may be gone already
+            except Exception:
                 pass
         self.client.close()
         self.device.close()

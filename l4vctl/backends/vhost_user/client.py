@@ -10,7 +10,7 @@ from __future__ import annotations
 import select
 import socket
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from l4vctl import catalog as cat
 from l4vctl import wire

@@ -19,6 +19,7 @@ MODELS = {
     "rng": ("l4vctl.emulator.models.rng", "RngModel", "entropy source (virtio-rng)"),
 }
 
+
 class Option:
     """A model option: name, parser, default, help."""
 

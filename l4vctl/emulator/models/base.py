@@ -112,9 +112,13 @@ def _positive(text) -> int:
 
 COMMON_OPTIONS = (
     Option("abi", parse_abi, cat.DEFAULT_ABI, "header layout era: classic or current"),
-    Option("attach", parse_attach, None,
-           "how drivers attach: iface (REGISTER_IFACE only), config (DEVICE_CONFIG only) or both; "
-           "default both for classic, config for current"),
+    Option(
+        "attach",
+        parse_attach,
+        None,
+        "how drivers attach: iface (REGISTER_IFACE only), config (DEVICE_CONFIG only) or both; "
+        "default both for classic, config for current",
+    ),
     Option("cmd_mode", parse_bool, False, "offer L4VIRTIO_FEATURE_CMD_CONFIG (status and queues via cmd)"),
     Option("queues", _positive, None, "number of queues (default: the model's)"),
     Option("num_max", _positive, None, "largest queue size offered (default: the model's)"),

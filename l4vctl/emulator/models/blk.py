@@ -93,7 +93,9 @@ class BlkModel(Model):
                 self.fd = -1
                 raise ValueError(f"image {path} has {real} bytes, not the {size} given with --size")
             if real % SECTOR and exists:
-                log.warning("image size %d is not a multiple of 512: the last %d bytes are not used", real, real % SECTOR)
+                log.warning(
+                    "image size %d is not a multiple of 512: the last %d bytes are not used", real, real % SECTOR
+                )
         self.capacity_bytes = os.fstat(self.fd).st_size // SECTOR * SECTOR
 
     def _serial(self) -> str:
@@ -310,7 +312,7 @@ class BlkModel(Model):
         writing zeros is the fallback where neither exists."""
         if not length:
             return
-        for mode in ((_PUNCH, _FALLOC_ZERO_RANGE) if discard else (_FALLOC_ZERO_RANGE, _PUNCH)):
+        for mode in (_PUNCH, _FALLOC_ZERO_RANGE) if discard else (_FALLOC_ZERO_RANGE, _PUNCH):
             if mode in self._falloc_unsupported:
                 continue
             if _fallocate(self.fd, mode, offset, length):
@@ -321,7 +323,6 @@ class BlkModel(Model):
             os.pwrite(self.fd, _ZEROS[:n], offset)
             offset += n
             length -= n
-
 
 
 _libc = None
@@ -382,4 +383,3 @@ def _skip(views, n: int) -> list:
         out.append(v[n:])
         n = 0
     return out
-

@@ -39,8 +39,12 @@ class ConsoleModel(Model):
     OPTIONS = (
         Option("cols", parse_int, 80, "columns (VIRTIO_CONSOLE_F_SIZE)"),
         Option("rows", parse_int, 25, "rows (VIRTIO_CONSOLE_F_SIZE)"),
-        Option("io", parse_io, None, "other end of port 0: stdio, pty, echo or null (default: stdio for "
-                                     "'emulate', echo for emu:)"),  # fmt: skip
+        Option(
+            "io",
+            parse_io,
+            None,
+            "other end of port 0: stdio, pty, echo or null (default: stdio for 'emulate', echo for emu:)",
+        ),  # fmt: skip
         Option("pty", parse_bool, False, "same as --io pty: port 0 is a new pseudo terminal"),
         Option("output", str, None, "append the driver's output to this file"),
         Option("input", str, None, "feed this file to the driver as input"),
@@ -133,7 +137,7 @@ class ConsoleModel(Model):
     def deliver(self) -> None:
         """Move pending input (and file input) into the driver's receive buffers."""
         dev = self.device
-        if dev is None or RX >= len(dev.queues):
+        if dev is None or len(dev.queues) <= RX:
             return
         q = dev.queues[RX]
         ring = q.ring

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import errno
-
 import socket
 
 from l4vctl import catalog as cat
@@ -52,8 +51,12 @@ class NetModel(Model):
     MIN_QUEUES = 2
     DEFAULT_NUM_MAX = 256
     OPTIONS = (
-        Option("mac", parse_mac, None, "MAC address (VIRTIO_NET_F_MAC; default 52:54:00:12:34:56, "
-                                       "or one derived from the link end)"),  # fmt: skip
+        Option(
+            "mac",
+            parse_mac,
+            None,
+            "MAC address (VIRTIO_NET_F_MAC; default 52:54:00:12:34:56, or one derived from the link end)",
+        ),  # fmt: skip
         Option("mtu", parse_int, 1500, "MTU advice (VIRTIO_NET_F_MTU)"),
         Option("link", parse_link, None, "plug into the virtual cable NAME shared with one other device"),
         Option("loop", parse_bool, False, "send transmitted frames back to this device"),
@@ -128,7 +131,7 @@ class NetModel(Model):
     def deliver(self) -> None:
         """Move arrived frames into the driver's receive buffers."""
         dev = self.device
-        if dev is None or RX >= len(dev.queues) or dev.queues[RX].ring is None:
+        if dev is None or len(dev.queues) <= RX or dev.queues[RX].ring is None:
             return
         ring = dev.queues[RX].ring
         while self.pending and ring.available():
@@ -210,6 +213,3 @@ class NetModel(Model):
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-
-
-
