@@ -7,6 +7,8 @@ through virtqueues live here too, next to the config of their device class.
 
 from __future__ import annotations
 
+from typing import Any
+
 from construct import Array, Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Struct
 
 from l4vctl.catalog import ABIS, DEVICE_CLASSES
@@ -28,6 +30,7 @@ _blk_topology = Struct(
 
 
 def _blk_config(abi: str) -> Struct:
+    middle: tuple[Any, ...]
     if abi == "current":
         middle = (
             "unused0" / Array(1, Int8ul) * "reserved",

@@ -82,12 +82,14 @@ def derive(schema) -> Any:
 
 
 def derive_all() -> dict[str, Any]:
+    """The layout of every registered fixed-size schema, by registry key."""
     from l4vctl.formats.registry import fixed_schemas
 
     return {key: derive(schema) for key, schema in fixed_schemas().items()}
 
 
 def derive_device_config_keys() -> dict[str, dict[str, str]]:
+    """Codec key of each device class's config struct, by class and ABI era."""
     from l4vctl.catalog import ABIS, DEVICE_CLASSES
     from l4vctl.formats.registry import device_config_key
 
@@ -95,6 +97,7 @@ def derive_device_config_keys() -> dict[str, dict[str, str]]:
 
 
 def render_module() -> str:
+    """The source text of the generated :mod:`l4vctl.formats._derived`."""
     import pprint
 
     layouts = pprint.pformat(derive_all(), width=100, sort_dicts=False)
@@ -113,7 +116,7 @@ def render_module() -> str:
 
 def _format_of(fields) -> str:
     out = []
-    for name, fmt, count, sub in fields:
+    for _name, fmt, count, sub in fields:
         if sub is not None:
             inner = _format_of(sub)
             out.append(inner * (count or 1))
@@ -129,7 +132,7 @@ def _format_of(fields) -> str:
 def _assembler(fields):
     """A function (flat tuple, start) -> (dict, next index) for ``fields``."""
     steps = []
-    for name, fmt, count, sub in fields:
+    for name, _fmt, count, sub in fields:
         if name is None:
             continue
         if sub is not None:
@@ -164,7 +167,7 @@ def _assembler(fields):
 def _flattener(fields):
     """A function (obj, list) that appends obj's values in layout order."""
     steps = []
-    for name, fmt, count, sub in fields:
+    for name, _fmt, count, sub in fields:
         if name is None:
             continue
         steps.append((name, count, _flattener(sub) if sub is not None else None))
@@ -236,27 +239,34 @@ class Codec:
         self._flatten = _flattener(layout)
 
     def unpack(self, buf, offset: int = 0) -> dict:
+        """The struct at ``offset`` of ``buf`` as nested dicts and lists."""
         values = self.struct.unpack_from(buf, offset)
         return self._assemble(values, 0)[0]
 
     def values(self, buf, offset: int = 0) -> tuple:
+        """The struct at ``offset`` of ``buf`` as one flat tuple of its scalar values."""
         return self.struct.unpack_from(buf, offset)
 
     def iter_unpack(self, buf) -> Iterator[tuple]:
+        """Flat tuples of consecutive structs filling all of ``buf``."""
         return self.struct.iter_unpack(buf)
 
     def flat(self, obj: dict) -> list:
+        """The scalar values of ``obj`` in layout order; raises ValueError on a wrong array length."""
         out: list = []
         self._flatten(obj, out)
         return out
 
     def pack(self, obj: dict) -> bytes:
+        """``obj`` (shaped like :meth:`unpack` returns) encoded as bytes."""
         return self.struct.pack(*self.flat(obj))
 
     def pack_into(self, buf, offset: int, obj: dict) -> None:
+        """Encode ``obj`` into the writable ``buf`` at ``offset``."""
         self.struct.pack_into(buf, offset, *self.flat(obj))
 
     def offset(self, name: str) -> int:
+        """Byte offset of field ``name`` (dotted for nested fields)."""
         return self.fields[name][0]
 
     def __repr__(self) -> str:
@@ -298,7 +308,8 @@ def unpack_array(buf, fmt: str, count: int, offset: int = 0) -> list:
     if end > len(buf):
         raise ValueError(f"need {end} bytes, have {len(buf)}")
     if LITTLE:
-        return memoryview(buf)[offset:end].cast("B").cast(fmt).tolist()
+        # the format is only known at run time; the overloads list literal formats
+        return memoryview(buf)[offset:end].cast("B").cast(fmt).tolist()  # type: ignore[call-overload]
     return list(struct.unpack_from(f"<{count}{fmt}", buf, offset))
 
 
@@ -332,7 +343,8 @@ def _typed(area: memoryview, offset: int, fmt: str, count: int, what: str) -> me
     end = offset + struct.calcsize("<" + fmt) * count
     if end > len(area):
         raise ValueError(f"{what} needs {end} bytes, have {len(area)}")
-    return area[offset:end].cast(native_format(fmt))
+    # the format is only known at run time; the overloads list literal formats
+    return area[offset:end].cast(native_format(fmt))  # type: ignore[call-overload]
 
 
 class Ring:

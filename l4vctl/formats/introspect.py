@@ -23,6 +23,7 @@ def unwrap(c, adapters: bool = True):
 
 
 def docs_of(c) -> str:
+    """The docstring of the outermost named wrapper of ``c`` that has one, else ``""``."""
     while isinstance(c, cs.Renamed):
         if c.docs:
             return c.docs
@@ -41,6 +42,8 @@ def scalar_format(c) -> str | None:
 
 @dataclass
 class FieldInfo:
+    """One field of a described struct: place, C type, meaning, and members if nested."""
+
     name: str | None  # None for padding
     offset: int
     size: int
@@ -50,6 +53,7 @@ class FieldInfo:
     fields: list[FieldInfo] = field(default_factory=list)  # members of a nested struct
 
     def to_json(self) -> dict:
+        """The field as a JSON-ready dict (padding and nested members marked)."""
         out = {"name": self.name if self.name is not None else "(padding)", "offset": self.offset, "size": self.size}
         out["type"] = self.ctype
         if self.count is not None:

@@ -23,7 +23,7 @@ def fixed_schemas() -> dict:
     out["vring_used_hdr"] = ring.vring_used_hdr
     out["vring_avail_elem"] = ring.vring_avail_elem
     out["vring_event_word"] = ring.vring_event_word
-    for cls, (name, per_abi) in devcfg.DEVICE_CONFIGS.items():
+    for _cls, (name, per_abi) in devcfg.DEVICE_CONFIGS.items():
         if per_abi["classic"] is per_abi["current"]:
             out[name] = per_abi["current"]
         else:

@@ -55,6 +55,7 @@ def indirect_table(entries: int) -> Array:
 
 @lru_cache(maxsize=64)
 def vring_avail(num: int) -> Struct:
+    """The available ring of ``num`` entries (header, head indices, ``used_event``)."""
     return Struct(
         *vring_avail_hdr.subcons,
         "ring" / Array(num, vring_avail_elem) * "head indices offered to the device",
@@ -64,6 +65,7 @@ def vring_avail(num: int) -> Struct:
 
 @lru_cache(maxsize=64)
 def vring_used(num: int) -> Struct:
+    """The used ring of ``num`` entries (header, elements, ``avail_event``)."""
     return Struct(
         *vring_used_hdr.subcons,
         "ring" / Array(num, vring_used_elem) * "completed chains",
