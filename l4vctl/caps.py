@@ -14,6 +14,7 @@ import select
 import stat
 import threading
 import time
+from collections.abc import Iterable
 
 from l4vctl import catalog as cat
 from l4vctl.errors import FormatError
@@ -96,7 +97,8 @@ def dataspace_problem(fd: int, need: int = PAGE) -> str | None:
     return None
 
 
-def close_fds(fds) -> None:
+def close_fds(fds: Iterable[int]) -> None:
+    """Close each fd, ignoring ones already closed or invalid."""
     for fd in fds:
         try:
             os.close(fd)
@@ -155,6 +157,7 @@ class Dataspace:
 
     @property
     def writable(self) -> bool:
+        """Whether the rights include writing."""
         return bool(self.rights & RIGHT_W)
 
     def map(self, offset: int = 0, length: int | None = None, writable: bool = True) -> mmap.mmap:
@@ -166,6 +169,7 @@ class Dataspace:
         return m
 
     def close(self) -> None:
+        """Unmap every mapping made by :meth:`map` and close the fd (idempotent)."""
         for m in self._maps:
             try:
                 m.close()
@@ -261,11 +265,12 @@ class Irq:
 
     def __init__(self, fd: int):
         self.fd = fd
-        self._poll = None
+        self._poll: select.poll | None = None
         self._since = 0.0  # when a write started that has not returned yet
 
     @classmethod
     def create(cls) -> Irq:
+        """A new non-blocking eventfd of our own."""
         return cls(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
 
     @classmethod
@@ -324,6 +329,7 @@ class Irq:
         return True
 
     def close(self) -> None:
+        """Stop guarding it and close the fd (idempotent)."""
         if self.fd >= 0:
             self._poll = None
             _GUARD.irqs.discard(self)
