@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from typing import Any
 
 import click
 
@@ -81,7 +82,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
 }
 
-CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 def _exit_status_epilog() -> str:
@@ -93,17 +94,20 @@ def _exit_status_epilog() -> str:
 class LazyGroup(click.Group):
     """A group that imports a subcommand's module only when it runs."""
 
-    def list_commands(self, ctx):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        """Every subcommand name, sorted, without importing any of them."""
         return sorted(COMMANDS)
 
-    def get_command(self, ctx, name):
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        """The subcommand ``name``, importing its module; None for an unknown name."""
         entry = COMMANDS.get(name)
         if entry is None:
             return None
         module, attr, _help = entry
         return getattr(importlib.import_module(module), attr)
 
-    def format_commands(self, ctx, formatter):
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The help's command list, from the registry's short help texts (no imports)."""
         rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
         with formatter.section("Commands"):
             formatter.write_dl(rows)

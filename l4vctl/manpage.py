@@ -69,6 +69,7 @@ def _option_lines(param: click.Parameter) -> list[str]:
 
 
 def render(command: click.Command, name: str, summary: str) -> str:
+    """The man page (roff source) of ``command``, titled ``name`` with the one-line ``summary``."""
     from l4vctl.cli import CONTEXT_SETTINGS
     from l4vctl.commands._common import parse_examples
 
@@ -127,7 +128,14 @@ def _subcommands(group: click.Group, ctx: click.Context) -> list[tuple[str, str]
 
     if group is cli:
         return [(c, COMMANDS[c][2]) for c in sorted(COMMANDS)]
-    return [(n, group.get_command(ctx, n).get_short_help_str(200)) for n in group.list_commands(ctx)]
+    return [(n, _command(group, ctx, n).get_short_help_str(200)) for n in group.list_commands(ctx)]
+
+
+def _command(group: click.Group, ctx: click.Context, name: str) -> click.Command:
+    """Subcommand ``name`` of ``group``, a name its own ``list_commands`` gave."""
+    command = group.get_command(ctx, name)
+    assert command is not None
+    return command
 
 
 def pages() -> dict[str, str]:
@@ -137,12 +145,12 @@ def pages() -> dict[str, str]:
     out = {"l4vctl.1": render(cli, "l4vctl", "inspect and drive L4-VIRTIO devices")}
     ctx = click.Context(cli, info_name="l4vctl")
     for name, (_module, _attr, summary) in COMMANDS.items():
-        command = cli.get_command(ctx, name)
+        command = _command(cli, ctx, name)
         out[f"l4vctl-{name}.1"] = render(command, f"l4vctl {name}", summary.rstrip("."))
         if isinstance(command, click.Group):
             sub_ctx = click.Context(command, info_name=name, parent=ctx)
             for sub in command.list_commands(sub_ctx):
-                sc = command.get_command(sub_ctx, sub)
+                sc = _command(command, sub_ctx, sub)
                 out[f"l4vctl-{name}-{sub}.1"] = render(
                     sc, f"l4vctl {name} {sub}", sc.get_short_help_str(200).rstrip(".")
                 )
@@ -150,6 +158,7 @@ def pages() -> dict[str, str]:
 
 
 def main(argv: list[str]) -> int:
+    """Write the man pages to a directory (``--write DIR``) or check them (``--check DIR``); exit status."""
     if len(argv) != 2 or argv[0] not in ("--write", "--check"):
         print("usage: python -m l4vctl.manpage --write|--check DIR", file=sys.stderr)
         return 2
