@@ -17,5 +17,6 @@ _lock = _thread.allocate_lock()
 
 
 def full_barrier() -> None:
+    """Order every earlier memory access before every later one (see module docs)."""
     _lock.acquire()
     _lock.release()

@@ -312,11 +312,13 @@ DEVICE_CLASSES: Mapping[str, int] = {d.cls: d.id for d in DEVICE_IDS.values() if
 
 
 def device_name(device_id: int) -> str:
+    """The name of a virtio device ID, ``UNKNOWN(0x..)`` for one not in the table."""
     d = DEVICE_IDS.get(device_id)
     return d.name if d else f"UNKNOWN({device_id:#x})"
 
 
 def device_class(device_id: int) -> str | None:
+    """The device class l4vctl knows a device ID as (``"blk"``), or None."""
     d = DEVICE_IDS.get(device_id)
     return d.cls if d else None
 
@@ -372,8 +374,8 @@ _TRANSPORT_COMMON = (
 #: Transport feature bits per ABI era (CMD_CONFIG moved from 224 to 160).
 TRANSPORT_FEATURES: Mapping[str, Mapping[int, Feature]] = {
     abi: _table(
-        _TRANSPORT_COMMON
-        + (
+        (
+            *_TRANSPORT_COMMON,
             Feature(
                 CMD_CONFIG_BIT[abi],
                 "L4VIRTIO_FEATURE_CMD_CONFIG",

@@ -48,6 +48,8 @@ def escape(text: str, keep: str = "") -> str:
 
 
 class Heading:
+    """A section heading of a :class:`Doc`."""
+
     __slots__ = ("text",)
 
     def __init__(self, text: str):
@@ -55,6 +57,8 @@ class Heading:
 
 
 class KeyValues:
+    """A block of ``key: value`` rows, keys aligned."""
+
     __slots__ = ("rows", "indent")
 
     def __init__(self, rows: list[tuple[str, str]], indent: int = 2):
@@ -63,6 +67,8 @@ class KeyValues:
 
 
 class Table:
+    """A table with a header row; columns aligned per ``align`` (one ``l`` or ``r`` each)."""
+
     __slots__ = ("headers", "rows", "align", "indent")
 
     def __init__(self, headers: Sequence[str], rows: list, align: str = "", indent: int = 2):
@@ -73,6 +79,8 @@ class Table:
 
 
 class Line:
+    """One line of free text, indented by ``indent`` spaces."""
+
     __slots__ = ("text", "indent")
 
     def __init__(self, text: str, indent: int = 0):
@@ -87,18 +95,22 @@ class Doc:
         self.blocks: list = []
 
     def heading(self, text: str) -> Doc:
+        """Add a heading; returns the document, so calls chain."""
         self.blocks.append(Heading(text))
         return self
 
     def kv(self, rows: list[tuple[str, str]], indent: int = 2) -> Doc:
+        """Add a key/value block; returns the document."""
         self.blocks.append(KeyValues(list(rows), indent))
         return self
 
     def table(self, headers: Sequence[str], rows, align: str = "", indent: int = 2) -> Doc:
+        """Add a table (``align``: one ``l`` or ``r`` per column, left by default); returns the document."""
         self.blocks.append(Table(list(headers), [list(r) for r in rows], align, indent))
         return self
 
     def line(self, text: str = "", indent: int = 0) -> Doc:
+        """Add a line of text (an empty line by default); returns the document."""
         self.blocks.append(Line(text, indent))
         return self
 
@@ -228,6 +240,7 @@ class Output:
         self.json_lines = False  # envelopes went out one per line (--watch): errors do too
 
     def envelope(self, ok: bool, payload: dict) -> dict:
+        """The JSON envelope around ``payload`` (``result`` or ``error``)."""
         env: dict[str, Any] = {
             "schema": SCHEMA_VERSION,
             "command": self.command,
@@ -262,6 +275,7 @@ class Output:
 
 
 def write_json(obj: Any, compact: bool = False) -> None:
+    """Print ``obj`` as JSON on stdout: indented, or on one line if ``compact``."""
     import json
 
     text = json.dumps(obj, separators=(",", ":")) if compact else json.dumps(obj, indent=2)
@@ -270,6 +284,7 @@ def write_json(obj: Any, compact: bool = False) -> None:
 
 
 def print_error(message: str, hint: str | None = None) -> None:
+    """Print ``l4vctl: error: message (hint)`` on stderr, escaped."""
     line = f"l4vctl: error: {message}"
     if hint:
         line += f" ({hint})"
@@ -277,8 +292,10 @@ def print_error(message: str, hint: str | None = None) -> None:
 
 
 def warn(message: str) -> None:
+    """Print ``l4vctl: warning: message`` on stderr, escaped."""
     print(escape(f"l4vctl: warning: {message}"), file=sys.stderr, flush=True)
 
 
 def info(message: str) -> None:
+    """Print ``l4vctl: message`` on stderr, escaped."""
     print(escape(f"l4vctl: {message}"), file=sys.stderr, flush=True)

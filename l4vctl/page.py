@@ -8,6 +8,7 @@ Decoding goes through the fast codecs derived from the schemas in
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from l4vctl import catalog as cat
 from l4vctl.errors import FormatError, UsageError
@@ -18,10 +19,12 @@ HEADER_SIZE = cat.HEADER_SIZE
 
 
 def header_codec(abi: str):
+    """The codec of the config page header of ABI era ``abi``."""
     return codec(f"l4virtio_config_hdr_t@{abi}")
 
 
 def queue_codec(stride: int = cat.QUEUE_ENTRY_STRIDE):
+    """The codec of one queue-config entry ``stride`` bytes long (40, or 36 on i386); ValueError otherwise."""
     if stride == cat.QUEUE_ENTRY_STRIDE:
         return codec("l4virtio_config_queue_t")
     if stride == cat.QUEUE_ENTRY_STRIDE_I386:
@@ -76,6 +79,7 @@ class AbiChoice:
         return f"AbiChoice({self.abi!r}, {self.method!r}, {self.reason!r}, {self.ambiguous})"
 
     def to_json(self) -> dict:
+        """How and why the era was chosen, for JSON output (the era itself is reported apart)."""
         return {"method": self.method, "reason": self.reason, "ambiguous": self.ambiguous}
 
 
@@ -111,6 +115,10 @@ def detect_abi(data) -> AbiChoice:
 
 
 def choose_abi(data, abi: str, hints: dict | None = None) -> AbiChoice:
+    """The era for ``data``: ``abi`` if it names one, else the hex dump's ``abi`` hint, else :func:`detect_abi`.
+
+    Raises UsageError for an ``abi`` that is neither an era nor ``auto``.
+    """
     if abi in cat.ABIS:
         # the CLI marks a value that came from the environment (see commands._common)
         return AbiChoice(str(abi), "explicit", f"chosen with {getattr(abi, 'origin', '--abi')}")
@@ -126,6 +134,7 @@ def choose_abi(data, abi: str, hints: dict | None = None) -> AbiChoice:
 
 
 def feature_set(words: list[int], table: dict[int, cat.Feature]) -> dict:
+    """Feature words decoded: the set bits, names of those ``table`` knows, and the unknown rest."""
     bits = cat.bits_of(words)
     known = [b for b in bits if b in table]
     unknown = [b for b in bits if b not in table]
@@ -142,6 +151,7 @@ def feature_set(words: list[int], table: dict[int, cat.Feature]) -> dict:
 
 
 def status_info(value: int) -> dict:
+    """A device status byte decoded: flag names, unknown bits, and whether it failed or runs."""
     names, unknown = cat.flag_names(value, cat.STATUS_BITS)
     return {
         "value": value,
@@ -153,6 +163,7 @@ def status_info(value: int) -> dict:
 
 
 def cmd_info(value: int, abi: str) -> dict:
+    """The cmd word decoded: command byte and name (noting one the era lacks), argument, status set."""
     byte = value >> 24
     argument = value & cat.CMD_ARG_MASK
     out: dict = {"value": value, "command": None, "command_byte": byte, "argument": argument}
@@ -456,7 +467,7 @@ def build_page(
     qoff = queues_offset_for(device_id, abi)
     if qoff + num_queues * stride > size:
         num_queues, qoff = 0, 0
-    hdr = {name: 0 for name, (_o, _s, _f, count) in hc.fields.items() if count is None}
+    hdr: dict[str, Any] = {name: 0 for name, (_o, _s, _f, count) in hc.fields.items() if count is None}
     for name, (_o, _s, _f, count) in hc.fields.items():
         if count is not None:
             hdr[name] = [0] * count
@@ -494,7 +505,7 @@ def build_page(
 
 
 def _zero_struct(layout) -> dict:
-    out = {}
+    out: dict[str, Any] = {}
     for name, fmt, count, sub in layout:
         if name is None:
             continue

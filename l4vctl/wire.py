@@ -93,6 +93,7 @@ def signed(word: int) -> int:
 
 
 def encode(kind: int, seq: int, label: int, opcode: int, words=(), caps=()) -> bytes:
+    """A frame's bytes (words taken modulo 2^64); ValueError if too many words or caps."""
     words = list(words)
     caps = list(caps)
     if len(words) > cat.MAX_WORDS or len(caps) > cat.MAX_CAPS:
