@@ -85,6 +85,7 @@ def parse_feature_list(text) -> list:
 
 
 def parse_abi(text) -> str:
+    """The header layout era ``text`` names (classic or current); ValueError otherwise."""
     if text not in cat.ABIS:
         raise ValueError(f"{text!r} is not an ABI (classic or current)")
     return text
@@ -98,6 +99,7 @@ ATTACH_MODES = ("iface", "config", "both")
 
 
 def parse_attach(text) -> str:
+    """The attach mode ``text`` names (one of ATTACH_MODES); ValueError otherwise."""
     if text not in ATTACH_MODES:
         raise ValueError(f"{text!r} is not an attach mode (iface, config or both)")
     return text
@@ -159,9 +161,11 @@ class Model:
         return {}
 
     def num_queues(self) -> int:
+        """Queues the device publishes: the ``queues`` option, else the model's default."""
         return self.options.get("queues") or self.DEFAULT_QUEUES
 
     def num_max(self) -> int:
+        """The largest queue size offered: the ``num_max`` option, else the model's default."""
         return self.options.get("num_max") or self.DEFAULT_NUM_MAX
 
     def required_queues(self) -> list[int]:
@@ -199,4 +203,5 @@ class Model:
         """Release files and other resources."""
 
     def describe(self) -> str:
+        """A short description of the device (``l4vctl emulate`` names it when it starts)."""
         return self.KIND
