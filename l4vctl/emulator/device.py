@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from typing import TYPE_CHECKING
 
 from l4vctl import catalog as cat
 from l4vctl import page as pg
@@ -21,6 +22,9 @@ from l4vctl.emulator import log
 from l4vctl.emulator.ring import BadChain, DeviceRing
 from l4vctl.formats.fast import SplitRingViews
 from l4vctl.formats.fast import ring as ring_geometry
+
+if TYPE_CHECKING:
+    from l4vctl.emulator.server import Server
 
 EOK = 0
 EIO = -cat.L4_EIO
@@ -164,7 +168,7 @@ class Device:
         self.w64 = page.cast("Q")
         self._mirror: Dataspace | None = None  # the read-only copy of the page monitors map
         self._mirror_page: memoryview | None = None
-        self.server = None  # the Server serving this device, once there is one
+        self.server: Server | None = None  # the Server serving this device, once there is one
         self.last_error = ""  # the reason of the last device error
         self.kick_irq = Irq.create()  # the device IRQ drivers trigger (GET_DEVICE_IRQ 0)
         self.driver_irq: Irq | None = None  # bound with ICU bind

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from l4vctl import catalog as cat
 from l4vctl.emulator.models import Option
 from l4vctl.parsing import parse_bool, parse_int
+
+if TYPE_CHECKING:
+    from l4vctl.emulator.device import Device
 
 #: Faults the emulator can inject, for testing drivers against bad devices.
 FAULTS = {
@@ -148,7 +153,7 @@ class Model:
 
     def __init__(self, options: dict):
         self.options = options
-        self.device = None  # set by the Device that serves this model
+        self.device: Device | None = None  # set by the Device that serves this model
 
     # -- identity ----------------------------------------------------------------
 

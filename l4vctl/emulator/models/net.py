@@ -141,9 +141,11 @@ class NetModel(Model):
     def deliver(self) -> None:
         """Move arrived frames into the driver's receive buffers."""
         dev = self.device
-        if dev is None or len(dev.queues) <= RX or dev.queues[RX].ring is None:
+        if dev is None or len(dev.queues) <= RX:
             return
         ring = dev.queues[RX].ring
+        if ring is None:
+            return
         while self.pending and ring.available():
             head = ring.pop()
             segs = ring.chain(head)
