@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from typing import TYPE_CHECKING
 
 from l4vctl import catalog as cat
 from l4vctl import page as pg
@@ -21,6 +22,9 @@ from l4vctl.emulator import log
 from l4vctl.emulator.ring import BadChain, DeviceRing
 from l4vctl.formats.fast import SplitRingViews
 from l4vctl.formats.fast import ring as ring_geometry
+
+if TYPE_CHECKING:
+    from l4vctl.emulator.server import Server
 
 EOK = 0
 EIO = -cat.L4_EIO
@@ -52,9 +56,11 @@ class Region:
         self.view = memoryview(mm)
 
     def contains(self, addr: int, length: int) -> bool:
+        """Whether the region holds all of [addr, addr + length)."""
         return self.base <= addr and addr + length <= self.base + self.size
 
     def close(self) -> None:
+        """Unmap the region (unless a ring view still uses it)."""
         try:
             self.view.release()
             self.mm.close()
@@ -77,18 +83,20 @@ class Queue:
         self.disable()
 
     def disable(self) -> None:
+        """Forget the queue's rings: not enabled, size 0, no views (the counters stay)."""
         self.enabled = False
         self.num = 0
         self.desc_addr = self.avail_addr = self.used_addr = 0
         self.views: SplitRingViews | None = None  # typed views of the rings while enabled
         self.next_avail = 0
-        self.ring = None  # the DeviceRing while enabled
+        self.ring: DeviceRing | None = None  # the DeviceRing while enabled
 
     def snapshot(self) -> dict:
         """Ring indices as the monitor shows them (0 while disabled)."""
         if not self.enabled:
             return {"avail_idx": 0, "avail_flags": 0, "used_idx": 0, "used_flags": 0}
         v = self.views
+        assert v is not None  # an enabled queue has its views
         return {
             "avail_idx": v.avail_idx[0],
             "avail_flags": v.avail_flags[0],
@@ -160,7 +168,7 @@ class Device:
         self.w64 = page.cast("Q")
         self._mirror: Dataspace | None = None  # the read-only copy of the page monitors map
         self._mirror_page: memoryview | None = None
-        self.server = None  # the Server serving this device, once there is one
+        self.server: Server | None = None  # the Server serving this device, once there is one
         self.last_error = ""  # the reason of the last device error
         self.kick_irq = Irq.create()  # the device IRQ drivers trigger (GET_DEVICE_IRQ 0)
         self.driver_irq: Irq | None = None  # bound with ICU bind
@@ -251,10 +259,12 @@ class Device:
         return self.hc.fields[name]
 
     def get(self, name: str) -> int:
+        """The value of header field ``name`` in the page."""
         off, size, _fmt, _count = self.hc.fields[name]
         return self.w32[off >> 2] if size == 4 else self.w64[off >> 3]
 
     def set(self, name: str, value: int) -> None:
+        """Store ``value`` in header field ``name`` (one store, truncated to the field's width)."""
         off, size, _fmt, _count = self.hc.fields[name]
         if size == 4:
             self.w32[off >> 2] = value & 0xFFFFFFFF
@@ -262,15 +272,18 @@ class Device:
             self.w64[off >> 3] = value & 0xFFFFFFFFFFFFFFFF
 
     def get_words(self, name: str) -> list[int]:
+        """The 32-bit words of header array ``name`` (a feature map)."""
         off, _size, _fmt, count = self.hc.fields[name]
         return list(self.w32[off >> 2 : (off >> 2) + count])
 
     def set_words(self, name: str, words: list[int]) -> None:
+        """Store ``words`` in header array ``name``, zero-filling the rest."""
         off, _size, _fmt, count = self.hc.fields[name]
         for i in range(count):
             self.w32[(off >> 2) + i] = words[i] if i < len(words) else 0
 
     def queue_entry(self, index: int) -> dict:
+        """The fields of queue ``index``'s config entry in the page, as the driver wrote them."""
         return self.qc.unpack(self.page, self.queues_offset + index * self.stride)
 
     def _queue_store(self, index: int, name: str, value: int) -> None:
@@ -403,6 +416,7 @@ class Device:
         return self.setup_queue(index)
 
     def setup_queue(self, index: int) -> int:
+        """Enable or disable queue ``index`` from its config entry, checking every ring; an L4 result."""
         if index >= self.num_queues or not self._array_ok():
             log.warning("queue %d does not exist (%d queues): -L4_ERANGE", index, self.num_queues)
             return ERANGE
@@ -437,6 +451,7 @@ class Device:
         q.enabled = True
         q.num = num
         q.desc_addr, q.avail_addr, q.used_addr = desc, avail, used
+        assert dv is not None and av is not None and uv is not None  # else ``why`` was set above
         q.views = r.views_of(num, dv, av, uv)
         q.next_avail = 0
         q.ring = DeviceRing(self, q)
@@ -474,6 +489,7 @@ class Device:
         return region.view[start : start + length], region.writable
 
     def negotiated_bit(self, bit: int) -> bool:
+        """Whether feature ``bit`` was accepted at FEATURES_OK."""
         return bit in self.negotiated
 
     def register_ds(self, ds_fd: int | None, rights: int, base: int, offset: int, size: int) -> int:
@@ -531,6 +547,7 @@ class Device:
         return self.kick_irq if index == 0 else None
 
     def bind(self, irq: Irq) -> None:
+        """Make ``irq`` the driver's IRQ (closing the one bound before)."""
         if self.driver_irq is not None:
             self.driver_irq.close()
         self.driver_irq = irq
@@ -578,6 +595,7 @@ class Device:
                 q.ring.suppress_kicks(on)
 
     def handle_cmd(self) -> None:
+        """Run the command in the page's cmd word, then clear the word (unless a fault keeps it)."""
         value = self.get("cmd")
         command = value & cat.CMD_MASK
         if not command:
@@ -619,6 +637,7 @@ class Device:
         self._cmd_left = 0
 
     def stats(self) -> list[int]:
+        """The MONITOR_OP_STATS words: device counters, then nine words per queue."""
         words = [cat.STATS_VERSION, 0, self.status, self.get("generation"), self.kicks, self.irqs_sent,
                  len(self.regions), self.device_errors, len(self.queues)]  # fmt: skip
         for q in self.queues:
@@ -628,6 +647,7 @@ class Device:
         return words
 
     def close(self) -> None:
+        """Release the device: regions, IRQs, the model, the page and its dataspaces."""
         for q in self.queues:
             q.disable()
         for region in self.regions:

@@ -26,6 +26,8 @@ def _attach(dev) -> str:
 
 
 class Reply:
+    """The answer to one request: result code, words, capability items and the descriptors they carry."""
+
     __slots__ = ("result", "words", "caps", "fds")
 
     def __init__(self, result: int = 0, words=(), caps=(), fds=()):
@@ -36,6 +38,8 @@ class Reply:
 
 
 class Dispatcher:
+    """Answers the requests of every client of one device (the role decides what a client may do)."""
+
     def __init__(self, device):
         self.device = device
 

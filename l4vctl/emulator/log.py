@@ -8,14 +8,22 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TypedDict
 
 DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40
 LEVELS = {"DEBUG": DEBUG, "INFO": INFO, "WARNING": WARNING, "ERROR": ERROR}
 
-_state = {"level": WARNING, "prefix": "l4vctl emulator"}
+
+class _State(TypedDict):
+    level: int
+    prefix: str
+
+
+_state: _State = {"level": WARNING, "prefix": "l4vctl emulator"}
 
 
 def configure(level: int | str, prefix: str) -> None:
+    """Set the lowest level written (a number or a name; unknown names mean WARNING) and the line prefix."""
     if isinstance(level, str):
         level = LEVELS.get(level.upper(), WARNING)
     _state["level"] = level
@@ -23,10 +31,11 @@ def configure(level: int | str, prefix: str) -> None:
 
 
 def enabled(level: int) -> bool:
+    """Whether messages of ``level`` are written (to skip building costly arguments)."""
     return level >= _state["level"]
 
 
-def _emit(level: int, msg: str, args) -> None:
+def _emit(level: int, msg: str, args: tuple[object, ...]) -> None:
     if level < _state["level"]:
         return
     text = msg % args if args else msg
@@ -37,23 +46,27 @@ def _emit(level: int, msg: str, args) -> None:
         pass  # stderr is gone: nothing to tell anyone
 
 
-def debug(msg: str, *args) -> None:
+def debug(msg: str, *args: object) -> None:
+    """Write ``msg % args`` at DEBUG level."""
     _emit(DEBUG, msg, args)
 
 
-def info(msg: str, *args) -> None:
+def info(msg: str, *args: object) -> None:
+    """Write ``msg % args`` at INFO level."""
     _emit(INFO, msg, args)
 
 
-def warning(msg: str, *args) -> None:
+def warning(msg: str, *args: object) -> None:
+    """Write ``msg % args`` at WARNING level."""
     _emit(WARNING, msg, args)
 
 
-def error(msg: str, *args) -> None:
+def error(msg: str, *args: object) -> None:
+    """Write ``msg % args`` at ERROR level."""
     _emit(ERROR, msg, args)
 
 
-def exception(msg: str, *args) -> None:
+def exception(msg: str, *args: object) -> None:
     """An error with the traceback of the exception being handled."""
     import traceback
 

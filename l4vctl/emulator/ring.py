@@ -162,6 +162,7 @@ class DeviceRing:
     # -- completing ----------------------------------------------------------------------
 
     def complete(self, head: int, written: int) -> None:
+        """Queue the completion of ``head`` with ``written`` bytes; :meth:`publish` makes it visible."""
         self.pending.append((head, written))
 
     def publish(self) -> bool:

@@ -49,6 +49,8 @@ BACKLOG = 512
 
 
 class Client:
+    """One connection: its socket, role once it said HELLO, and replies waiting to be sent."""
+
     __slots__ = ("sock", "id", "role", "out", "since", "last", "refused")
 
     def __init__(self, sock: socket.socket, cid: int, now: float, refused: bool = False):
@@ -66,7 +68,8 @@ class Server:
 
     def __init__(self, device, *, listener: socket.socket | None = None, path: str | None = None,
                  connection: socket.socket | None = None, max_clients: int = MAX_CLIENTS,
-                 idle_timeout: float = 0.0, client_timeout: float = CLIENT_TIMEOUT, socket_id: tuple[int, int] | None = None):  # fmt: skip
+                 idle_timeout: float = 0.0, client_timeout: float = CLIENT_TIMEOUT,
+                 socket_id: tuple[int, int] | None = None):  # fmt: skip
         self.device = device
         self.listener = listener
         self.path = path
@@ -118,6 +121,7 @@ class Server:
         self.running = False
 
     def stop(self) -> None:
+        """End :meth:`serve`, also from another thread: the loop is woken to see it."""
         self.running = False
         try:
             os.write(self._wake_w, b"\0")
@@ -154,6 +158,7 @@ class Server:
                 self.running = False
 
     def close(self) -> None:
+        """Drop every client, close the listener, remove the socket file this server made."""
         for client in list(self.clients.values()):
             self._drop(client, "emulator shutting down")
         if self.listener is not None:
@@ -235,9 +240,11 @@ class Server:
             log.warning(msg, *args)
 
     def _accept(self) -> None:
+        listener = self.listener
+        assert listener is not None  # "accept" events come only from a registered listener
         for _ in range(64):  # a burst of connects, but leave time for the others
             try:
-                conn, _addr = self.listener.accept()
+                conn, _addr = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -254,11 +261,13 @@ class Server:
         """No descriptor left for a new connection: refuse it instead of ending or spinning."""
         self._warn_once("emfile", "cannot accept a connection (%s): closing it; %d clients connected",
                         exc.strerror, len(self.clients))  # fmt: skip
+        listener = self.listener
+        assert listener is not None  # called from _accept only
         if self._reserve_fd >= 0:
             close_fds([self._reserve_fd])
             self._reserve_fd = -1
             try:
-                conn, _addr = self.listener.accept()
+                conn, _addr = listener.accept()
                 conn.close()  # the client sees the connection closed during HELLO
             except OSError:
                 pass
@@ -436,9 +445,7 @@ class Server:
         if frame.kind != cat.KIND_HELLO:
             self._drop(client, "first frame is not HELLO")
             return
-        lo, hi, role, profile = (frame.words + [cat.WIRE_VERSION, cat.WIRE_VERSION, cat.ROLE_DRIVER, cat.PROFILE_FD])[
-            :4
-        ]
+        lo, hi, role, profile = [*frame.words, cat.WIRE_VERSION, cat.WIRE_VERSION, cat.ROLE_DRIVER, cat.PROFILE_FD][:4]
         result = 0
         if not lo <= cat.WIRE_VERSION <= hi:
             log.warning("client %d speaks wire versions %d..%d, not %d", client.id, lo, hi, cat.WIRE_VERSION)
@@ -465,6 +472,7 @@ class Server:
     # -- requests ---------------------------------------------------------------------------
 
     def _request(self, client: Client, f: wire.Frame):
+        assert client.role is not None  # requests are read only after HELLO set the role
         return self.dispatcher.handle(f, client.role, self.driver is not None)
 
 

@@ -33,6 +33,7 @@ class Option:
 
 
 def model_class(kind: str):
+    """The model class of device type ``kind``, imported on first use; UsageError for an unknown type."""
     entry = MODELS.get(kind)
     if entry is None:
         raise UsageError(f"unknown device type {kind!r}", hint="types: " + ", ".join(MODELS))

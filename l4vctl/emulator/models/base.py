@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from l4vctl import catalog as cat
 from l4vctl.emulator.models import Option
 from l4vctl.parsing import parse_bool, parse_int
+
+if TYPE_CHECKING:
+    from l4vctl.emulator.device import Device
 
 #: Faults the emulator can inject, for testing drivers against bad devices.
 FAULTS = {
@@ -85,6 +90,7 @@ def parse_feature_list(text) -> list:
 
 
 def parse_abi(text) -> str:
+    """The header layout era ``text`` names (classic or current); ValueError otherwise."""
     if text not in cat.ABIS:
         raise ValueError(f"{text!r} is not an ABI (classic or current)")
     return text
@@ -98,6 +104,7 @@ ATTACH_MODES = ("iface", "config", "both")
 
 
 def parse_attach(text) -> str:
+    """The attach mode ``text`` names (one of ATTACH_MODES); ValueError otherwise."""
     if text not in ATTACH_MODES:
         raise ValueError(f"{text!r} is not an attach mode (iface, config or both)")
     return text
@@ -146,7 +153,7 @@ class Model:
 
     def __init__(self, options: dict):
         self.options = options
-        self.device = None  # set by the Device that serves this model
+        self.device: Device | None = None  # set by the Device that serves this model
 
     # -- identity ----------------------------------------------------------------
 
@@ -159,9 +166,11 @@ class Model:
         return {}
 
     def num_queues(self) -> int:
+        """Queues the device publishes: the ``queues`` option, else the model's default."""
         return self.options.get("queues") or self.DEFAULT_QUEUES
 
     def num_max(self) -> int:
+        """The largest queue size offered: the ``num_max`` option, else the model's default."""
         return self.options.get("num_max") or self.DEFAULT_NUM_MAX
 
     def required_queues(self) -> list[int]:
@@ -199,4 +208,5 @@ class Model:
         """Release files and other resources."""
 
     def describe(self) -> str:
+        """A short description of the device (``l4vctl emulate`` names it when it starts)."""
         return self.KIND

@@ -16,6 +16,7 @@ import ctypes
 import errno
 import fcntl
 import os
+from typing import TYPE_CHECKING, Literal
 
 from l4vctl import catalog as cat
 from l4vctl.emulator import log
@@ -24,6 +25,9 @@ from l4vctl.emulator.models.base import Model
 from l4vctl.emulator.ring import BadChain
 from l4vctl.formats.fast import codec
 from l4vctl.parsing import parse_bool, parse_int, parse_size
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 _HDR = codec("l4virtio_block_header_t").struct
 _SEG = codec("virtio_blk_discard_write_zeroes").struct
@@ -38,6 +42,8 @@ PUBLISH_EVERY = 8
 
 
 class BlkModel(Model):
+    """A block device on an image file or in memory: IN, OUT, FLUSH, GET_ID, DISCARD, WRITE_ZEROES."""
+
     KIND = "blk"
     DEVICE_ID = cat.DEVICE_ID_BLK
     DEFAULT_QUEUES = 1
@@ -61,7 +67,7 @@ class BlkModel(Model):
         self.id_bytes = self._serial().encode()[: cat.BLK_ID_BYTES]
         self._warned_flags = False
         self.workers = max(1, min(4, options["io_threads"]))
-        self._executor = None
+        self._executor: ThreadPoolExecutor | None = None
         self._falloc_unsupported: set[int] = set()
 
     def _open_image(self) -> None:
@@ -107,6 +113,7 @@ class BlkModel(Model):
     # -- identity -----------------------------------------------------------------------
 
     def features(self) -> set[int]:
+        """INDIRECT_DESC, BLK_SIZE, FLUSH and the bits the options ask for; RO drops DISCARD and WRITE_ZEROES."""
         o = self.options
         bits = {cat.INDIRECT_DESC_BIT, cat.BLK_F_BLK_SIZE, cat.BLK_F_FLUSH, cat.BLK_F_DISCARD, cat.BLK_F_WRITE_ZEROES}
         if o["seg_max"]:
@@ -119,6 +126,7 @@ class BlkModel(Model):
         return bits
 
     def config(self) -> dict:
+        """Capacity in sectors, the segment limits and the DISCARD / WRITE_ZEROES limits."""
         o = self.options
         sectors = self.capacity_bytes // SECTOR
         return {
@@ -135,10 +143,12 @@ class BlkModel(Model):
         }
 
     def describe(self) -> str:
+        """Capacity, image and whether the device is read-only."""
         where = self.options["image"] or "memory"
         return f"blk {self.capacity_bytes >> 20} MiB ({where}){' read-only' if self.options['ro'] else ''}"
 
     def close(self) -> None:
+        """Wait for the I/O threads, then close the image."""
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
@@ -191,7 +201,7 @@ class BlkModel(Model):
         log.warning("queue %d: %s at offset %d failed: %s: IOERR", qi, "read" if job[0] else "write", job[2], error)
         return cat.BLK_S_IOERR, 0
 
-    def _pool(self):
+    def _pool(self) -> ThreadPoolExecutor:
         if self._executor is None:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -325,7 +335,7 @@ class BlkModel(Model):
             length -= n
 
 
-_libc = None
+_libc: ctypes.CDLL | Literal[False] | None = None  # None: not loaded yet; False: no fallocate
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> bool:

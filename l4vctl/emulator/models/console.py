@@ -25,12 +25,15 @@ MAX_TX_CHAIN = 1 << 20
 
 
 def parse_io(text) -> str:
+    """The other end of port 0 ``text`` names (stdio, pty, echo or null); ValueError otherwise."""
     if text not in ("stdio", "pty", "echo", "null"):
         raise ValueError(f"{text!r} is not one of stdio, pty, echo, null")
     return text
 
 
 class ConsoleModel(Model):
+    """A one-port console whose other end the ``io``, ``output`` and ``input`` options choose."""
+
     KIND = "console"
     DEVICE_ID = cat.DEVICE_ID_CONSOLE
     DEFAULT_QUEUES = 2  # port 0: receive 0, transmit 1
@@ -44,7 +47,7 @@ class ConsoleModel(Model):
             parse_io,
             None,
             "other end of port 0: stdio, pty, echo or null (default: stdio for 'emulate', echo for emu:)",
-        ),  # fmt: skip
+        ),
         Option("pty", parse_bool, False, "same as --io pty: port 0 is a new pseudo terminal"),
         Option("output", str, None, "append the driver's output to this file"),
         Option("input", str, None, "feed this file to the driver as input"),
@@ -58,7 +61,7 @@ class ConsoleModel(Model):
             options["io"] = "pty"
         self.io = options["io"] or "echo"
         self.in_fd = self.out_fd = -1
-        self.pty_slave = None
+        self.pty_slave: str | None = None
         self.file_in = -1
         self.pending = bytearray()
         self.transmitted = 0
@@ -91,20 +94,25 @@ class ConsoleModel(Model):
                 raise ValueError(f"cannot open {options['input']}: {exc.strerror}") from None
 
     def features(self) -> set[int]:
+        """CONSOLE_F_SIZE (the cols and rows options)."""
         return {cat.CONSOLE_F_SIZE}
 
     def config(self) -> dict:
+        """Columns, rows and one port."""
         return {"cols": self.options["cols"], "rows": self.options["rows"], "max_nr_ports": 1}
 
     def required_queues(self) -> list[int]:
+        """Port 0's receive and transmit queues."""
         return [RX, TX]
 
     def describe(self) -> str:
+        """The console and its other end (the pty's name for a pty)."""
         return f"console ({self.pty_slave or self.io})"
 
     # -- input side ---------------------------------------------------------------------
 
     def watch(self) -> list:
+        """The input fd of stdio or the pty, if there is one."""
         if self.in_fd >= 0 and self.io in ("stdio", "pty"):
             return [(self.in_fd, self._input_ready)]
         return []
@@ -174,6 +182,7 @@ class ConsoleModel(Model):
     # -- queues -----------------------------------------------------------------------
 
     def process(self, queue, ring) -> None:
+        """Transmitq: write out (or echo) the output; receiveq: deliver pending input; others are consumed."""
         if queue.index == TX:
             for _ in range(ring.available()):
                 head = ring.pop()
@@ -190,12 +199,12 @@ class ConsoleModel(Model):
                     pos += n
                     if pos == len(data):
                         break
-                data = bytes(data)
-                self.transmitted += len(data)
+                out = bytes(data)
+                self.transmitted += len(out)
                 if self.io == "echo":
-                    self._queue_input(data)
-                if self.out_fd >= 0 and data:
-                    self._write_out(data)
+                    self._queue_input(out)
+                if self.out_fd >= 0 and out:
+                    self._write_out(out)
                 ring.complete(head, 0)
             if self.io == "echo":
                 self.deliver()
@@ -217,6 +226,7 @@ class ConsoleModel(Model):
             view = view[n:]
 
     def close(self) -> None:
+        """Close the input, output and pty descriptors."""
         fds = {self.in_fd, self.out_fd, self.file_in, getattr(self, "_slave_fd", -1)}
         for fd in fds:
             if fd >= 0:

@@ -33,6 +33,7 @@ PENDING_FRAMES = 256
 
 
 def parse_link(text) -> str:
+    """A cable name: 1 to 64 characters without '/' or NUL; ValueError otherwise."""
     name = str(text)
     if not name or len(name) > 64 or "/" in name or "\0" in name:
         raise ValueError(f"{text!r} is not a link name (1-64 characters, no '/')")
@@ -45,6 +46,8 @@ def link_address(name: str, end: str) -> bytes:
 
 
 class NetModel(Model):
+    """A network device whose frames go over a named cable to one other device, or loop back."""
+
     KIND = "net"
     DEVICE_ID = cat.DEVICE_ID_NET
     DEFAULT_QUEUES = 2  # 0 receive, 1 transmit
@@ -56,7 +59,7 @@ class NetModel(Model):
             parse_mac,
             None,
             "MAC address (VIRTIO_NET_F_MAC; default 52:54:00:12:34:56, or one derived from the link end)",
-        ),  # fmt: skip
+        ),
         Option("mtu", parse_int, 1500, "MTU advice (VIRTIO_NET_F_MTU)"),
         Option("link", parse_link, None, "plug into the virtual cable NAME shared with one other device"),
         Option("loop", parse_bool, False, "send transmitted frames back to this device"),
@@ -64,9 +67,9 @@ class NetModel(Model):
 
     def __init__(self, options: dict):
         super().__init__(options)
-        self.sock = None
-        self.peer = None
-        self.end = None
+        self.sock: socket.socket | None = None  # plugged into a cable: this end's socket
+        self.peer: bytes | None = None  # the address of the other end
+        self.end: str | None = None  # "a" or "b"
         self.pending: collections.deque = collections.deque()
         self.sent = self.received = self.dropped = 0
         if options["link"]:
@@ -92,15 +95,19 @@ class NetModel(Model):
         raise ValueError(f"link {name!r} already has two devices")
 
     def features(self) -> set[int]:
+        """MTU, MAC and STATUS."""
         return {cat.NET_F_MTU, cat.NET_F_MAC, cat.NET_F_STATUS}
 
     def config(self) -> dict:
+        """The MAC address, link up and the MTU."""
         return {"mac": self.mac, "status": cat.NET_S_LINK_UP, "mtu": self.options["mtu"]}
 
     def required_queues(self) -> list[int]:
+        """The receive and transmit queues."""
         return [RX, TX]
 
     def describe(self) -> str:
+        """MAC address, cable end and loop."""
         mac = mac_text(self.mac)
         link = f", link {self.options['link']} end {self.end}" if self.sock else ""
         return f"net {mac}{link}{', loop' if self.options['loop'] else ''}"
@@ -108,12 +115,15 @@ class NetModel(Model):
     # -- receive ----------------------------------------------------------------------
 
     def watch(self) -> list:
+        """The cable socket, if the device is plugged into one."""
         return [(self.sock.fileno(), self._link_ready)] if self.sock else []
 
     def _link_ready(self) -> None:
+        sock = self.sock
+        assert sock is not None  # watched only while plugged in
         while True:
             try:
-                frame = self.sock.recv(MAX_FRAME)
+                frame = sock.recv(MAX_FRAME)
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -131,9 +141,11 @@ class NetModel(Model):
     def deliver(self) -> None:
         """Move arrived frames into the driver's receive buffers."""
         dev = self.device
-        if dev is None or len(dev.queues) <= RX or dev.queues[RX].ring is None:
+        if dev is None or len(dev.queues) <= RX:
             return
         ring = dev.queues[RX].ring
+        if ring is None:
+            return
         while self.pending and ring.available():
             head = ring.pop()
             segs = ring.chain(head)
@@ -165,6 +177,7 @@ class NetModel(Model):
     # -- transmit -----------------------------------------------------------------------
 
     def process(self, queue, ring) -> None:
+        """Transmitq: send every frame over the cable (and back, with loop); receiveq: deliver arrived frames."""
         if queue.index == RX:
             self.deliver()
             return
@@ -200,6 +213,7 @@ class NetModel(Model):
             self._arrive(frame)
         if self.sock is None:
             return
+        assert self.peer is not None  # set with the socket when plugged in
         try:
             self.sock.sendto(frame, self.peer)
         except OSError as exc:  # nobody on the other end, or its queue is full
@@ -207,9 +221,11 @@ class NetModel(Model):
             log.info("frame of %d bytes dropped: %s", len(frame), exc.strerror or exc)
 
     def reset(self) -> None:
+        """Drop frames that arrived for the old driver."""
         self.pending.clear()
 
     def close(self) -> None:
+        """Unplug from the cable."""
         if self.sock is not None:
             self.sock.close()
             self.sock = None

@@ -14,6 +14,8 @@ from l4vctl.emulator.ring import BadChain
 
 
 class RngModel(Model):
+    """An entropy source: the first buffer of each chain filled from /dev/urandom."""
+
     KIND = "rng"
     DEVICE_ID = cat.DEVICE_ID_RNG
     DEFAULT_QUEUES = 1
@@ -24,9 +26,11 @@ class RngModel(Model):
         self.fd = os.open("/dev/urandom", os.O_RDONLY | os.O_CLOEXEC)
 
     def features(self) -> set[int]:
+        """INDIRECT_DESC only."""
         return {cat.INDIRECT_DESC_BIT}
 
     def process(self, queue, ring) -> None:
+        """Fill the first buffer of every available chain; BadChain if it lies in read-only memory."""
         for _ in range(ring.available()):
             head = ring.pop()
             first = ring.chain(head)[0]
@@ -39,6 +43,7 @@ class RngModel(Model):
             ring.complete(head, filled)
 
     def close(self) -> None:
+        """Close /dev/urandom."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
