@@ -245,7 +245,7 @@ class Session:
         magic = self.get("magic")
         if magic != cat.L4VIRTIO_MAGIC:
             raise ProtocolError(
-                f"bad magic {magic:#010x} {bytes(self.page[:4])!r} (expected b'virt'): not an L4-VIRTIO device"
+                f"bad magic {magic:#010x} {self.page_bytes()[:4]!r} (expected b'virt'): not an L4-VIRTIO device"
             )
         version = self.get("version")
         if version != cat.L4VIRTIO_VERSION:
@@ -315,7 +315,10 @@ class Session:
 
     def decode(self) -> pg.Decoded:
         """The whole page decoded (as ``dump-config`` shows it)."""
-        decoded = pg.decode_page(self.page_bytes(), self.abi_choice, stride=self.stride)
+        data = self.page_bytes()
+        choice = self.abi_choice
+        assert choice is not None  # page_bytes() raised unless a page is open
+        decoded = pg.decode_page(data, choice, stride=self.stride)
         synthesized = getattr(self.backend, "synthesized", None)
         if synthesized:
             decoded.result["synthesized"] = synthesized
@@ -450,8 +453,9 @@ class Session:
         Only fields before the queue array are decoded; the rest are absent.
         """
         nq, qoff = self.get("num_queues"), self.get("queues_offset")
-        limit = qoff if nq and cat.HEADER_SIZE <= qoff <= len(self.page) else len(self.page)
-        return pg.device_config_fields(self.page, self.get("device"), self.abi, limit)[0]
+        page = self.page if self.page is not None else self.page_bytes()  # a memory not mapped here: a copy
+        limit = qoff if nq and cat.HEADER_SIZE <= qoff <= len(page) else len(page)
+        return pg.device_config_fields(page, self.get("device"), self.abi, limit)[0]
 
     # -- monitor ------------------------------------------------------------------------------------
 
@@ -493,7 +497,7 @@ class Session:
             and not link.broken
         ):
             try:
-                if not self.mode == "cmd" or not self.get("cmd"):
+                if self.mode != "cmd" or not self.get("cmd"):
                     self.write_status(0)
             except Exception:
                 pass

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import select
 import time
+from collections.abc import Sequence
+from typing import Any, Generic, TypeVar
 
 from l4vctl import catalog as cat
 from l4vctl.barrier import full_barrier
@@ -32,6 +34,9 @@ COMPLETION_SPIN = 100e-6
 SLEEP_SLICE = 0.05
 #: poll() events on the device connection that mean it went away.
 HANGUP = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
+
+#: What the driver hands in with a request and gets back with its completion.
+T = TypeVar("T")
 
 
 def sleep_on(irq, watch: int | None, timeout: float, check=None) -> bool:
@@ -63,14 +68,15 @@ def need_event(event: int, new: int, old: int) -> bool:
     return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
 
 
-class Virtqueue:
+class Virtqueue(Generic[T]):
     """One split virtqueue configured by a :class:`~l4vctl.session.Session`.
 
     ``memory`` holds the rings in the simple layout of L4Re drivers; they
     are reached through :attr:`views` (typed views derived from the ring
     schemas).  ``desc``, ``avail`` and ``used_hdr`` are the descriptor
     table's bytes, the available ring's words and the used ring header's
-    words, for inspection.
+    words, for inspection.  Each request carries a token of the driver's
+    (type ``T``), handed back with its completion.
     """
 
     def __init__(self, memory: memoryview, num: int, *, kick_irq, irq, event_idx: bool, indirect: bool,
@@ -84,7 +90,7 @@ class Virtqueue:
         self.irq = irq
         self.check = check  # called when waits time out: raises if the device failed
         self.watch = watch  # the device connection's fd: a hang-up ends waits at once (check raises)
-        self._poller = None
+        self._poller: select.poll | None = None
         views: SplitRingViews = ring_geometry().views(memory, num, lay["desc"], lay["avail"], lay["used"])
         self.views = views
         self.desc = views.desc
@@ -101,8 +107,9 @@ class Virtqueue:
         self._used_id = views.used_id
         self._used_len = views.used_len
         self.free = list(range(num - 1, -1, -1))
-        self.tokens: list = [None] * num
-        self.chains: list = [None] * num
+        # by head: the request's token (a T) while it is in flight, else None
+        self.tokens: list[Any] = [None] * num
+        self.chains: list[list[int] | None] = [None] * num
         self.avail_idx = views.avail_idx[0]
         self.last_used = views.used_idx[0]
         self.kicked_idx = self.avail_idx
@@ -111,7 +118,7 @@ class Virtqueue:
 
     # -- submitting -------------------------------------------------------------------
 
-    def add(self, bufs, token) -> int:
+    def add(self, bufs: Sequence[tuple[int, int, bool]], token: T) -> int:
         """Queue a chain of ``(addr, len, device_writes)`` buffers; returns its head."""
         n = len(bufs)
         free = self.free
@@ -129,7 +136,9 @@ class Virtqueue:
                 pack(table, descs[i] * DESC_SIZE, addr, length, flags, 0)
         return self._offer(descs, token)
 
-    def add_indirect(self, table_view: memoryview, table_addr: int, bufs, token) -> int:
+    def add_indirect(
+        self, table_view: memoryview, table_addr: int, bufs: Sequence[tuple[int, int, bool]], token: T
+    ) -> int:
         """Queue a request as one indirect descriptor; ``table_view`` is driver memory
         at device address ``table_addr`` with room for ``len(bufs)`` descriptors."""
         n = len(bufs)
@@ -147,7 +156,7 @@ class Virtqueue:
         pack(self.desc, d * DESC_SIZE, table_addr, n * DESC_SIZE, INDIRECT, 0)
         return self._offer([d], token)
 
-    def _offer(self, descs: list[int], token) -> int:
+    def _offer(self, descs: list[int], token: T) -> int:
         head = descs[0]
         self.chains[head] = descs
         self.tokens[head] = token
@@ -176,7 +185,7 @@ class Virtqueue:
 
     # -- completing ---------------------------------------------------------------------
 
-    def reap(self) -> list[tuple[object, int]]:
+    def reap(self) -> list[tuple[T, int]]:
         """Completed requests as ``(token, bytes written)``, oldest first."""
         used_idx = self._used_idx[0]
         last = self.last_used
@@ -187,7 +196,7 @@ class Virtqueue:
                 f"queue {self.index}: the device moved used.idx from {last} to {used_idx},"
                 f" past the {self.in_flight} requests in flight"
             )
-        out = []
+        out: list[tuple[T, int]] = []
         ids = self._used_id
         lens = self._used_len
         num = self.num
@@ -197,11 +206,12 @@ class Virtqueue:
         while last != used_idx:
             slot = last % num
             head = ids[slot]
-            if head >= num or chains[head] is None:
+            chain = chains[head] if head < num else None
+            if chain is None:
                 raise ProtocolError(f"queue {self.index}: the device completed head {head}, which is not in flight")
             out.append((tokens[head], lens[slot]))
             tokens[head] = None
-            free.extend(chains[head])
+            free.extend(chain)
             chains[head] = None
             last = (last + 1) & 0xFFFF
         self.last_used = last
@@ -217,7 +227,7 @@ class Virtqueue:
         else:
             self._avail_flags[0] = 0 if on else cat.VRING_AVAIL_F_NO_INTERRUPT
 
-    def wait(self, timeout: float) -> list[tuple[object, int]]:
+    def wait(self, timeout: float) -> list[tuple[T, int]]:
         """At least one completion, polling briefly and then sleeping on the IRQ."""
         done = self.reap()
         if done:

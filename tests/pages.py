@@ -19,7 +19,8 @@ SPEC_OFFSETS = {
 
 
 def independent_page(abi: str, *, device=2, status=0x0F, generation=7, cmd=0, dev_words=None, drv_words=None,
-                     num_queues=1, queues_offset=0x140, queue=None, cfg_drv=0, cfg_dev=0, size=4096) -> bytes:  # fmt: skip
+                     num_queues=1, queues_offset=0x140, queue=None, cfg_drv=0, cfg_dev=0,
+                     size=4096) -> bytes:  # fmt: skip
     o = SPEC_OFFSETS[abi]
     p = bytearray(size)
     struct.pack_into("<4sIII", p, 0, b"virt", 2, device, 0x44)

@@ -279,7 +279,7 @@ def page_with(abi="current", **fields) -> bytes:
     p = bytearray(device_page(abi, "blk", **CLASS_PAGES["blk"]))
     hc = pg.header_codec(abi)
     for name, value in fields.items():
-        off, size, fmt, _count = hc.fields[name]
+        off, _size, fmt, _count = hc.fields[name]
         struct.pack_into("<" + fmt, p, off, value)
     return bytes(p)
 
@@ -288,7 +288,7 @@ def set_queue(data: bytes, **fields) -> bytes:
     p = bytearray(data)
     qc = pg.queue_codec()
     for name, value in fields.items():
-        off, size, fmt, _count = qc.fields[name]
+        off, _size, fmt, _count = qc.fields[name]
         struct.pack_into("<" + fmt, p, pg.queues_offset_for(2, "current") + off, value)
     return bytes(p)
 

@@ -77,7 +77,7 @@ def test_reset_restores_header_and_bumps_generation(abi):
 def test_generation_counts_resets(abi):
     with driver(abi) as s:
         gen = s.get("generation")
-        for i in range(3):
+        for _ in range(3):
             set_status(s, 0)
         assert s.get("generation") == gen + 3
 

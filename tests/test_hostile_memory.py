@@ -165,7 +165,7 @@ def test_register_ds_refuses_what_a_peer_could_truncate(emu, kind):
 def test_truncated_ring_memory_cannot_kill_the_emulator(emu):
     """A driver whose ring memory is an unsealed memfd truncates it after setup: refused up front;
     with the sealed memory it must lend, the truncation itself fails."""
-    url, proc = emu
+    url, _proc = emu
     with Session(url) as s:
         s.handshake()
         mem = s._memory[0]
@@ -180,7 +180,7 @@ def test_truncated_ring_memory_cannot_kill_the_emulator(emu):
 
 
 def test_driver_cannot_shrink_or_lock_the_config_page(emu):
-    url, proc = emu
+    url, _proc = emu
     with Session(url) as s:
         r = s.channel.call(V, cat.OP_DEVICE_CONFIG)
         try:
@@ -200,7 +200,7 @@ def test_driver_cannot_shrink_or_lock_the_config_page(emu):
 
 
 def test_monitor_cannot_write_the_device_page(emu):
-    url, proc = emu
+    url, _proc = emu
     with Session(url, role="monitor", check=False) as m:
         r = m.channel.call(V, cat.OP_DEVICE_CONFIG)
         try:
@@ -234,7 +234,7 @@ def test_monitor_cannot_write_the_device_page(emu):
 
 
 def test_monitor_copy_follows_the_device(tmp_path):
-    with emulator(tmp_path, "blk") as (url, proc):
+    with emulator(tmp_path, "blk") as (url, _proc):
         with Session(url, role="monitor", check=False) as m:
             assert m.status == 0
             with Session(url) as s:
@@ -457,7 +457,7 @@ def _get_id_request(s, vq):
 
 
 def test_full_driver_irq_does_not_hang_the_emulator(emu):
-    url, proc = emu
+    url, _proc = emu
     with Session(url, timeout=2) as s:
         s.handshake()
         vq = s.virtqueue(0)
@@ -472,7 +472,7 @@ def test_full_driver_irq_does_not_hang_the_emulator(emu):
 
 
 def test_kick_irq_made_blocking_does_not_hang_the_emulator(emu):
-    url, proc = emu
+    url, _proc = emu
     with Session(url, timeout=2) as s:
         s.handshake()
         blocking(s.device_irq.fd)  # the device's own kick IRQ: the open file is shared
@@ -486,7 +486,7 @@ def test_kick_irq_made_blocking_does_not_hang_the_emulator(emu):
 
 @pytest.mark.parametrize("kind", sorted(HOSTILE_IRQS))
 def test_icu_bind_refuses_what_is_not_an_eventfd(emu, kind):
-    url, proc = emu
+    url, _proc = emu
     with Session(url) as s:
         fd = HOSTILE_IRQS[kind]()
         try:
@@ -504,7 +504,7 @@ def test_discard_naming_512_mib_is_refused_quickly(emu):
     with Session(url, timeout=5) as s:
         s.handshake()
         vq = s.virtqueue(0)
-        big, base = s.alloc(4 * (128 << 20), "hostile-sparse")  # sparse: nothing touched
+        _big, base = s.alloc(4 * (128 << 20), "hostile-sparse")  # sparse: nothing touched
         mem, addr = s.alloc(4096, "hostile-req")
         struct.pack_into("<IIQ", mem, 0, cat.BLK_T_DISCARD, 0, 0)
         mem[100] = 0xFF
@@ -535,7 +535,7 @@ def test_write_zeroes_over_a_large_image_file_is_fast(tmp_path):
     from l4vctl.drivers.blk import BlkDriver
 
     image = tmp_path / "big.img"
-    with emulator(tmp_path, "blk", "--image", str(image), "--size", "4G") as (url, proc):
+    with emulator(tmp_path, "blk", "--image", str(image), "--size", "4G") as (url, _proc):
         with Session(url, timeout=5) as s:
             s.handshake()
             d = BlkDriver(s)

@@ -104,9 +104,8 @@ class Attachment:
                 raise ProtocolError(f"DEVICE_CONFIG failed: {cat.l4_error_name(r.result)}")
             if not r.words:
                 raise ProtocolError("DEVICE_CONFIG reply carries no page offset")
-            cap = r.caps[0] if r.caps else None
-            fd = r.fd(0, cat.CAP_DATASPACE)
-            on_page(self._map_config(fd, cap.size, r.words[0], writable=self.role == "driver"))
+            fd = r.fd(0, cat.CAP_DATASPACE)  # raises unless capability 0 is a dataspace
+            on_page(self._map_config(fd, r.caps[0].size, r.words[0], writable=self.role == "driver"))
         finally:
             r.close()
         self.attached_via = "config"

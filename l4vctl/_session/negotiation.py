@@ -39,7 +39,7 @@ class Transition:
 
     def to_json(self) -> dict[str, Any]:
         """The transition as JSON output shows it."""
-        names, unknown = cat.flag_names(self.status, cat.STATUS_BITS)
+        names, _unknown = cat.flag_names(self.status, cat.STATUS_BITS)
         return {"via": self.via, "wrote": self.wrote, "status": self.status, "flags": names}
 
 

@@ -85,7 +85,7 @@ class PageView:
     def cast(self, fmt: str) -> memoryview:
         """A typed view of the whole page (released with the view); local mappings only."""
         assert self.page is not None, "typed views need a local mapping"
-        view = self.page.cast(fmt)
+        view = self.page.cast(fmt)  # type: ignore[call-overload]  # the format is only known at run time
         self._casts.append(view)
         return view
 

@@ -60,7 +60,8 @@ class Response:
 
         cap = self.caps[index] if index < len(self.caps) else None
         if cap is None or (kind is not None and cap.type != kind) or not 0 <= cap.handle < len(self.fds):
-            raise ProtocolError(f"reply lacks the expected {cat.CAP_TYPES.get(kind, 'capability')} item")
+            what = "capability" if kind is None else cat.CAP_TYPES.get(kind, "capability")
+            raise ProtocolError(f"reply lacks the expected {what} item")
         fd = self.fds[cap.handle]
         self.fds[cap.handle] = -1
         return fd
@@ -99,7 +100,7 @@ class Memory(ABC):
         """The memory as a byte memoryview if it is mapped in this process, else None."""
         return None
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a no-op by default; memories that hold something override it
         """Release the memory (a local mapping ends with its last view)."""
 
 

@@ -11,11 +11,14 @@ MAX_INPUT = 1 << 24  # refuse to read more than 16 MiB of input
 
 
 class DumpBackend(Backend):
+    """A page saved to a file (or stdin): decoded offline, never connected."""
+
     scheme = "dump"
     live = False
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
+        """Always available: reading a file needs nothing."""
         return True, ""
 
     def load(self, fmt: str = "auto") -> tuple[bytes, str, dict]:

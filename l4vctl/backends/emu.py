@@ -14,7 +14,7 @@ import signal
 import socket
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from l4vctl.backends.base import Backend, parse_query
 from l4vctl.backends.unix import SocketChannel
@@ -35,8 +35,12 @@ def parse_emu_target(target: str) -> tuple[str, dict[str, str]]:
     return parse_query(target, "emu", "?size=64M&abi=classic")
 
 
-def build_device(kind: str, raw: dict[str, str]) -> Device:
-    """Model and device from a type and raw options; usage errors for bad ones."""
+def build_device(kind: str, raw: dict[str, Any]) -> Device:
+    """Model and device from a type and raw options; usage errors for bad ones.
+
+    Option values are strings (from a device URL) or values the option
+    parsers take as they are (ints and bools from the command line).
+    """
     from l4vctl.emulator.device import Device
     from l4vctl.emulator.models import model_class, parse_options
 

@@ -63,25 +63,25 @@ class SocketChannel(Channel):
 
     def __init__(self, sock: socket.socket, name: str, role: str, timeout: float,
                  exit_status: Callable[[], str | None] | None = None):  # fmt: skip
-        self.sock = sock
+        self.sock: socket.socket | None = sock  # None once closed
         OPEN_CHANNELS.add(sock)
         self.name = name
         self.timeout = timeout
         self.seq = 0
         self._exit_status = exit_status  # callable giving why the peer ended, if known
-        self._hello(ROLE_CODES[role])
+        self._hello(sock, ROLE_CODES[role])
 
     def _dead(self, what: str) -> UnavailableError:
         why = self._exit_status() if self._exit_status else None
         return UnavailableError(f"{self.name}: the device closed the connection {what}" + (f" ({why})" if why else ""))
 
-    def _hello(self, role: int) -> None:
+    def _hello(self, sock: socket.socket, role: int) -> None:
         self.seq += 1
         data = wire.encode(cat.KIND_HELLO, self.seq, 0, 0, [cat.WIRE_VERSION, cat.WIRE_VERSION, role, cat.PROFILE_FD])
         try:
-            set_send_timeout(self.sock, self.timeout)  # a peer that stops reading must not hang a send
-            wire.send(self.sock, data)
-            frame = wire.recv(self.sock, self.timeout, any_version=True)
+            set_send_timeout(sock, self.timeout)  # a peer that stops reading must not hang a send
+            wire.send(sock, data)
+            frame = wire.recv(sock, self.timeout, any_version=True)
         except wire.Closed:
             raise self._dead("during HELLO") from None
         except TimeoutError:
@@ -112,8 +112,10 @@ class SocketChannel(Channel):
         seq = self.seq
         data = wire.encode(cat.KIND_REQUEST, seq, label, opcode, words, caps)
         timeout = self.timeout if timeout is None else timeout
+        sock = self.sock
+        assert sock is not None, "a closed channel takes no calls"
         try:
-            wire.send(self.sock, data, fds)
+            wire.send(sock, data, fds)
         except (BlockingIOError, TimeoutError):
             raise TimeoutExpired(
                 f"{self.name}: the device did not take {describe_op(label, opcode)} within {self.timeout:g} s"
@@ -127,7 +129,7 @@ class SocketChannel(Channel):
         while True:
             left = deadline - time.monotonic()
             try:
-                frame = wire.recv(self.sock, max(left, 0), spin=REPLY_SPIN)
+                frame = wire.recv(sock, max(left, 0), spin=REPLY_SPIN)
             except TimeoutError:
                 raise TimeoutExpired(
                     f"{self.name}: no reply to {describe_op(label, opcode)} within {timeout:g} s"

@@ -226,7 +226,7 @@ class Driven:
         self.out = begin(ctx, command, json_mode)
         self.out.device = self.url
         self.command = command
-        self.args = dict(abi=abi, mode=mode, timeout=timeout, attach=attach_of(ctx))
+        self.args: dict[str, Any] = dict(abi=abi, mode=mode, timeout=timeout, attach=attach_of(ctx))
         self.device_class = device_class or command.split()[0]
         self.handshake = handshake
         self.session: Session | None = None

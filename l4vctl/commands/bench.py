@@ -8,6 +8,7 @@ import re
 import sys
 import time
 from array import array
+from collections.abc import Sequence
 
 import click
 
@@ -19,6 +20,7 @@ _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m)?$")
 
 
 def parse_duration(text: str) -> float:
+    """Seconds in a --time value (10s, 500ms, 2m; a bare number is seconds); UsageError if not positive."""
     m = _DURATION.match(text.strip())
     if not m:
         raise UsageError(f"--time {text!r} is not a duration like 10s, 500ms or 2m")
@@ -29,6 +31,7 @@ def parse_duration(text: str) -> float:
 
 
 def parse_bs(text: str) -> int:
+    """Bytes in a --bs value (4k, 64KiB, ...); UsageError unless a positive multiple of 512."""
     from l4vctl.parsing import parse_size
 
     try:
@@ -40,10 +43,11 @@ def parse_bs(text: str) -> int:
     return value
 
 
-def percentile(sorted_values, p: float) -> float:
+def percentile(sorted_values: Sequence[float], p: float) -> float:
+    """The ``p``-th percentile (nearest rank) of ascending values; 0.0 for none."""
     if not sorted_values:
         return 0.0
-    k = min(len(sorted_values) - 1, max(0, int(round(p / 100 * (len(sorted_values) - 1)))))
+    k = min(len(sorted_values) - 1, max(0, round(p / 100 * (len(sorted_values) - 1))))
     return sorted_values[k]
 
 

@@ -198,8 +198,10 @@ def flush(ctx, device, device_opt, abi, mode, timeout, json_mode):
         drv = _driver(s, depth=1)
         drv.flush()
         negotiated = drv.flush_supported
-    run.out.emit({"flushed": True, "flush_negotiated": negotiated},
-                          lambda: "flushed" + ("" if negotiated else " (VIRTIO_BLK_F_FLUSH was not negotiated)") + "\n")  # fmt: skip
+    run.out.emit(
+        {"flushed": True, "flush_negotiated": negotiated},
+        lambda: "flushed" + ("" if negotiated else " (VIRTIO_BLK_F_FLUSH was not negotiated)") + "\n",
+    )
 
 
 @blk.command(name="id", epilog=examples(("l4vctl blk id unix:/tmp/blk.sock", "Print the id:")))

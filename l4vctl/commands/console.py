@@ -18,11 +18,13 @@ class ConsoleGroup(click.Group):
     """``l4vctl console URL`` means ``l4vctl console attach URL``."""
 
     def resolve_command(self, ctx, args):
+        """Resolve as click does, after putting ``attach`` in front of a URL."""
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
             args = ["attach", *args]
         return super().resolve_command(ctx, args)
 
     def parse_args(self, ctx, args):
+        """Parse as click does, after putting ``attach`` in front of a URL."""
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
             args = ["attach", *args]
         return super().parse_args(ctx, args)
@@ -61,6 +63,8 @@ def attach(ctx, device, device_opt, abi, mode, timeout, json_mode):
     run = Driven(ctx, "console", json_mode, device, device_opt, abi, mode, timeout)
     with run as s:
         drv = _driver(s)
+        irq = s.driver_irq
+        assert irq is not None  # a driver runs on an attached session
         fd = sys.stdin.fileno()
         restore = None
         if os.isatty(fd):
@@ -91,7 +95,7 @@ def attach(ctx, device, device_opt, abi, mode, timeout, json_mode):
                             break
                 out = drv.poll()
                 if drv.fileno() in ready:
-                    s.driver_irq.drain()
+                    irq.drain()
                 if out:
                     os.write(sys.stdout.fileno(), out)
                     received += len(out)
@@ -122,7 +126,11 @@ def send(ctx, device, device_opt, abi, mode, timeout, json_mode, text, input_pat
         data = text.encode() + (b"\n" if newline else b"")
     else:
         try:
-            data = sys.stdin.buffer.read() if input_path == "-" else open(input_path, "rb").read()
+            if input_path == "-":
+                data = sys.stdin.buffer.read()
+            else:
+                with open(input_path, "rb") as f:
+                    data = f.read()
         except OSError as exc:
             raise UnavailableError(f"{input_path}: {exc.strerror or exc}") from None
     run = Driven(ctx, "console send", json_mode, device, device_opt, abi, mode, timeout)

@@ -207,7 +207,7 @@ def _device_config_rows(cls: str | None, fields: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if n < 1024 or unit == "PiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

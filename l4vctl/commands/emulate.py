@@ -179,9 +179,10 @@ def emulate(ctx, kind, socket_path, max_clients, client_timeout, idle_timeout, a
     if not quiet:
         from l4vctl.output import info
 
-        info(
-            f"emulating {device.model.describe()} ({abi} ABI{'' if device.attach == 'config' else ', attach ' + device.attach}{', cmd mode' if device.cmd_mode else ''}) on {url}"
-        )
+        what = device.model.describe()
+        attach_note = "" if device.attach == "config" else ", attach " + device.attach
+        mode_note = ", cmd mode" if device.cmd_mode else ""
+        info(f"emulating {what} ({abi} ABI{attach_note}{mode_note}) on {url}")
     try:
         server.serve()
     finally:

@@ -43,7 +43,8 @@ def _names(values: tuple[str, ...]) -> list[str]:
               help="Features to accept if offered (names like flush or VIRTIO_BLK_F_FLUSH, or bit numbers); "
                    "'all' = everything offered. Default: the transport features l4vctl implements "
                    "(indirect_desc, event_idx, version_1) and the device features its driver for the class "
-                   "implements; others are accepted only through --want or --require and shown as [forced].")  # fmt: skip
+                   "implements; others are accepted only through --want or --require "
+                   "and shown as [forced].")  # fmt: skip
 @click.option("--require", multiple=True, metavar="F,...", help="Fail with exit status 5 unless these are negotiated.")
 @click.option("--refuse", multiple=True, metavar="F,...", help="Never accept these.")
 @click.option("--mode", type=click.Choice(MODES), default=Mode.AUTO.value, show_default=True,
@@ -85,11 +86,13 @@ def negotiate(
     with Session(url, abi=abi, mode=mode, timeout=timeout, attach=attach_of(ctx)) as s:
         out.abi = s.abi
         summary = s.handshake(want_arg, _names(require), _names(refuse), queues=not no_queues, queue_size=queue_size)
+        choice = s.abi_choice
+        assert choice is not None  # the session is open
         result = {
             "url": url,
             "device": s.device_info(),
             "abi": s.abi,
-            "abi_detection": s.abi_choice.to_json(),
+            "abi_detection": choice.to_json(),
             "mode": s.mode,
             "attach": s.attached_via,
             "features": summary["features"],
@@ -159,7 +162,7 @@ def _text(r: dict):
                     f"{q['avail_addr']:#x}",
                     f"{q['used_addr']:#x}",
                     {True: "yes", False: "no", None: "(cmd mode: not reported)"}[q["accepted"]],
-                )  # fmt: skip
+                )
                 for q in r["queues"]
             ],
             align="rr",

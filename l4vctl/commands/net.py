@@ -91,8 +91,11 @@ def send(ctx, device, device_opt, abi, mode, timeout, json_mode, dst, ethertype,
             drv.send(data)
         drv.flush()
         src = mac_text(drv.mac)
-    run.out.emit({"sent": count, "bytes": len(data), "src": src, "dst": mac_text(to)},
-                 lambda: f"sent {count} frame{'s' if count > 1 else ''} of {len(data)} bytes {src} > {mac_text(to)}\n")  # fmt: skip
+    plural = "s" if count > 1 else ""
+    run.out.emit(
+        {"sent": count, "bytes": len(data), "src": src, "dst": mac_text(to)},
+        lambda: f"sent {count} frame{plural} of {len(data)} bytes {src} > {mac_text(to)}\n",
+    )
 
 
 @net.command(

@@ -31,7 +31,8 @@ from l4vctl.errors import NegotiationError
 @device_options
 @abi_option(auto=True)
 @click.option("--expect-device", metavar="TYPE",
-              help="Fail with exit status 5 unless the device is of this type (blk, net, console, rng, input, vsock, or an id).")  # fmt: skip
+              help="Fail with exit status 5 unless the device is of this type "
+                   "(blk, net, console, rng, input, vsock, or an id).")  # fmt: skip
 @timeout_option
 @json_option
 @click.pass_context
@@ -100,8 +101,10 @@ def _expected_id(text: str) -> int:
     try:
         return int(key, 0)
     except ValueError:
-        raise UsageError(f"--expect-device {text!r}: not a device type",
-                         hint="blk, net, console, rng, input, vsock, a name like BLOCK, or an id") from None  # fmt: skip
+        raise UsageError(
+            f"--expect-device {text!r}: not a device type",
+            hint="blk, net, console, rng, input, vsock, a name like BLOCK, or an id",
+        ) from None
 
 
 def _text(r: dict):
@@ -120,7 +123,7 @@ def _text(r: dict):
                 "device",
                 (dev["name"] if dev["id"] is None else f"{dev['id']} {dev['name']}")
                 + (f" ({dev['class']})" if dev["class"] else ""),
-            ),  # fmt: skip
+            ),
             ("vendor", f"{vendor['id']:#x}" + (f" {vendor['name']}" if vendor["name"] else "")),
             ("url", r["url"]),
             ("abi", f"{r['abi']} ({det['method']}: {det['reason']})"),

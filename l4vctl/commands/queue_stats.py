@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 
@@ -69,7 +70,7 @@ def queue_stats(ctx, device, device_opt, abi, watch, interval, count, timeout, j
                         sys.stdout.write("\x1b[H\x1b[2J")
                     elif n > 1:
                         sys.stdout.write("\n")
-                    out.emit(result, lambda: _text(result, n if watch else None))
+                    out.emit(result, functools.partial(_text, result, n if watch else None))
                 if samples is not None and n >= samples:
                     break
                 time.sleep(interval)

@@ -72,7 +72,7 @@ IMPLEMENTED_FEATURES: dict[int, frozenset[int]] = {
             cat.BLK_F_DISCARD,
             cat.BLK_F_WRITE_ZEROES,
         }
-    ),  # fmt: skip
+    ),
     cat.DEVICE_ID_CONSOLE: frozenset({cat.CONSOLE_F_SIZE}),
     cat.DEVICE_ID_RNG: frozenset(),
 }
@@ -80,4 +80,6 @@ IMPLEMENTED_FEATURES: dict[int, frozenset[int]] = {
 
 def implemented_features(device_id: int | None) -> frozenset[int]:
     """The device-class bits l4vctl's driver implements (none for classes it has no driver for)."""
+    if device_id is None:
+        return frozenset()
     return IMPLEMENTED_FEATURES.get(device_id, frozenset())

@@ -9,6 +9,7 @@ from l4vctl.drivers.buffers import BufferPool
 
 if TYPE_CHECKING:
     from l4vctl.session import Session
+    from l4vctl.virtqueue import Virtqueue
 
 
 class Driver:
@@ -37,8 +38,9 @@ class Driver:
         at most); every receive buffer is posted to the device at once.
         """
         session = self.session
-        self.rx = session.virtqueue(rx)
-        self.tx = session.virtqueue(tx)
+        # each request's token is the index of its buffer in the queue's pool
+        self.rx: Virtqueue[int] = session.virtqueue(rx)
+        self.tx: Virtqueue[int] = session.virtqueue(tx)
         n = max(1, min(buffers, self.rx.num, self.tx.num))
         self.rx_pool = BufferPool(session, n, size, f"l4vctl-{name}-rx")
         self.tx_pool = BufferPool(session, n, size, f"l4vctl-{name}-tx")

@@ -22,6 +22,7 @@ from l4vctl.formats.fast import codec
 
 if TYPE_CHECKING:
     from l4vctl.session import Session
+    from l4vctl.virtqueue import Virtqueue
 
 _HDR = codec("l4virtio_block_header_t").struct
 _SEG = codec("virtio_blk_discard_write_zeroes").struct
@@ -74,7 +75,8 @@ class BlkDriver(Driver):
         max_io = max(SECTOR, max_io // SECTOR * SECTOR)
         self.max_io = max_io
         self.segments = segments
-        self.vq = vq = session.virtqueue(queue)
+        self.vq: Virtqueue[Slot] = session.virtqueue(queue)
+        vq = self.vq
         if indirect and not vq.indirect:
             raise UsageError("indirect descriptors were asked for but VIRTIO_F_INDIRECT_DESC is not negotiated")
         self.indirect = vq.indirect if indirect is None else indirect
@@ -91,7 +93,7 @@ class BlkDriver(Driver):
                 addr + i * self.ctrl_size,
                 mem[data0 + i * max_io : data0 + (i + 1) * max_io],
                 addr + data0 + i * max_io,
-            )  # fmt: skip
+            )
             for i in range(self.depth)
         ]
         self.free = list(reversed(self.slots))
@@ -123,6 +125,7 @@ class BlkDriver(Driver):
             self.vq.add(bufs, slot)
 
     def kick(self) -> None:
+        """Publish the requests submitted so far and notify the device if it wants."""
         self.vq.kick()
 
     def wait(self, timeout: float | None = None) -> list[Slot]:
@@ -139,6 +142,7 @@ class BlkDriver(Driver):
         """Raise BlkIOError unless the request succeeded."""
         if slot.status == cat.BLK_S_OK:
             return
+        assert slot.status is not None, "check() of a request that has not completed"
         what = cat.BLK_REQUEST_TYPES.get(slot.type, str(slot.type))
         name = cat.BLK_STATUS.get(slot.status, f"status {slot.status:#x}")
         where = f" at sector {slot.sector} ({slot.nbytes} bytes)" if slot.type in (cat.BLK_T_IN, cat.BLK_T_OUT) else ""
@@ -225,9 +229,11 @@ class BlkDriver(Driver):
         self._run(jobs(), progress)
 
     def flush(self) -> None:
+        """Flush the device's write cache (VIRTIO_BLK_T_FLUSH); BlkIOError if it refuses."""
         self._run([(cat.BLK_T_FLUSH, 0, 0, None, None)])
 
     def get_id(self) -> str:
+        """The device's id string (VIRTIO_BLK_T_GET_ID), up to its first NUL byte."""
         result = {}
 
         def grab(slot):
@@ -244,7 +250,9 @@ class BlkDriver(Driver):
         self._run([(rtype, 0, _SEG.size, fill, None)])
 
     def discard(self, sector: int, count: int) -> None:
+        """Discard ``count`` sectors from ``sector`` on (one VIRTIO_BLK_T_DISCARD segment)."""
         self._ranges(cat.BLK_T_DISCARD, sector, count)
 
     def write_zeroes(self, sector: int, count: int) -> None:
+        """Zero ``count`` sectors from ``sector`` on (one VIRTIO_BLK_T_WRITE_ZEROES segment)."""
         self._ranges(cat.BLK_T_WRITE_ZEROES, sector, count)

@@ -14,7 +14,9 @@ class BufferPool:
         self.free = list(range(count - 1, -1, -1))
 
     def take(self) -> int:
+        """Index of a free buffer, now in use (IndexError if none is free)."""
         return self.free.pop()
 
     def give(self, index: int) -> None:
+        """Return buffer ``index`` to the free ones."""
         self.free.append(index)

@@ -26,7 +26,9 @@ class ConsoleDriver(Driver):
 
     def fileno(self) -> int:
         """The driver IRQ: readable when the device has something for us."""
-        return self.session.driver_irq.fd
+        irq = self.session.driver_irq
+        assert irq is not None, "a driver runs on an attached session"
+        return irq.fd
 
     def send(self, data: bytes) -> None:
         """Transmit all of ``data`` (waits until the device has taken it)."""

@@ -47,6 +47,7 @@ class NetDriver(Driver):
         self._open_duplex(RX, TX, buffers, BUFFER, "net")
 
     def send(self, frame: bytes) -> None:
+        """Transmit one frame (waits for a free buffer); UsageError if it is larger than ``max_frame``."""
         if len(frame) > self.max_frame:
             limit = "the device's MTU" if self.max_frame < BUFFER - HDR else "the buffer size"
             raise UsageError(f"a frame of {len(frame)} bytes is larger than {self.max_frame} ({limit})")
@@ -92,10 +93,12 @@ class NetDriver(Driver):
 
 
 def frame(dst: bytes, src: bytes, ethertype: int, payload: bytes) -> bytes:
+    """An Ethernet frame: destination, source, ethertype (big-endian), payload."""
     return dst + src + ethertype.to_bytes(2, "big") + payload
 
 
 def parse_frame(data: bytes) -> dict:
+    """dst, src, type and payload of a frame; a frame shorter than its header is all payload."""
     if len(data) < 14:
         return {"dst": None, "src": None, "type": None, "payload": data}
     return {"dst": data[0:6], "src": data[6:12], "type": int.from_bytes(data[12:14], "big"), "payload": data[14:]}

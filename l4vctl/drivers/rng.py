@@ -10,6 +10,7 @@ from l4vctl.errors import ProtocolError, UsageError
 
 if TYPE_CHECKING:
     from l4vctl.session import Session
+    from l4vctl.virtqueue import Virtqueue
 
 
 class RngDriver(Driver):
@@ -19,7 +20,8 @@ class RngDriver(Driver):
 
     def __init__(self, session: Session, *, chunk: int = 4096, depth: int = 8) -> None:
         super().__init__(session)
-        self.vq = session.virtqueue(0)
+        # each request's token: (buffer index, bytes asked for)
+        self.vq: Virtqueue[tuple[int, int]] = session.virtqueue(0)
         self.depth = max(1, min(depth, self.vq.num))
         self.pool = BufferPool(session, self.depth, chunk, "l4vctl-rng-buffers")
 

@@ -129,9 +129,9 @@ class VhostChannel(Channel):
         config: dict[str, Any] = {}
         if kind and client.has_protocol(cat.VHOST_USER_PROTOCOL_F_CONFIG):
             body = client.call(cat.VHOST_USER_GET_CONFIG, vu.config_request(config_size))
-            raw = body[vu.CONFIG_HDR.size :].ljust(64, b"\0")
+            cfg_bytes = body[vu.CONFIG_HDR.size :].ljust(64, b"\0")
             dc = codec(device_config_key(kind, "current"))
-            config = dc.unpack(raw[: dc.size].ljust(dc.size, b"\0"))
+            config = dc.unpack(cfg_bytes[: dc.size].ljust(dc.size, b"\0"))
             for name in ("unused0", "unused1"):
                 config.pop(name, None)
         # vhost-user's own bits are not device features: protocol features (30), dirty logging (26)
@@ -203,7 +203,8 @@ class VhostUserBackend(Backend):
             self.synthesized = (
                 "config page synthesised from the vhost-user back-end (GET_FEATURES, GET_QUEUE_NUM); "
                 f"device type {UNKNOWN_DEVICE}: device id 0 on the page, no device config, no device I/O "
-                "(add ?type=blk if it is a block device); no status handshake on the wire: l4vctl keeps the status itself"
+                "(add ?type=blk if it is a block device); "
+                "no status handshake on the wire: l4vctl keeps the status itself"
             )
 
     def connect(self, role: str = "driver", timeout: float = 5.0) -> VhostChannel:

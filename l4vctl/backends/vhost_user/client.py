@@ -128,11 +128,13 @@ class VhostUserClient:
         flags = cat.VHOST_USER_VERSION | (cat.VHOST_USER_FLAG_NEED_REPLY if ack else 0)
         data = _HEADER.pack(request, flags, len(payload)) + payload
         name = request_name(request)
+        sock = self.sock
+        assert sock is not None, "a closed connection sends nothing"
         try:
             if fds:
-                wire.send(self.sock, data, fds)
+                wire.send(sock, data, fds)
             else:
-                self.sock.sendall(data)
+                sock.sendall(data)
         except OSError:
             raise self._dead(f"before {name}") from None
         if not (reply or ack):
@@ -156,16 +158,18 @@ class VhostUserClient:
         return U64.unpack_from(self.call(request).ljust(U64.size, b"\0"))[0]
 
     def _recv_exact(self, n: int, name: str, deadline: float) -> bytes:
+        sock = self.sock
+        assert sock is not None, "a closed connection receives nothing"
         out = bytearray()
         while len(out) < n:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+            if left <= 0 or not select.select([sock], [], [], left)[0]:
                 raise TimeoutExpired(
                     f"{self.path}: no answer to {name} within {self.timeout:g} s "
                     "(qemu-storage-daemon serves one front-end at a time: is another one connected?)"
                 )
             try:
-                chunk = self.sock.recv(n - len(out))
+                chunk = sock.recv(n - len(out))
             except OSError:
                 chunk = b""
             if not chunk:
