@@ -421,9 +421,24 @@ class Session:
         return self._live().lend(size, name)
 
     def alloc(self, size: int, name: str = "l4vctl-buffers") -> tuple[memoryview, int]:
-        """Shared memory lent to the device: a mapping and its device address."""
+        """Shared memory lent to the device: a mapping and its device address.
+
+        Memory that is not mapped here (a remote backend) comes back as a
+        local shadow; the virtqueues move request bytes between the two when
+        the device may look at them.
+        """
         memory, addr = self._lend(size, name)
-        return memory.view(), addr
+        view = memory.view()
+        if view is not None:
+            return view, addr
+        queues = self._queues
+        if queues is None:
+            raise UsageError("memory that is not mapped here can be lent only after the queues are set up")
+        if queues.shadow is None:
+            from l4vctl._session.shadow import ShadowSpace
+
+            queues.shadow = ShadowSpace()
+        return queues.shadow.add(addr, memory), addr
 
     def virtqueue(self, index: int) -> Virtqueue:
         """The driver-side virtqueue of a configured queue."""

@@ -15,13 +15,16 @@ from __future__ import annotations
 import select
 import time
 from collections.abc import Sequence
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from l4vctl import catalog as cat
 from l4vctl.barrier import full_barrier
 from l4vctl.errors import ProtocolError, TimeoutExpired
 from l4vctl.formats.fast import SplitRingViews
 from l4vctl.formats.fast import ring as ring_geometry
+
+if TYPE_CHECKING:
+    from l4vctl._session.shadow import ShadowSpace
 
 _DESC = ring_geometry().desc.struct  # packs in Descriptor field order
 DESC_SIZE = _DESC.size
@@ -80,7 +83,8 @@ class Virtqueue(Generic[T]):
     """
 
     def __init__(self, memory: memoryview, num: int, *, kick_irq, irq, event_idx: bool, indirect: bool,
-                 index: int = 0, check=None, watch: int | None = None):  # fmt: skip
+                 index: int = 0, check=None, watch: int | None = None, dma: ShadowSpace | None = None,
+                 ring_addrs: tuple[int, int, int] = (0, 0, 0)):  # fmt: skip
         lay = ring_geometry().simple_layout(num)
         self.index = index
         self.num = num
@@ -115,6 +119,33 @@ class Virtqueue(Generic[T]):
         self.kicked_idx = self.avail_idx
         self.kicks = 0
         self.in_flight = 0
+        # memory that is not mapped here: ``memory`` is a shadow, synced through ``dma`` (see _session.shadow)
+        self._dma = dma
+        if dma is not None:
+            self._dma_setup(num, *ring_addrs)
+
+    def _dma_setup(self, num: int, desc: int, avail: int, used: int) -> None:
+        """The ranges (device addresses) that move between the shadow and the memory, from the ring schema."""
+        g = ring_geometry()
+        offs = g.offsets(num)
+        idx, ring = offs["avail.idx"], offs["avail.ring"]
+        flags = (avail, idx)  # avail.flags
+        rest = (avail + ring, g.avail_size(num) - ring)  # avail.ring and used_event
+        self._ring_push = [(desc, g.desc_size(num)), flags, rest]
+        self._idx_push = [(avail + idx, ring - idx)]  # avail.idx, last
+        self._hdr_push = [flags, (avail + offs["avail.used_event"], g.avail_size(num) - offs["avail.used_event"])]
+        self._used_pull = [(used, g.used_size(num))]
+        self._bufs: list[Sequence[tuple[int, int, bool]] | None] = [None] * num
+        self._to_push: list[tuple[int, int]] = []
+        self._to_pull: list[tuple[int, int]] = []
+
+    def _note(self, head: int, bufs: Sequence[tuple[int, int, bool]], table: tuple[int, int] | None = None) -> None:
+        """Remember a request's buffers: the device-readable ones go out with the next kick."""
+        self._bufs[head] = bufs
+        push = self._to_push
+        if table is not None:
+            push.append(table)
+        push.extend((addr, length) for addr, length, write in bufs if not write)
 
     # -- submitting -------------------------------------------------------------------
 
@@ -134,7 +165,10 @@ class Virtqueue(Generic[T]):
                 pack(table, descs[i] * DESC_SIZE, addr, length, flags | NEXT, descs[i + 1])
             else:
                 pack(table, descs[i] * DESC_SIZE, addr, length, flags, 0)
-        return self._offer(descs, token)
+        head = self._offer(descs, token)
+        if self._dma is not None:
+            self._note(head, bufs)
+        return head
 
     def add_indirect(
         self, table_view: memoryview, table_addr: int, bufs: Sequence[tuple[int, int, bool]], token: T
@@ -154,7 +188,10 @@ class Virtqueue(Generic[T]):
                 pack(table_view, i * DESC_SIZE, addr, length, flags, 0)
         d = self.free.pop()
         pack(self.desc, d * DESC_SIZE, table_addr, n * DESC_SIZE, INDIRECT, 0)
-        return self._offer([d], token)
+        head = self._offer([d], token)
+        if self._dma is not None:
+            self._note(head, bufs, (table_addr, n * DESC_SIZE))
+        return head
 
     def _offer(self, descs: list[int], token: T) -> int:
         head = descs[0]
@@ -173,6 +210,12 @@ class Virtqueue(Generic[T]):
         if new == old:
             return False
         self.kicked_idx = new
+        dma = self._dma
+        if dma is not None:
+            # request data, then descriptors and ring, then the index; then what the device wishes
+            dma.push(self._to_push + self._ring_push + self._idx_push)
+            self._to_push = []
+            dma.pull(self._used_pull)
         full_barrier()  # avail.idx is visible before the device's wish is read
         if self.event_idx:
             wanted = need_event(self.avail_event[0], new, old)
@@ -187,6 +230,9 @@ class Virtqueue(Generic[T]):
 
     def reap(self) -> list[tuple[T, int]]:
         """Completed requests as ``(token, bytes written)``, oldest first."""
+        dma = self._dma
+        if dma is not None:
+            dma.pull(self._used_pull)
         used_idx = self._used_idx[0]
         last = self.last_used
         if used_idx == last:
@@ -213,11 +259,20 @@ class Virtqueue(Generic[T]):
             tokens[head] = None
             free.extend(chain)
             chains[head] = None
+            if dma is not None:
+                written = self._bufs[head] or ()
+                self._bufs[head] = None
+                self._to_pull.extend((addr, length) for addr, length, write in written if write)
             last = (last + 1) & 0xFFFF
         self.last_used = last
         self.in_flight -= len(out)
+        if dma is not None and self._to_pull:
+            dma.pull(self._to_pull)  # what the device wrote, before the driver looks at it
+            self._to_pull = []
         if self.event_idx:
             self._used_event[0] = last  # interrupt at the next completion
+            if dma is not None:
+                dma.push(self._hdr_push)
         return out
 
     def interrupts(self, on: bool) -> None:
@@ -226,6 +281,8 @@ class Virtqueue(Generic[T]):
             self._used_event[0] = self.last_used if on else (self.last_used + 0x7FFF) & 0xFFFF
         else:
             self._avail_flags[0] = 0 if on else cat.VRING_AVAIL_F_NO_INTERRUPT
+        if self._dma is not None:
+            self._dma.push(self._hdr_push)
 
     def wait(self, timeout: float) -> list[tuple[T, int]]:
         """At least one completion, polling briefly and then sleeping on the IRQ."""
@@ -233,7 +290,8 @@ class Virtqueue(Generic[T]):
         if done:
             return done
         start = time.perf_counter()
-        spin_until = start + COMPLETION_SPIN
+        # polling a shadow is pointless: it changes only when reap() pulls
+        spin_until = start + (COMPLETION_SPIN if self._dma is None else 0.0)
         deadline = start + timeout
         used_idx = self._used_idx
         last = self.last_used

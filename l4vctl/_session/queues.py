@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from l4vctl._session.attachment import Attachment
     from l4vctl._session.negotiation import Negotiation
     from l4vctl._session.pageview import PageView
+    from l4vctl._session.shadow import ShadowSpace
     from l4vctl.backends.base import Memory
     from l4vctl.caps import Irq
     from l4vctl.virtqueue import Virtqueue
@@ -43,6 +44,23 @@ class QueueSetup:
         }  # fmt: skip
 
 
+def _page_stores(view: PageView) -> Callable[[int, int, int], None]:
+    """A function storing a 16- or 64-bit field of the page with one store (or one write where it is not mapped)."""
+    if view.page is None:
+        memory = view.memory
+
+        def write(offset: int, size: int, value: int) -> None:
+            memory.write([(offset, value.to_bytes(size, "little"))])
+
+        return write
+    typed = {2: view.cast("H"), 8: view.cast("Q")}
+
+    def store(offset: int, size: int, value: int) -> None:
+        typed[size][offset // size] = value
+
+    return store
+
+
 class QueueSet:
     """Every queue of one handshake, the ring memory they share and their virtqueues."""
 
@@ -52,6 +70,9 @@ class QueueSet:
         self.ring_memory: memoryview | None = None
         self._rings: tuple[Memory, int, int] | None = None  # (memory, device address, size) of the rings
         self._vqs: dict[int, Virtqueue] = {}
+        #: where memory that is not mapped here is shadowed (set by the session when it needs one)
+        self.shadow: ShadowSpace | None = None
+        self._shadowed = False  # the rings live in ``shadow``
 
     def setup(self, view: PageView, link: Attachment, neg: Negotiation, queue_size: int | None,
               lend: Callable[[int, str], tuple[Memory, int]]) -> list[QueueSetup]:  # fmt: skip
@@ -64,8 +85,9 @@ class QueueSet:
         qc = pg.queue_codec(self.stride)
         plan = []
         total = 0
+        page = view.page if view.page is not None else view.snapshot()
         for i in range(n):
-            entry = qc.unpack(view.page, qoff + i * self.stride)
+            entry = qc.unpack(page, qoff + i * self.stride)
             num_max = entry["num_max"]
             if num_max == 0:
                 raise ProtocolError(f"queue {i}: num_max is 0")
@@ -81,24 +103,32 @@ class QueueSet:
             # a new handshake on the same session reuses its registered ring memory
             memory, ring_base, _size = self._rings
             memory.write([(0, bytes(total))])
+            if self._shadowed:
+                assert self.ring_memory is not None
+                self.ring_memory[:total] = bytes(total)
         else:
             memory, ring_base = lend(total, "l4vctl-rings")
             self._rings = (memory, ring_base, total)
-        self.ring_memory = memory.view()
-        w16 = view.cast("H")
-        w64 = view.cast("Q")
+            local = memory.view()
+            self._shadowed = local is None
+            if local is None:
+                if self.shadow is None:
+                    from l4vctl._session.shadow import ShadowSpace
+
+                    self.shadow = ShadowSpace()
+                local = self.shadow.add(ring_base, memory)
+            self.ring_memory = local
+        store = _page_stores(view)
         self.queues = []
         for i, num, offset, layout in plan:
             base = ring_base + offset
             q = QueueSetup(i, num, base + layout["desc"], base + layout["avail"], base + layout["used"], offset)
             entry = qoff + i * self.stride
             f = qc.fields
-            w16[(entry + f["num"][0]) >> 1] = num
-            w16[(entry + f["driver_notify_index"][0]) >> 1] = 0
-            w64[(entry + f["desc_addr"][0]) >> 3] = q.desc
-            w64[(entry + f["avail_addr"][0]) >> 3] = q.avail
-            w64[(entry + f["used_addr"][0]) >> 3] = q.used
-            w16[(entry + f["ready"][0]) >> 1] = 1
+            for name, value in (("num", num), ("driver_notify_index", 0), ("desc_addr", q.desc),
+                                ("avail_addr", q.avail), ("used_addr", q.used), ("ready", 1)):  # fmt: skip
+                off, size = f[name][0], f[name][1]
+                store(entry + off, size, value)
             if neg.mode == "cmd":
                 neg.send_cmd(view, link, cat.cmd_word(cat.CMD_CFG_QUEUE, i))
                 q.accepted = None  # cmd mode reports nothing
@@ -137,6 +167,8 @@ class QueueSet:
             index=index,
             check=check,
             watch=link.watch_fd(),
+            dma=self.shadow if self._shadowed else None,
+            ring_addrs=(setup.desc, setup.avail, setup.used),
         )
         self._vqs[index] = vq
         return vq
@@ -147,7 +179,8 @@ class QueueSet:
         L4Re devices use index 0 for everything (the IRQ fetched at attach);
         a device may give each queue an IRQ of its own.
         """
-        entry = pg.queue_codec(self.stride).unpack(view.page, view.get("queues_offset") + queue * self.stride)
+        page = view.page if view.page is not None else view.snapshot()
+        entry = pg.queue_codec(self.stride).unpack(page, view.get("queues_offset") + queue * self.stride)
         index = entry["device_notify_index"]
         if index == view.get("cfg_device_notify_index"):
             assert link.device_irq is not None

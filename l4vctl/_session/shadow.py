@@ -1,0 +1,70 @@
+"""Local copies of driver memory that is not mapped in this process.
+
+A backend whose memory lives elsewhere (across a link to another machine)
+serves it only as ranges (:class:`~l4vctl.backends.base.Memory` ``read`` and
+``write``).  The session then gives drivers and virtqueues a local shadow of
+each lent region, and the virtqueue moves bytes at the two moments the
+device may look at them, as DMA-syncing drivers do: what the device will read
+is pushed before the kick, what it wrote is pulled when its request completes.
+Each push or pull is one batched round trip per region.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from l4vctl.backends.base import Memory
+from l4vctl.errors import ProtocolError
+
+
+class _Region:
+    __slots__ = ("base", "end", "memory", "shadow")
+
+    def __init__(self, base: int, memory: Memory, shadow: bytearray):
+        self.base = base
+        self.end = base + len(shadow)
+        self.memory = memory
+        self.shadow = shadow
+
+
+class ShadowSpace:
+    """Device addresses of lent regions that are shadowed here, and the syncing of their bytes."""
+
+    def __init__(self) -> None:
+        self.regions: list[_Region] = []
+        self.pushes = 0  # round trips, for tests and statistics
+        self.pulls = 0
+
+    def add(self, base: int, memory: Memory) -> memoryview:
+        """Shadow ``memory`` (lent at device address ``base``); returns the local copy to work in."""
+        shadow = bytearray(memory.size)
+        self.regions.append(_Region(base, memory, shadow))
+        return memoryview(shadow)
+
+    def _find(self, addr: int, length: int) -> _Region:
+        for r in self.regions:
+            if r.base <= addr and addr + length <= r.end:
+                return r
+        raise ProtocolError(f"device address {addr:#x}+{length:#x} is not in any lent region")
+
+    def _group(self, ranges: Iterable[tuple[int, int]]) -> dict[int, tuple[_Region, list[tuple[int, int]]]]:
+        groups: dict[int, tuple[_Region, list[tuple[int, int]]]] = {}
+        for addr, length in ranges:
+            if length <= 0:
+                continue
+            r = self._find(addr, length)
+            groups.setdefault(id(r), (r, []))[1].append((addr - r.base, length))
+        return groups
+
+    def push(self, ranges: Iterable[tuple[int, int]]) -> None:
+        """Write the shadow bytes of every ``(device address, length)`` range, in order, to the memory."""
+        for r, items in self._group(ranges).values():
+            r.memory.write([(off, bytes(r.shadow[off : off + n])) for off, n in items])
+            self.pushes += 1
+
+    def pull(self, ranges: Iterable[tuple[int, int]]) -> None:
+        """Read every ``(device address, length)`` range from the memory into the shadow."""
+        for r, items in self._group(ranges).values():
+            for (off, n), data in zip(items, r.memory.read(items), strict=True):
+                r.shadow[off : off + n] = data
+            self.pulls += 1
