@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import select
 import socket
-import struct
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -16,6 +15,7 @@ from l4vctl import wire
 from l4vctl.backends import connect_unix
 from l4vctl.backends.base import Backend, Channel, Response
 from l4vctl.errors import ProtocolError, TimeoutExpired, UnavailableError
+from l4vctl.formats.fast import codec
 
 if TYPE_CHECKING:
     from l4vctl.wire import Cap
@@ -50,8 +50,8 @@ def set_send_timeout(sock: socket.socket, seconds: float) -> None:
     """Blocking sends on ``sock`` give up with EAGAIN after ``seconds`` (receives are unaffected)."""
     seconds = max(seconds, 0.001)
     whole = int(seconds)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
-                    struct.pack("@ll", whole, int((seconds - whole) * 1e6)))  # fmt: skip
+    timeval = codec("timeval").pack({"tv_sec": whole, "tv_usec": int((seconds - whole) * 1e6)})
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
 
 class TooManyClients(UnavailableError):

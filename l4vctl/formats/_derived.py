@@ -275,7 +275,8 @@ LAYOUTS = {'l4virtio_config_hdr_t@classic': (('magic', 'L', None, None),
                               ('mmap_offset', 'Q', None, None)),
  'vhost_user_config_hdr': (('offset', 'L', None, None),
                            ('size', 'L', None, None),
-                           ('flags', 'L', None, None))}
+                           ('flags', 'L', None, None)),
+ 'timeval': (('tv_sec', 'q', None, None), ('tv_usec', 'q', None, None))}
 
 DEVICE_CONFIG_KEYS = {'net': {'classic': 'l4virtio_net_config_t', 'current': 'l4virtio_net_config_t'},
  'blk': {'classic': 'l4virtio_block_config_t@classic',
