@@ -834,6 +834,16 @@ L4VCTL_PROTO_MONITOR = 0x4C56  # "LV"
 MONITOR_OP_STATS = 0
 
 MAX_FRAME = 65536
+
+# -- remote profile: the link layer (a byte stream, see docs/wire-protocol.md) --------------
+#: The two bytes that open every link frame (A5 5A on the line).
+LINK_SYNC = 0x5AA5
+LINK_VERSION = 1
+#: Payload types of link frames.
+LINK_T_WIRE = 1  # the payload is one wire frame (same layout as the fd profile's)
+LINK_TYPES = {LINK_T_WIRE: "wire"}
+#: Largest payload a link frame may carry (a whole wire frame).
+LINK_MAX_PAYLOAD = MAX_FRAME
 MAX_WORDS = 256
 MAX_CAPS = 8
 

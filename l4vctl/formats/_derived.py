@@ -276,7 +276,13 @@ LAYOUTS = {'l4virtio_config_hdr_t@classic': (('magic', 'L', None, None),
  'vhost_user_config_hdr': (('offset', 'L', None, None),
                            ('size', 'L', None, None),
                            ('flags', 'L', None, None)),
- 'timeval': (('tv_sec', 'q', None, None), ('tv_usec', 'q', None, None))}
+ 'timeval': (('tv_sec', 'q', None, None), ('tv_usec', 'q', None, None)),
+ 'link_header': (('sync', 'H', None, None),
+                 ('type', 'B', None, None),
+                 ('version', 'B', None, None),
+                 ('length', 'L', None, None),
+                 ('payload_crc', 'L', None, None),
+                 ('header_check', 'H', None, None))}
 
 DEVICE_CONFIG_KEYS = {'net': {'classic': 'l4virtio_net_config_t', 'current': 'l4virtio_net_config_t'},
  'blk': {'classic': 'l4virtio_block_config_t@classic',
