@@ -343,3 +343,18 @@ def test_probe_of_an_unknown_back_end_sends_no_get_config(fake_back_end):
     fake_back_end.requests.clear()
     assert ok("probe", f"{url}?type=blk")["device"]["id"] == 2
     assert 24 in fake_back_end.requests  # with ?type=blk the block config is asked for, as before
+
+
+def test_embedded_emulator_does_not_hold_a_vhost_user_connection(tmp_path):
+    """A forked emu: child must not keep the parent's vhost-user connection open."""
+    qsd = StorageDaemon(tmp_path)
+    try:
+        first = Session(qsd.url, timeout=5)
+        first.open()
+        with Session("emu:rng") as embedded:  # forked while `first` is connected
+            first.close()  # the back-end serves one front-end: it must see this one leave now
+            with Session(qsd.url, timeout=5) as again:
+                assert again.get("device") == 2
+            assert embedded.get("device") == 4
+    finally:
+        qsd.stop()

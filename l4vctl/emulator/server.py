@@ -159,14 +159,17 @@ class Server:
 
     def close(self) -> None:
         """Drop every client, close the listener, remove the socket file this server made."""
-        for client in list(self.clients.values()):
-            self._drop(client, "emulator shutting down")
-        if self.listener is not None:
-            self.selector.unregister(self.listener)
-            self.listener.close()
-            self.listener = None
-        if self.path:
-            remove_socket(self.path, self.socket_id)
+        try:
+            for client in list(self.clients.values()):
+                self._drop(client, "emulator shutting down")
+            if self.listener is not None:
+                if not self._accept_paused_until:  # a pause has unregistered it already
+                    self.selector.unregister(self.listener)
+                self.listener.close()
+                self.listener = None
+        finally:
+            if self.path:
+                remove_socket(self.path, self.socket_id)
         self.selector.close()
         for fd in (self._wake_r, self._wake_w, self._reserve_fd):
             if fd >= 0:
@@ -197,6 +200,8 @@ class Server:
     def _kicked(self) -> None:
         if self.device.kick_irq.drain():
             self.device.kicked()
+            if self.idle_timeout and self.driver is not None:
+                self.driver.last = time.monotonic()  # a driver doing ring I/O is not idle
         self._poll()
 
     def _poll(self) -> None:
@@ -256,6 +261,8 @@ class Server:
                 self._warn_once("accept", "accept failed: %s", exc.strerror or exc)
                 return
             self._add_client(conn)
+            if self._accept_paused_until:
+                return
 
     def _out_of_fds(self, exc: OSError) -> None:
         """No descriptor left for a new connection: refuse it instead of ending or spinning."""
@@ -288,9 +295,9 @@ class Server:
         refused = len(self.clients) >= self.max_clients
         if refused:
             if sum(1 for c in self.clients.values() if c.refused) >= MAX_REFUSED:
-                self._warn_once("cap", "too many connections (%d): closing a new one", len(self.clients))
-                conn.close()
-                return
+                # enough refusals in flight: the rest wait in the listen queue until these are answered
+                self._warn_once("cap", "too many connections (%d): new ones wait", len(self.clients))
+                self._pause_accept(0.05)
             self._warn_once("cap", "%d connections, the maximum: refusing new ones with -L4_EAGAIN",
                             self.max_clients)  # fmt: skip
         conn.setblocking(False)
@@ -321,6 +328,8 @@ class Server:
         """Drop clients past their deadlines; resume accepting after a pause."""
         now = time.monotonic()
         self._next_sweep = now + self._sweep_every
+        if self._reserve_fd < 0:
+            self._reserve_fd = _reserve_fd()
         if self._accept_paused_until and now >= self._accept_paused_until:
             self._accept_paused_until = 0.0
             if self.listener is not None:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from l4vctl import catalog as cat
 from l4vctl import wire
 from l4vctl.backends import connect_unix
+from l4vctl.backends.unix import OPEN_CHANNELS
 from l4vctl.errors import ProtocolError, TimeoutExpired, UnavailableError
 from l4vctl.formats.fast import codec
 
@@ -84,10 +85,12 @@ class VhostUserClient:
         self.timeout = timeout
         self.protocol = 0  # protocol features agreed on
         self.sock: socket.socket | None = connect_unix(path, socket.SOCK_STREAM, timeout, "the vhost-user back-end")
+        OPEN_CHANNELS.add(self.sock)  # a forked emulator must not keep the back-end's connection alive
 
     def close(self) -> None:
         """Close the connection."""
         if self.sock is not None:
+            OPEN_CHANNELS.discard(self.sock)
             self.sock.close()
             self.sock = None
 
