@@ -437,7 +437,8 @@ def test_a_crowd_past_the_cap_waits_instead_of_being_reset(tmp_path):
 
         def one():
             try:
-                with Session(url, role="monitor", timeout=10) as s:
+                # one slot for 80 clients: on one busy CPU the last may need a few seconds
+                with Session(url, role="monitor", timeout=30) as s:
                     done.append(s.get("device"))
             except BaseException as exc:
                 errors.append(exc)
@@ -450,7 +451,7 @@ def test_a_crowd_past_the_cap_waits_instead_of_being_reset(tmp_path):
         finally:
             holder.close()
         for t in threads:
-            t.join(30)
+            t.join(60)
         assert errors == [] and done == [2] * 80
 
 

@@ -132,6 +132,8 @@ class Server:
         """Serve until stopped (a signal, :meth:`stop`, or the one connection closing)."""
         while self.running:
             timeout = self._sweep_every if (self.clients or self._accept_paused_until) else None
+            if self._accept_paused_until:  # wake up when accepting resumes, not a sweep later
+                timeout = max(0.0, min(self._sweep_every, self._accept_paused_until - time.monotonic()))
             for key, events in self.selector.select(timeout):
                 what = key.data
                 if what == "kick":
