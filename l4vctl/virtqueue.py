@@ -22,6 +22,7 @@ from l4vctl.barrier import full_barrier
 from l4vctl.errors import ProtocolError, TimeoutExpired
 from l4vctl.formats.fast import SplitRingViews
 from l4vctl.formats.fast import ring as ring_geometry
+from l4vctl.wire import HANGUP
 
 if TYPE_CHECKING:
     from l4vctl._session.shadow import ShadowSpace
@@ -35,8 +36,6 @@ INDIRECT = cat.VRING_DESC_F_INDIRECT
 COMPLETION_SPIN = 100e-6
 #: Longest sleep on the IRQ before the device's status is looked at again.
 SLEEP_SLICE = 0.05
-#: poll() events on the device connection that mean it went away.
-HANGUP = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
 
 #: What the driver hands in with a request and gets back with its completion.
 T = TypeVar("T")

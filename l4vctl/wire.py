@@ -25,6 +25,8 @@ HEADER_SIZE = _HDR.size
 CAP_SIZE = _CAP.size
 WORD_SIZE = _WORD.size
 MASK64 = (1 << 64) - 1
+#: poll() events on a connection that mean the peer went away (closed, reset, or half-closed).
+HANGUP = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
 _FD_SPACE = socket.CMSG_SPACE(cat.MAX_CAPS * array.array("i").itemsize)
 
 

@@ -187,7 +187,7 @@ def _hangup_poller(fd: int | None) -> Any:
         return None
     import select
 
-    from l4vctl.virtqueue import HANGUP
+    from l4vctl.wire import HANGUP
 
     p = select.poll()
     p.register(fd, HANGUP)

@@ -26,7 +26,6 @@ ROLE_CODES = {"driver": cat.ROLE_DRIVER, "monitor": cat.ROLE_MONITOR}
 #: Seconds to poll for a reply before sleeping (replies usually take tens of microseconds).
 REPLY_SPIN = 200e-6
 #: poll() events that mean the peer closed its end (POLLIN is left out: a stale reply is not a hang-up).
-HANGUP = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
 
 
 _OP_NAMES = {**cat.VIRTIO_OPCODES["classic"], **cat.VIRTIO_OPCODES["current"]}
@@ -159,8 +158,8 @@ class SocketChannel(Channel):
         if self.sock is None:
             return True
         p = select.poll()
-        p.register(self.sock, HANGUP)
-        return any(ev & HANGUP for _fd, ev in p.poll(0))
+        p.register(self.sock, wire.HANGUP)
+        return any(ev & wire.HANGUP for _fd, ev in p.poll(0))
 
     def check(self) -> None:
         """Raise UnavailableError if the device went away (called while waiting for completions)."""
