@@ -827,7 +827,8 @@ PROFILE_FD = 1  # capabilities are file descriptors passed with SCM_RIGHTS
 CAP_NONE = 0  # an item without a capability ("nothing was transferred")
 CAP_DATASPACE = 1  # shared memory (memfd)
 CAP_IRQ = 2  # a triggerable notification object (eventfd)
-CAP_TYPES = {CAP_NONE: "none", CAP_DATASPACE: "dataspace", CAP_IRQ: "irq"}
+CAP_DEVICE = 3  # remote profile: a device capability the agent holds
+CAP_TYPES = {CAP_NONE: "none", CAP_DATASPACE: "dataspace", CAP_IRQ: "irq", CAP_DEVICE: "device"}
 
 #: l4vctl's own protocol label for the emulator's monitor interface.
 L4VCTL_PROTO_MONITOR = 0x4C56  # "LV"
@@ -844,6 +845,33 @@ LINK_T_WIRE = 1  # the payload is one wire frame (same layout as the fd profile'
 LINK_TYPES = {LINK_T_WIRE: "wire"}
 #: Largest payload a link frame may carry (a whole wire frame).
 LINK_MAX_PAYLOAD = MAX_FRAME
+
+# -- remote profile: frames beyond the fd profile's four kinds --------------------------------
+PROFILE_REMOTE = 2  # capabilities are handles; memory and IRQs travel as frames
+KIND_READ = 5  # host -> agent: ranges of a dataspace; the reply carries their bytes
+KIND_WRITE = 6  # host -> agent: bytes for ranges of a dataspace
+KIND_TRIGGER = 7  # host -> agent: trigger an IRQ (no reply)
+KIND_EVENT = 8  # agent -> host: an IRQ the agent holds fired
+KIND_BYE = 9  # host -> agent: the host leaves; everything is released, devices used are reset
+REMOTE_KINDS = {5: "READ", 6: "WRITE", 7: "TRIGGER", 8: "EVENT", 9: "BYE"}
+#: Label of requests to the agent itself (target handle 0).
+L4VCTL_PROTO_AGENT = 0x4C41  # "AL"
+AGENT_OP_LIST = 0  # the device capabilities the agent was given: handles, names
+AGENT_OP_ALLOC_DS = 1  # words [size, flags]: a new dataspace (flags bit 0: physically contiguous)
+AGENT_OP_IRQ_CREATE = 2  # a new IRQ whose triggers come back as EVENT frames
+AGENT_OP_RELEASE = 3  # words: handles to release
+AGENT_OP_STATS = 4  # the agent's counters (AGENT_STATS)
+AGENT_OP_ECHO = 5  # the request's data section back (link measurements)
+AGENT_OP_RESET = 6  # release everything of this session, reset the devices used
+AGENT_OP_NOTE = 7  # words [device, value?]: read (and set) a device's scratch word
+AGENT_ALLOC_CONTIGUOUS = 1
+AGENT_STATS = (
+    "frames_in", "frames_out", "dropped", "ipc_calls", "ipc_errors", "events", "triggers",
+    "bad_triggers", "bytes_in", "bytes_out", "handles",
+)  # fmt: skip
+#: Data encodings of READ and WRITE: raw bytes, or zero-run records.
+ENC_RAW = 0
+ENC_ZERO_RUNS = 1
 MAX_WORDS = 256
 MAX_CAPS = 8
 

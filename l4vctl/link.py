@@ -126,3 +126,128 @@ class Decoder:
             out.append(LinkFrame(fields["type"], payload))
         del buf[:pos]
         return out
+
+
+# -- wire frames of the remote profile ---------------------------------------------------------
+
+
+class RemoteFrame:
+    """A wire frame of the remote profile: the fd profile's fields plus ``flags`` and a data section.
+
+    In the remote profile ``flags`` names the object a frame is about (the
+    target device of a REQUEST, the dataspace of a READ or WRITE, the IRQ of
+    a TRIGGER or EVENT; an IPC error code in a REPLY), and frames that carry
+    bytes (READ replies, WRITE, ECHO) put them after the capability items.
+    """
+
+    __slots__ = ("kind", "seq", "label", "opcode", "words", "caps", "flags", "data")
+
+    def __init__(self, kind: int, seq: int, label: int, opcode: int, words: list[int], caps: list,
+                 flags: int = 0, data: bytes = b""):  # fmt: skip
+        self.kind = kind
+        self.seq = seq
+        self.label = label
+        self.opcode = opcode
+        self.words = words
+        self.caps = caps
+        self.flags = flags
+        self.data = data
+
+    def __repr__(self) -> str:
+        name = cat.KINDS.get(self.kind) or cat.REMOTE_KINDS.get(self.kind, str(self.kind))
+        counts = f"{len(self.words)} words, {len(self.caps)} caps, {len(self.data)} data bytes"
+        return f"RemoteFrame({name}, seq={self.seq}, label={self.label}, opcode={self.opcode}, flags={self.flags:#x}, {counts})"
+
+
+def encode_frame(kind: int, seq: int, label: int, opcode: int, words=(), caps=(), flags: int = 0,
+                 data: bytes = b"") -> bytes:  # fmt: skip
+    """The bytes of a remote-profile wire frame (to be wrapped by :func:`encode`)."""
+    from l4vctl import wire
+
+    head = wire.encode(kind, seq, label, opcode, words, caps)
+    length = len(head) + len(data)
+    if length > cat.MAX_FRAME:
+        raise UsageError(f"a frame holds at most {cat.MAX_FRAME} bytes, not {length}")
+    out = bytearray(head)
+    out[8:12] = length.to_bytes(4, "little")
+    out[28:32] = (flags & 0xFFFFFFFF).to_bytes(4, "little")
+    out += data
+    return bytes(out)
+
+
+def decode_frame(payload: bytes) -> RemoteFrame:
+    """A remote-profile wire frame from a link frame's payload (``wire.WireError`` if malformed)."""
+    from l4vctl import wire
+
+    n = len(payload)
+    if n < wire.HEADER_SIZE:
+        raise wire.WireError(f"frame of {n} bytes is shorter than the {wire.HEADER_SIZE}-byte header")
+    if payload[:4] != cat.WIRE_MAGIC:
+        raise wire.WireError(f"bad frame magic {bytes(payload[:4])!r}")
+    length = int.from_bytes(payload[8:12], "little")
+    nwords = int.from_bytes(payload[24:26], "little")
+    ncaps = int.from_bytes(payload[26:28], "little")
+    need = wire.HEADER_SIZE + wire.WORD_SIZE * nwords + wire.CAP_SIZE * ncaps
+    if length != n or need > n or nwords > cat.MAX_WORDS or ncaps > cat.MAX_CAPS:
+        raise wire.WireError(f"frame of {n} bytes says length {length}, {nwords} words, {ncaps} capabilities")
+    head = bytes(payload[:8]) + need.to_bytes(4, "little") + bytes(payload[12:need])
+    f = wire.decode(head, any_version=True)
+    flags = int.from_bytes(payload[28:32], "little")
+    return RemoteFrame(f.kind, f.seq, f.label, f.opcode, list(f.words), list(f.caps), flags, bytes(payload[need:]))
+
+
+# -- zero-run encoding of memory bytes (READ replies, WRITE) -----------------------------------
+
+
+def zero_runs_encode(data: bytes | bytearray | memoryview) -> bytes:
+    """``data`` as records ``u16 zeros, u16 literal count, literal bytes``.
+
+    A literal run ends where at least 8 zero bytes start (or at 65535 bytes);
+    mostly-zero memory such as a fresh config page or ring shrinks to a
+    fraction of its size, other bytes grow by 4 per 65535.
+    """
+    src = bytes(data)
+    n = len(src)
+    out = bytearray()
+    i = 0
+    find = src.find
+    while i < n:
+        j = i
+        while j < n and src[j] == 0 and j - i < 0xFFFF:
+            j += 1
+        zeros = j - i
+        end = find(b"\0" * 8, j)
+        if end < 0:
+            end = n
+        if end - j > 0xFFFF:
+            end = j + 0xFFFF
+        # trailing zeros shorter than 8 at the very end belong to the next record's zero run
+        if end == n:
+            stripped = len(src[j:n]) - len(src[j:n].rstrip(b"\0"))
+            if stripped and j < n - stripped:
+                end = n - stripped
+        out += zeros.to_bytes(2, "little") + (end - j).to_bytes(2, "little") + src[j:end]
+        i = end
+    return bytes(out)
+
+
+def zero_runs_decode(data: bytes | bytearray | memoryview, size: int) -> bytes:
+    """The ``size`` bytes that :func:`zero_runs_encode` produced ``data`` from (ValueError if they do not add up)."""
+    src = bytes(data)
+    out = bytearray()
+    i = 0
+    n = len(src)
+    while i < n:
+        if n - i < 4:
+            raise ValueError("zero-run record cut short")
+        zeros = int.from_bytes(src[i : i + 2], "little")
+        lit = int.from_bytes(src[i + 2 : i + 4], "little")
+        i += 4
+        if lit > n - i or len(out) + zeros + lit > size:
+            raise ValueError("zero-run records overrun the expected size")
+        out += bytes(zeros)
+        out += src[i : i + lit]
+        i += lit
+    if len(out) != size:
+        raise ValueError(f"zero-run records give {len(out)} bytes, expected {size}")
+    return bytes(out)

@@ -39,7 +39,7 @@ class Attachment:
         self.device_irq: Irq | None = None
         self.queue_irqs: dict[int, Irq] = {}  # per-queue kick IRQs by notify index
         self.lent: list[Lent] = []
-        self.next_address = DEVICE_ADDRESS_BASE
+        self.next_address = getattr(channel, "device_address_base", DEVICE_ADDRESS_BASE)
 
     # -- calls ------------------------------------------------------------------------------
 
@@ -85,11 +85,24 @@ class Attachment:
         else:  # -L4_ENOSYS: a device from before DEVICE_CONFIG, which knows only REGISTER_IFACE
             self._attach_register_iface(on_page)
 
-    def _map_config(self, fd: int, size: int, offset: int, writable: bool) -> Memory:
-        map_config = getattr(self.channel, "map_config", None)
-        if map_config is None:  # a channel that does not derive from the contract: memory is local
-            return map_local(fd, size, offset, writable)
-        return map_config(fd, size, offset, writable)
+    def _config_memory(self, r: Response, index: int, offset: int, writable: bool) -> Memory:
+        hook = getattr(self.channel, "config_memory", None)
+        if hook is None:  # a channel that does not derive from the contract: memory is local
+            return map_local(r.fd(index, cat.CAP_DATASPACE), r.caps[index].size, offset, writable)
+        return hook(r, index, offset, writable)
+
+    def _adopt_irq(self, r: Response, index: int, what: str) -> Irq:
+        hook = getattr(self.channel, "adopt_irq", None)
+        if hook is None:
+            return Irq.adopt(r.fd(index, cat.CAP_IRQ), what)
+        return hook(r, index, what)
+
+    def _new_irq(self) -> tuple[Irq, Cap, list[int]]:
+        hook = getattr(self.channel, "new_irq", None)
+        if hook is None:
+            irq = Irq.create()
+            return irq, Cap(cat.CAP_IRQ, RIGHT_W, 0), [irq.fd]
+        return hook()
 
     def _attach_device_config(self, on_page: Callable[[Memory], Any], fallback: bool) -> bool:
         """Map the page DEVICE_CONFIG hands out; False if it answered -L4_ENOSYS and ``fallback``."""
@@ -104,8 +117,7 @@ class Attachment:
                 raise ProtocolError(f"DEVICE_CONFIG failed: {cat.l4_error_name(r.result)}")
             if not r.words:
                 raise ProtocolError("DEVICE_CONFIG reply carries no page offset")
-            fd = r.fd(0, cat.CAP_DATASPACE)  # raises unless capability 0 is a dataspace
-            on_page(self._map_config(fd, r.caps[0].size, r.words[0], writable=self.role == "driver"))
+            on_page(self._config_memory(r, 0, r.words[0], writable=self.role == "driver"))
         finally:
             r.close()
         self.attached_via = "config"
@@ -116,20 +128,18 @@ class Attachment:
         try:
             if r.result < 0:
                 raise ProtocolError(f"GET_DEVICE_IRQ({index}) failed: {cat.l4_error_name(r.result)}")
-            self.device_irq = Irq.adopt(r.fd(0, cat.CAP_IRQ), "device IRQ")
+            self.device_irq = self._adopt_irq(r, 0, "device IRQ")
         finally:
             r.close()
-        self.driver_irq = Irq.create()
-        r = self.call(cat.L4_PROTO_IRQ, cat.ICU_OP_BIND, [0], [Cap(cat.CAP_IRQ, RIGHT_W, 0)],
-                      [self.driver_irq.fd])  # fmt: skip
+        self.driver_irq, cap, fds = self._new_irq()
+        r = self.call(cat.L4_PROTO_IRQ, cat.ICU_OP_BIND, [0], [cap], fds)
         r.close()
         if r.result < 0:
             raise ProtocolError(f"ICU bind failed: {cat.l4_error_name(r.result)}")
 
     def _attach_register_iface(self, on_page: Callable[[Memory], Any]) -> None:
-        self.driver_irq = Irq.create()
-        r = self.call(cat.L4VIRTIO_PROTOCOL, cat.OP_REGISTER_IFACE, [], [Cap(cat.CAP_IRQ, RIGHT_W, 0)],
-                      [self.driver_irq.fd])  # fmt: skip
+        self.driver_irq, cap, fds = self._new_irq()
+        r = self.call(cat.L4VIRTIO_PROTOCOL, cat.OP_REGISTER_IFACE, [], [cap], fds)
         try:
             if r.result == -cat.L4_ENOSYS:
                 if self.attach_request == "auto":
@@ -139,9 +149,8 @@ class Attachment:
                                     "(try --attach config or auto)")  # fmt: skip
             if r.result < 0:
                 raise ProtocolError(f"REGISTER_IFACE failed: {cat.l4_error_name(r.result)}")
-            self.device_irq = Irq.adopt(r.fd(0, cat.CAP_IRQ), "device IRQ")
-            size = r.caps[1].size if len(r.caps) > 1 else 0
-            on_page(self._map_config(r.fd(1, cat.CAP_DATASPACE), size, 0, writable=True))
+            self.device_irq = self._adopt_irq(r, 0, "device IRQ")
+            on_page(self._config_memory(r, 1, 0, writable=True))
         finally:
             r.close()
         self.attached_via = "iface"
@@ -158,7 +167,7 @@ class Attachment:
                     raise ProtocolError(
                         f"GET_DEVICE_IRQ({index}) for queue {queue} failed: {cat.l4_error_name(r.result)}"
                     )
-                irq = self.queue_irqs[index] = Irq.adopt(r.fd(0, cat.CAP_IRQ), f"IRQ of queue {queue}")
+                irq = self.queue_irqs[index] = self._adopt_irq(r, 0, f"IRQ of queue {queue}")
             finally:
                 r.close()
         return irq

@@ -45,6 +45,12 @@ SCHEMES: dict[str, tuple[str, str, str, str]] = {
         "vhost-user:PATH[?type=blk]",
         "a vhost-user back-end, e.g. qemu-storage-daemon's vhost-user-blk export",
     ),
+    "l4re": (
+        "l4vctl.backends.l4re",
+        "L4reBackend",
+        "l4re:LINK?dev=NAME",
+        "a real L4-VIRTIO device in L4Re through l4vagent (LINK: unix:PATH, tcp:HOST:PORT, serial:DEV)",
+    ),
     "dump": (
         "l4vctl.backends.dump",
         "DumpBackend",

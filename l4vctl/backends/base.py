@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from l4vctl.errors import ProtocolError, UnavailableError, UsageError
 
 if TYPE_CHECKING:
-    from l4vctl.caps import Dataspace
+    from l4vctl.caps import Dataspace, Irq
     from l4vctl.wire import Cap
 
 #: A byte range of a memory: (offset, length).
@@ -243,6 +243,32 @@ class Channel(ABC):
     def map_config(self, fd: int, size: int, offset: int, writable: bool) -> Memory:
         """The config page the device handed out: ``fd`` (now owned here), ``size`` bytes, page at ``offset``."""
         return map_local(fd, size, offset, writable)
+
+    def config_memory(self, r: Response, index: int, offset: int, writable: bool) -> Memory:
+        """The config page in dataspace item ``index`` of a reply (DEVICE_CONFIG, REGISTER_IFACE)."""
+        from l4vctl import catalog as cat
+
+        fd = r.fd(index, cat.CAP_DATASPACE)  # raises unless the item is a dataspace
+        return self.map_config(fd, r.caps[index].size, offset, writable)
+
+    def adopt_irq(self, r: Response, index: int, what: str) -> Irq:
+        """The device IRQ in item ``index`` of a reply (GET_DEVICE_IRQ, REGISTER_IFACE)."""
+        from l4vctl import catalog as cat
+        from l4vctl.caps import Irq
+
+        return Irq.adopt(r.fd(index, cat.CAP_IRQ), what)
+
+    def new_irq(self) -> tuple[Irq, Cap, list[int]]:
+        """A new driver IRQ: the object, its capability item for ICU bind and the descriptors sent with it."""
+        from l4vctl import catalog as cat
+        from l4vctl.caps import RIGHT_W, Irq
+        from l4vctl.wire import Cap
+
+        irq = Irq.create()
+        return irq, Cap(cat.CAP_IRQ, RIGHT_W, 0), [irq.fd]
+
+    #: First device address the driver lends memory at (L4Re drivers start at the superpage size).
+    device_address_base = 0x200000
 
     def lend(self, size: int, name: str) -> Lent:
         """New memory for the driver to lend to the device with REGISTER_DS."""
