@@ -156,7 +156,8 @@ class RemoteFrame:
     def __repr__(self) -> str:
         name = cat.KINDS.get(self.kind) or cat.REMOTE_KINDS.get(self.kind, str(self.kind))
         counts = f"{len(self.words)} words, {len(self.caps)} caps, {len(self.data)} data bytes"
-        return f"RemoteFrame({name}, seq={self.seq}, label={self.label}, opcode={self.opcode}, flags={self.flags:#x}, {counts})"
+        head = f"seq={self.seq}, label={self.label}, opcode={self.opcode}, flags={self.flags:#x}"
+        return f"RemoteFrame({name}, {head}, {counts})"
 
 
 def encode_frame(kind: int, seq: int, label: int, opcode: int, words=(), caps=(), flags: int = 0,
