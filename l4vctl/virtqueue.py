@@ -134,6 +134,14 @@ class Virtqueue(Generic[T]):
         self._idx_push = [(avail + idx, ring - idx)]  # avail.idx, last
         self._hdr_push = [flags, (avail + offs["avail.used_event"], g.avail_size(num) - offs["avail.used_event"])]
         self._used_pull = [(used, g.used_size(num))]
+        # what a kick needs to know of the used ring: its flags (NO_NOTIFY) and avail_event
+        ring_at = offs["used.ring"]
+        self._wish_pull = [
+            (used, ring_at),
+            (used + offs["used.avail_event"], g.used_size(num) - offs["used.avail_event"]),
+        ]
+        self._used_ring_at = used + ring_at
+        self._used_elem = g.used_elem.size
         self._bufs: list[Sequence[tuple[int, int, bool]] | None] = [None] * num
         self._to_push: list[tuple[int, int]] = []
         self._to_pull: list[tuple[int, int]] = []
@@ -214,7 +222,7 @@ class Virtqueue(Generic[T]):
             # request data, then descriptors and ring, then the index; then what the device wishes
             dma.push(self._to_push + self._ring_push + self._idx_push)
             self._to_push = []
-            dma.pull(self._used_pull)
+            dma.pull(self._wish_pull)
         full_barrier()  # avail.idx is visible before the device's wish is read
         if self.event_idx:
             wanted = need_event(self.avail_event[0], new, old)
@@ -231,7 +239,7 @@ class Virtqueue(Generic[T]):
         """Completed requests as ``(token, bytes written)``, oldest first."""
         dma = self._dma
         if dma is not None:
-            dma.pull(self._used_pull)
+            dma.pull(self._new_used())
         used_idx = self._used_idx[0]
         last = self.last_used
         if used_idx == last:
@@ -261,6 +269,8 @@ class Virtqueue(Generic[T]):
             if dma is not None:
                 written = self._bufs[head] or ()
                 self._bufs[head] = None
+                # whole writable buffers: devices do not all report the bytes they wrote
+                # (a block server may say 0 and still have written data and status)
                 self._to_pull.extend((addr, length) for addr, length, write in written if write)
             last = (last + 1) & 0xFFFF
         self.last_used = last
@@ -272,6 +282,18 @@ class Virtqueue(Generic[T]):
             self._used_event[0] = last  # interrupt at the next completion
             if dma is not None:
                 dma.push(self._hdr_push)
+        return out
+
+    def _new_used(self) -> list[tuple[int, int]]:
+        """The used ring's header and the entries that can be new (one per request in flight)."""
+        out = [self._wish_pull[0]]
+        n = min(self.in_flight, self.num)
+        if n:
+            first = self.last_used % self.num
+            run = min(n, self.num - first)
+            out.append((self._used_ring_at + first * self._used_elem, run * self._used_elem))
+            if run < n:  # the entries wrap around the end of the ring
+                out.append((self._used_ring_at, (n - run) * self._used_elem))
         return out
 
     def interrupts(self, on: bool) -> None:

@@ -17,14 +17,39 @@ from l4vctl.backends.base import Memory
 from l4vctl.errors import ProtocolError
 
 
+#: Granule of the comparison that finds what changed since the last push.
+DIFF_GRANULE = 64
+
+
 class _Region:
-    __slots__ = ("base", "end", "memory", "shadow")
+    __slots__ = ("base", "end", "memory", "shadow", "mirror")
 
     def __init__(self, base: int, memory: Memory, shadow: bytearray):
         self.base = base
         self.end = base + len(shadow)
         self.memory = memory
         self.shadow = shadow
+        # what the memory holds, as far as this side knows: lent memory starts zeroed, and
+        # the device writes only what completions say it did (pulled into both copies)
+        self.mirror = bytearray(len(shadow))
+
+    def changed(self, off: int, n: int) -> list[tuple[int, int]]:
+        """The parts of ``off``..``off+n`` where the shadow differs from the mirror (granules, merged)."""
+        shadow, mirror = self.shadow, self.mirror
+        end = off + n
+        if shadow[off:end] == mirror[off:end]:
+            return []
+        out: list[tuple[int, int]] = []
+        pos = off
+        while pos < end:
+            stop = min(end, pos - pos % DIFF_GRANULE + DIFF_GRANULE)
+            if shadow[pos:stop] != mirror[pos:stop]:
+                if out and out[-1][0] + out[-1][1] == pos:
+                    out[-1] = (out[-1][0], stop - out[-1][0])
+                else:
+                    out.append((pos, stop - pos))
+            pos = stop
+        return out
 
 
 class ShadowSpace:
@@ -57,9 +82,18 @@ class ShadowSpace:
         return groups
 
     def push(self, ranges: Iterable[tuple[int, int]]) -> None:
-        """Write the shadow bytes of every ``(device address, length)`` range, in order, to the memory."""
+        """Write what changed of every ``(device address, length)`` range, in order, to the memory.
+
+        Only bytes that differ from what the memory is known to hold travel:
+        a kick sends the descriptors and ring slots it filled, not the table.
+        """
         for r, items in self._group(ranges).values():
-            r.memory.write([(off, bytes(r.shadow[off : off + n])) for off, n in items])
+            parts = [part for off, n in items for part in r.changed(off, n)]
+            if not parts:
+                continue
+            r.memory.write([(off, bytes(r.shadow[off : off + n])) for off, n in parts])
+            for off, n in parts:
+                r.mirror[off : off + n] = r.shadow[off : off + n]
             self.pushes += 1
 
     def pull(self, ranges: Iterable[tuple[int, int]]) -> None:
@@ -67,4 +101,5 @@ class ShadowSpace:
         for r, items in self._group(ranges).values():
             for (off, n), data in zip(items, r.memory.read(items), strict=True):
                 r.shadow[off : off + n] = data
+                r.mirror[off : off + n] = data
             self.pulls += 1

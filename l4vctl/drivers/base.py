@@ -31,20 +31,24 @@ class Driver:
         """Whether feature ``bit`` was negotiated."""
         return bit in self.session.negotiated
 
-    def _open_duplex(self, rx: int, tx: int, buffers: int, size: int, name: str) -> None:
+    def _open_duplex(self, rx: int, tx: int, buffers: int, size: int, name: str,
+                     rx_buffers: int | None = None, rx_size: int | None = None) -> None:  # fmt: skip
         """Set up a receive and a transmit queue, each with a pool of ``size``-byte buffers.
 
         The pools hold as many buffers as the smaller queue takes (``buffers``
-        at most); every receive buffer is posted to the device at once.
+        at most; ``rx_buffers`` and ``rx_size`` for the receive pool when
+        given); every receive buffer is posted to the device at once.
         """
         session = self.session
         # each request's token is the index of its buffer in the queue's pool
         self.rx: Virtqueue[int] = session.virtqueue(rx)
         self.tx: Virtqueue[int] = session.virtqueue(tx)
         n = max(1, min(buffers, self.rx.num, self.tx.num))
-        self.rx_pool = BufferPool(session, n, size, f"l4vctl-{name}-rx")
+        n_rx = n if rx_buffers is None else max(1, min(rx_buffers, self.rx.num))
+        size_rx = size if rx_size is None else rx_size
+        self.rx_pool = BufferPool(session, n_rx, size_rx, f"l4vctl-{name}-rx")
         self.tx_pool = BufferPool(session, n, size, f"l4vctl-{name}-tx")
         while self.rx_pool.free:
             i = self.rx_pool.take()
-            self.rx.add([(self.rx_pool.addrs[i], size, True)], i)
+            self.rx.add([(self.rx_pool.addrs[i], size_rx, True)], i)
         self.rx.kick()

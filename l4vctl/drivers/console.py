@@ -20,9 +20,13 @@ class ConsoleDriver(Driver):
 
     CLASS = "console"
 
-    def __init__(self, session: Session, *, buffers: int = 16, size: int = 4096) -> None:
+    def __init__(self, session: Session, *, buffers: int = 16, size: int = 4096, rx_buffers: int | None = None,
+                 rx_size: int = 256) -> None:  # fmt: skip
+        """``rx_buffers`` (default: as many as the receive queue holds) of ``rx_size`` bytes are
+        posted for input: a console may use one per byte of a burst (L4Re's cons does, and
+        fails when it runs out), so the queue is kept full."""
         super().__init__(session)
-        self._open_duplex(RX, TX, buffers, size, "console")
+        self._open_duplex(RX, TX, buffers, size, "console", rx_buffers, rx_size)
 
     def fileno(self) -> int:
         """The driver IRQ: readable when the device has something for us."""

@@ -170,15 +170,22 @@ class RemoteKick(Irq):
         """The agent releases it when the session ends."""
 
 
+#: Links open in this process, by link spec: [link, channels using it].  Two devices of one
+#: agent (``net ping`` between two switch ports) share the link: a serial line has one host.
+_LINKS: dict[str, list] = {}
+
+
 class L4reChannel(Channel):
     """A device the agent holds, as a channel of the backend contract."""
 
-    def __init__(self, link, handle: int, device: str, role: str):
+    def __init__(self, link, handle: int, device: str, role: str, spec: str = ""):
         self.link = link
         self.handle = handle
         self.device = device
         self.role = role
+        self.spec = spec
         self.name = f"{link.name} {device}"
+        self.handles: list[int] = []  # objects the agent holds for this channel
         note = link.agent(cat.AGENT_OP_NOTE, [handle]).words
         self.device_address_base = max(DEVICE_ADDRESS_BASE, note[0] if note else 0)
 
@@ -200,6 +207,7 @@ class L4reChannel(Channel):
             if r.flags in (2, 3):
                 raise TimeoutExpired(f"{self.name}: the device server did not answer ({why})")
             raise UnavailableError(f"{self.name}: the device server is gone ({why})")
+        self.handles.extend(cap.handle for cap in r.caps if cap.handle)
         return Response(r.label, r.words, r.caps, [])
 
     def _cap(self, r: Response, index: int, kind: int) -> Cap:
@@ -227,6 +235,7 @@ class L4reChannel(Channel):
         handle = r.caps[0].handle if r.caps else 0
         if not handle:
             raise ProtocolError(f"{self.link.name}: the agent created no IRQ")
+        self.handles.append(handle)
         irq = Irq.create()
         self.link.irqs[handle] = irq
         return irq, Cap(cat.CAP_IRQ, RIGHT_W, handle), []
@@ -237,6 +246,7 @@ class L4reChannel(Channel):
         cap = r.caps[0] if r.caps else None
         if cap is None or cap.type != cat.CAP_DATASPACE or not cap.handle:
             raise ProtocolError(f"{self.link.name}: the agent allocated no dataspace")
+        self.handles.append(cap.handle)
         memory = RemoteMemory(self.link, cap.handle, 0, cap.size)
         return Lent(memory, cap.size, Cap(cat.CAP_DATASPACE, RIGHTS_RW, cap.handle, cap.size), [])
 
@@ -253,7 +263,22 @@ class L4reChannel(Channel):
         self.link.check()
 
     def close(self) -> None:
-        """Say goodbye (the agent releases everything, resets the device) and close the link."""
+        """Release this channel's objects; the last channel on the link says goodbye (the agent
+        then releases everything and resets the devices used) and closes the link."""
+        entry = _LINKS.get(self.spec)
+        for handle in self.handles:
+            self.link.irqs.pop(handle, None)
+        if entry is not None and entry[0] is self.link and entry[1] > 1:
+            entry[1] -= 1
+            try:
+                self.link.release(self.handles)
+            except (TimeoutExpired, UnavailableError, ProtocolError):
+                pass
+            self.handles = []
+            return
+        if entry is not None and entry[0] is self.link:
+            del _LINKS[self.spec]
+        self.handles = []
         self.link.bye()
         self.link.close()
 
@@ -317,12 +342,24 @@ class L4reBackend(Backend):
         raise UnavailableError(f"{self.url}: the agent holds no device {self.dev!r} (it holds: {names})")
 
     def connect(self, role: str = "driver", timeout: float = 5.0) -> Channel:
-        """A channel to the chosen device."""
+        """A channel to the chosen device (on the link this process has open to the agent, if any)."""
+        entry = _LINKS.get(self.link_spec)
+        if entry is not None and entry[0].dead is None:
+            link = entry[0]
+            handle, name = self.pick(link.devices())
+            entry[1] += 1
+            try:
+                return L4reChannel(link, handle, name, role, self.link_spec)
+            except BaseException:
+                entry[1] -= 1
+                raise
         link = self.open_link(timeout, role)
         try:
             handle, name = self.pick(link.devices())
-            return L4reChannel(link, handle, name, role)
+            channel = L4reChannel(link, handle, name, role, self.link_spec)
         except BaseException:
             link.bye()
             link.close()
             raise
+        _LINKS[self.link_spec] = [link, 1]
+        return channel
