@@ -16,7 +16,6 @@ from collections.abc import Iterable
 from l4vctl.backends.base import Memory
 from l4vctl.errors import ProtocolError
 
-
 #: Granule of the comparison that finds what changed since the last push.
 DIFF_GRANULE = 64
 
