@@ -16,7 +16,9 @@ import hashlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import threading
 import tarfile
 import time
 from pathlib import Path
@@ -56,7 +58,7 @@ local L4 = require("L4");
 local l = L4.default_loader;
 
 local cons = l:new_channel();
-l:start({ caps = { cons = cons:svr() }, log = L4.Env.log }, "rom/cons -a");
+l:start({ caps = { cons = cons:svr() }, log = L4.Env.log }, "rom/cons -a -c con0");
 l.log_fab = cons;
 
 local vbus_agent = l:new_channel();
@@ -163,7 +165,9 @@ class L4reSystem:
         self.disk = self.dir / "disk.img"
         self.disk.write_bytes(disk_pattern(disk_size))
         self.com1 = self.dir / "com1.log"
+        self.com1_sock = self.dir / "com1.sock"  # the system's console: input for con0
         self.com2 = self.dir / "com2.sock"
+        self._com1: socket.socket | None = None
         self.link = f"unix:{self.com2}"
         self.proc: subprocess.Popen | None = None
 
@@ -187,11 +191,12 @@ class L4reSystem:
         else:
             disk = ["-drive", f"file={self.disk},format=raw,if=none,id=d0",
                     "-device", "ide-hd,drive=d0,bus=ide.0,serial=L4BLK0"]  # fmt: skip
-        for p in (self.com1, self.com2):
+        for p in (self.com1, self.com1_sock, self.com2):
             p.unlink(missing_ok=True)
         cmd = [QEMU, "-machine", "q35", "-m", "512", "-cpu", "max", "-display", "none", "-monitor", "none",
                "-no-reboot", "-nodefaults", "-vga", "none",
-               "-serial", f"file:{self.com1}", "-serial", f"unix:{self.com2},server=on,wait=off",
+               "-chardev", f"socket,id=com1,path={self.com1_sock},server=on,wait=off,logfile={self.com1}",
+               "-serial", "chardev:com1", "-serial", f"unix:{self.com2},server=on,wait=off",
                *disk, "-kernel", str(boot / "bootstrap"), "-append", "bootstrap -modaddr 0x01100000",
                "-initrd", ",".join(mods)]  # fmt: skip
         with open(self.dir / "qemu.out", "wb") as out:
@@ -206,6 +211,23 @@ class L4reSystem:
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"the agent did not come up within {timeout:g} s: {self.tail()}")
+
+    def type_in(self, data: bytes) -> None:
+        """Send ``data`` to the system's console (cons hands it to con0); what comes back is drained."""
+        if self._com1 is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(self.com1_sock))
+            self._com1 = sock
+            threading.Thread(target=self._drain, args=(sock,), daemon=True).start()
+        self._com1.sendall(data)
+
+    @staticmethod
+    def _drain(sock: socket.socket) -> None:
+        try:
+            while sock.recv(65536):
+                pass
+        except OSError:
+            pass
 
     def log_bytes(self) -> bytes:
         try:
@@ -243,11 +265,15 @@ class L4reSystem:
 
     def stop(self) -> None:
         """End QEMU and remove the link socket."""
+        if self._com1 is not None:
+            self._com1.close()
+            self._com1 = None
         if self.proc is not None:
             self.resume()
             self.kill()
             self.proc = None
         self.com2.unlink(missing_ok=True)
+        self.com1_sock.unlink(missing_ok=True)
 
     def __enter__(self) -> L4reSystem:
         return self.start()

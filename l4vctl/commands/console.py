@@ -47,10 +47,10 @@ def console():
     """
 
 
-def _driver(s):
+def _driver(s, rx_buffers: int | None = None):
     from l4vctl.drivers.console import ConsoleDriver
 
-    return ConsoleDriver(s)
+    return ConsoleDriver(s, rx_buffers=rx_buffers)
 
 
 @console.command(epilog=examples(("l4vctl console attach unix:/tmp/con.sock", "Same as 'l4vctl console URL':")))
@@ -150,8 +150,11 @@ def send(ctx, device, device_opt, abi, mode, timeout, json_mode, text, input_pat
 @click.option("--until", help="Stop once this text has arrived.")
 @click.option("--wait", type=click.FloatRange(min=0), default=2.0, show_default=True, metavar="SECONDS",
               help="Stop when nothing arrives for this long.")  # fmt: skip
+@click.option("--rx-buffers", type=click.IntRange(min=1), metavar="N",
+              help="Receive buffers to post (default: as many as the receive queue holds; a console may "
+                   "use one per byte of a burst, and L4Re's cons fails when it runs out).")  # fmt: skip
 @click.pass_context
-def recv(ctx, device, device_opt, abi, mode, timeout, json_mode, nbytes, until, wait):
+def recv(ctx, device, device_opt, abi, mode, timeout, json_mode, nbytes, until, wait, rx_buffers):
     """Receive what port 0 sends, to stdout.
 
     Stops after --bytes, once --until has been seen, or after --wait seconds
@@ -163,7 +166,7 @@ def recv(ctx, device, device_opt, abi, mode, timeout, json_mode, nbytes, until, 
     got = bytearray()
     marker = until.encode() if until else None
     with run as s:
-        drv = _driver(s)
+        drv = _driver(s, rx_buffers)
         while True:
             data = drv.receive(wait)
             if not data:

@@ -27,6 +27,19 @@ class Driver:
         self.session = session
         self.timeout: float = session.timeout if timeout is None else timeout
 
+    #: Seconds between looks at the device's state while a receive waits.
+    CHECK_EVERY = 0.5
+    _checked = 0.0
+
+    def look_now_and_then(self) -> None:
+        """Check the device (state, connection) if CHECK_EVERY seconds passed: one that died says nothing."""
+        import time
+
+        now = time.monotonic()
+        if now - self._checked >= self.CHECK_EVERY:
+            self._checked = now
+            self.session.check_device()
+
     def has_feature(self, bit: int) -> bool:
         """Whether feature ``bit`` was negotiated."""
         return bit in self.session.negotiated

@@ -74,6 +74,7 @@ class ConsoleDriver(Driver):
             if left <= 0:
                 self.session.check_device()
                 return b""
+            self.look_now_and_then()
             self.session.wait_irq(min(left, 0.05))
 
     def wait_readable(self, fds, timeout: float) -> list:

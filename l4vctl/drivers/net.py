@@ -89,6 +89,7 @@ class NetDriver(Driver):
             if left <= 0:
                 self.session.check_device()
                 return []
+            self.look_now_and_then()
             self.session.wait_irq(min(left, 0.05))
 
 

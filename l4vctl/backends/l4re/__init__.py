@@ -12,6 +12,7 @@ driver's IRQ is a local eventfd that the agent's EVENT frames trigger.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -40,6 +41,8 @@ IPC_ERRORS = {
 }
 
 EXAMPLE = "l4re:unix:/tmp/com2.sock?dev=con0"
+#: Seconds between liveness pings of the device server while a driver waits.
+PING_INTERVAL = 0.5
 
 
 def _pieces(ranges: Iterable[Range], size: int) -> list[Range]:
@@ -186,6 +189,7 @@ class L4reChannel(Channel):
         self.spec = spec
         self.name = f"{link.name} {device}"
         self.handles: list[int] = []  # objects the agent holds for this channel
+        self._pinged = time.monotonic()
         note = link.agent(cat.AGENT_OP_NOTE, [handle]).words
         self.device_address_base = max(DEVICE_ADDRESS_BASE, note[0] if note else 0)
 
@@ -259,8 +263,22 @@ class L4reChannel(Channel):
         return self.link.dead is not None
 
     def check(self) -> None:
-        """Raise UnavailableError if the link ended."""
+        """Raise UnavailableError if the link ended or the device server died.
+
+        Waits call this often; at most every PING_INTERVAL seconds it asks the
+        device for its ICU info (harmless on every L4Re device): a server that
+        died answers with an IPC error, which nothing else would show while
+        the driver only waits for completions.
+        """
         self.link.check()
+        now = time.monotonic()
+        if now - self._pinged < PING_INTERVAL:
+            return
+        self._pinged = now
+        r = self.link.call(self.handle, cat.L4_PROTO_IRQ, cat.ICU_OP_INFO, [cat.ICU_OP_INFO], [], 0)
+        if r.flags:
+            why = IPC_ERRORS.get(r.flags, f"IPC error {r.flags:#x}")
+            raise UnavailableError(f"{self.name}: the device server is gone ({why})")
 
     def close(self) -> None:
         """Release this channel's objects; the last channel on the link says goodbye (the agent
