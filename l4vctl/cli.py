@@ -25,6 +25,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "backends",
         "List the device URL schemes and whether each is available here.",
     ),
+    "devices": (
+        "l4vctl.commands.devices",
+        "devices",
+        "List the devices an L4Re agent holds (l4re: links), with id, class and status.",
+    ),
     "emulate": (
         "l4vctl.commands.emulate",
         "emulate",

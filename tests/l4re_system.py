@@ -18,8 +18,8 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -78,8 +78,8 @@ local caps = { vbus = vbus_agent };
 local args = "rom/l4vagent";
 local function add(name, cap) caps[name] = cap; args = args .. " " .. name; end
 add("con0", cons:create(1, "con0", "g"));
-add("net0", sw:create(0, "ds-max=8", "name=net0"));
-add("net1", sw:create(0, "ds-max=8", "name=net1"));
+add("net0", sw:create(0, "ds-max=64", "name=net0"));
+add("net1", sw:create(0, "ds-max=64", "name=net1"));
 local ok, vblk = pcall(function() return blk:create(0, "ds-max=256", "device=@BLKDEV@") end);
 if ok then add("blk0", vblk); else print("ned: no block device: " .. tostring(vblk)); end
 l:start({ caps = caps, log = { "agent", "c" } }, args);
@@ -207,18 +207,21 @@ class L4reSystem:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"QEMU exited with {self.proc.returncode}: {self.tail()}")
             if b"l4vagent: ready" in self.log_bytes():
+                self._connect_com1()
                 return self
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"the agent did not come up within {timeout:g} s: {self.tail()}")
 
+    def _connect_com1(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(self.com1_sock))
+        self._com1 = sock
+        threading.Thread(target=self._drain, args=(sock,), daemon=True).start()
+
     def type_in(self, data: bytes) -> None:
         """Send ``data`` to the system's console (cons hands it to con0); what comes back is drained."""
-        if self._com1 is None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.connect(str(self.com1_sock))
-            self._com1 = sock
-            threading.Thread(target=self._drain, args=(sock,), daemon=True).start()
+        assert self._com1 is not None, "the system is not running"
         self._com1.sendall(data)
 
     @staticmethod
@@ -251,17 +254,20 @@ class L4reSystem:
     def kill(self) -> None:
         """Kill QEMU at once (the system dies with it)."""
         if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             self.proc.wait(10)
 
     def pause(self) -> None:
         """Stop QEMU (the link stalls)."""
-        if self.proc is not None:
-            os.killpg(self.proc.pid, signal.SIGSTOP)
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGSTOP)  # type: ignore[union-attr]
 
     def resume(self) -> None:
-        if self.proc is not None:
-            os.killpg(self.proc.pid, signal.SIGCONT)
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGCONT)  # type: ignore[union-attr]
 
     def stop(self) -> None:
         """End QEMU and remove the link socket."""

@@ -98,6 +98,8 @@ class RemoteMemory(Memory):
             total = sum(n for _, n in batch)
             r = self.link.request(cat.KIND_READ, flags=self.handle, words=words, expect=total)
             self.reads += 1
+            if r.label == -cat.L4_ENXIO:
+                raise UnavailableError(f"{self.link.name}: the device's memory is gone (its server died)")
             if r.label < 0:
                 raise ProtocolError(f"{self.link.name}: reading memory failed: {cat.l4_error_name(r.label)}")
             try:
@@ -142,6 +144,8 @@ class RemoteMemory(Memory):
                 words += [self.base + off, length]
             r = self.link.request(cat.KIND_WRITE, flags=self.handle, words=words, data=data)
             self.writes += 1
+            if r.label == -cat.L4_ENXIO:
+                raise UnavailableError(f"{self.link.name}: the device's memory is gone (its server died)")
             if r.label < 0:
                 raise ProtocolError(f"{self.link.name}: writing memory failed: {cat.l4_error_name(r.label)}")
 
@@ -340,6 +344,9 @@ class L4reBackend(Backend):
             ipc_ms = self.ipc_timeout_ms or max(100, int(timeout * 1000 * 0.8))
             role_code = cat.ROLE_MONITOR if role == "monitor" else cat.ROLE_DRIVER
             link.hello(role_code, ipc_ms)
+        except TimeoutExpired as exc:  # nobody speaks the protocol on this line: not a slow device
+            link.close()
+            raise UnavailableError(str(exc)) from None
         except BaseException:
             link.close()
             raise
@@ -358,6 +365,40 @@ class L4reBackend(Backend):
         if self.dev.startswith("#") and self.dev[1:].isdigit() and 0 < int(self.dev[1:]) <= len(devices):
             return devices[int(self.dev[1:]) - 1]
         raise UnavailableError(f"{self.url}: the agent holds no device {self.dev!r} (it holds: {names})")
+
+    def inventory(self, timeout: float) -> list[dict[str, Any]]:
+        """Every device of the agent with what its config page says (read as a monitor)."""
+        link = self.open_link(timeout, "monitor")
+        rows: list[dict[str, Any]] = []
+        try:
+            for handle, name in link.devices():
+                row: dict[str, Any] = {"name": name, "handle": handle}
+                rows.append(row)
+                channel = L4reChannel(link, handle, name, "monitor", "")
+                try:
+                    r = channel.call(cat.L4VIRTIO_PROTOCOL, cat.OP_DEVICE_CONFIG)
+                    if r.result < 0:
+                        row["error"] = f"DEVICE_CONFIG: {cat.l4_error_name(r.result)}"
+                        continue
+                    mem = channel.config_memory(r, 0, r.words[0] if r.words else 0, False)
+                    head, status, gen = mem.read([(0, 16), (0x70, 4), (0xFC, 4)])
+                    magic = head[:4]
+                    if magic != b"virt":
+                        row["error"] = f"no L4-VIRTIO page (magic {magic!r})"
+                        continue
+                    dev = int.from_bytes(head[8:12], "little")
+                    row.update(device_id=dev, device_class=cat.device_class(dev) or cat.device_name(dev).lower(),
+                               vendor=int.from_bytes(head[12:16], "little"),
+                               status=int.from_bytes(status, "little") & 0xFF,
+                               generation=int.from_bytes(gen, "little"))  # fmt: skip
+                except (ProtocolError, UnavailableError) as exc:
+                    row["error"] = str(exc)
+                finally:
+                    link.release(channel.handles)
+        finally:
+            link.bye()
+            link.close()
+        return rows
 
     def connect(self, role: str = "driver", timeout: float = 5.0) -> Channel:
         """A channel to the chosen device (on the link this process has open to the agent, if any)."""

@@ -83,6 +83,9 @@ class AgentLink:
                     data = self.stream.read()
                 except BlockingIOError:
                     continue
+                except ConnectionResetError:
+                    reason = "the link was closed (QEMU or the serial peer went away)"
+                    break
                 except OSError as exc:
                     reason = f"the link failed ({exc.strerror or exc})"
                     break

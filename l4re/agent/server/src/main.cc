@@ -66,7 +66,7 @@ enum : unsigned
 
 enum : long
 {
-  E_perm = 1, E_noent = 2, E_io = 5, E_nomem = 12, E_busy = 16, E_inval = 22,
+  E_perm = 1, E_noent = 2, E_io = 5, E_nxio = 6, E_nomem = 12, E_busy = 16, E_inval = 22,
   E_range = 34, E_nosys = 38, E_badproto = 39, E_msgtooshort = 1001,
 };
 
@@ -353,8 +353,8 @@ void reset_device(Obj &d)
   // SET_STATUS(0): opcode 0 and status 0 in the first message register.
   l4_utcb_t *u = l4_utcb();
   l4_utcb_mr_u(u)->mr[0] = 0;
-  l4_ipc_call(d.cap, u, l4_msgtag(0, 1, 0, 0),
-              l4_timeout(L4_IPC_TIMEOUT_NEVER, l4_timeout_from_us(500000)));
+  l4_timeout_s to = l4_timeout_from_us(500000);
+  l4_ipc_call(d.cap, u, l4_msgtag(0, 1, 0, 0), l4_timeout(to, to));
   d.touched = false;
 }
 
@@ -505,9 +505,11 @@ void do_ipc(In const &f)
   if (session_role == 1)
     d->touched = true;
   ++stats.ipc_calls;
+  // Both phases are bounded: a server whose thread hangs (or died with its
+  // task still around) must not take the agent with it.
+  l4_timeout_s to = l4_timeout_from_us(ipc_timeout_ms * 1000);
   l4_msgtag_t t = l4_ipc_call(d->cap, u, l4_msgtag(f.label, f.nwords, f.ncaps, 0),
-                              l4_timeout(L4_IPC_TIMEOUT_NEVER,
-                                         l4_timeout_from_us(ipc_timeout_ms * 1000)));
+                              l4_timeout(to, to));
   out = Out();
   long ipc_err = l4_ipc_error(t, u);
   if (ipc_err)
@@ -567,6 +569,73 @@ bool check_ranges(In const &f, Obj const &o, unsigned first, size_t *total)
   return true;
 }
 
+// A dataspace someone else owns dies with its owner (a device server that
+// crashed): its pages vanish from our mapping, and touching them would end
+// the agent.  Such memory is copied through a scratch dataspace of our own
+// by the memory server (an IPC that fails cleanly when the owner is gone);
+// only memory of another kind is touched directly, and only while its
+// capability is valid.
+l4_cap_idx_t scratch_cap = L4_INVALID_CAP;
+uint8_t *scratch;
+
+bool gone(Obj const &o)
+{
+  return !o.owned && l4_msgtag_label(l4_task_cap_valid(L4RE_THIS_TASK_CAP, o.cap)) <= 0;
+}
+
+// Copy len bytes at off of o to dst; false if o's owner is gone.
+bool copy_out(Obj const &o, uint64_t off, uint8_t *dst, size_t len)
+{
+  if (o.owned || !scratch)
+    {
+      if (gone(o))
+        return false;
+      memcpy(dst, o.addr + off, len);
+      return true;
+    }
+  if (l4re_ds_copy_in(scratch_cap, 0, o.cap, off, len) == 0)
+    {
+      memcpy(dst, scratch, len);
+      return true;
+    }
+  if (gone(o))
+    return false;
+  memcpy(dst, o.addr + off, len);   // not the memory server's dataspace: direct
+  return true;
+}
+
+bool copy_in(Obj const &o, uint64_t off, uint8_t const *src, size_t len)
+{
+  if (o.owned || !scratch)
+    {
+      if (gone(o))
+        return false;
+      memcpy(o.addr + off, src, len);
+      return true;
+    }
+  memcpy(scratch, src, len);
+  if (l4re_ds_copy_in(o.cap, off, scratch_cap, 0, len) == 0)
+    return true;
+  if (gone(o))
+    return false;
+  memcpy(o.addr + off, src, len);
+  return true;
+}
+
+void scratch_init()
+{
+  void *a = 0;
+  scratch_cap = l4re_util_cap_alloc();
+  if (l4_is_invalid_cap(scratch_cap) || l4re_ma_alloc(Max_expand, scratch_cap, 0) < 0
+      || l4re_rm_attach(&a, Max_expand, L4RE_RM_F_SEARCH_ADDR | L4RE_RM_F_RW, scratch_cap, 0,
+                        L4_PAGESHIFT) < 0)
+    {
+      printf("l4vagent: no scratch memory: device memory is copied directly\n");
+      return;
+    }
+  scratch = (uint8_t *)a;
+}
+
 void do_read(In const &f)
 {
   Obj *o = find(f.flags, Cap_ds);
@@ -581,7 +650,8 @@ void do_read(In const &f)
   size_t at = 0;
   for (unsigned i = 1; i < f.nwords; i += 2)
     {
-      memcpy(expand + at, o->addr + f.w(i), f.w(i + 1));
+      if (!copy_out(*o, f.w(i), expand + at, f.w(i + 1)))
+        return reply_error(f.seq, E_nxio);
       at += f.w(i + 1);
     }
   size_t room = Max_payload - Frame_hdr - 8;
@@ -625,7 +695,8 @@ void do_write(In const &f)
   size_t at = 0;
   for (unsigned i = 1; i < f.nwords; i += 2)
     {
-      memcpy(o->addr + f.w(i), expand + at, f.w(i + 1));
+      if (!copy_in(*o, f.w(i), expand + at, f.w(i + 1)))
+        return reply_error(f.seq, E_nxio);
       at += f.w(i + 1);
     }
   reply(f.seq, 0);
@@ -874,6 +945,7 @@ int main(int argc, char **argv)
     }
   if (!divisor || divisor > 0xffff)
     divisor = 1;
+  scratch_init();
   if (!uart_init())
     return 1;
   printf("l4vagent: ready on %#x IRQ %d, %u device(s)\n", port, irq_nr, ndevices);
