@@ -254,7 +254,7 @@ def test_no_agent_on_the_line_is_reported_within_the_timeout(tmp_path, what):
         "noise": [bytes(range(256)) * 8, b"\xa5\x5a" * 300],
         "silence": [],
     }[what]
-    path, t, srv = fake_line(tmp_path, chunks)
+    path, _t, srv = fake_line(tmp_path, chunks)
     try:
         start = time.monotonic()
         p = l4vctl("probe", f"l4re:unix:{path}?dev=con0", "--timeout", "1")
@@ -276,8 +276,8 @@ def test_nothing_listening_is_unavailable(tmp_path):
 
 def test_a_console_server_that_dies_is_reported(system):
     # cons takes one receive buffer per byte of a burst and dies when it runs out
-    proc = subprocess.Popen([sys.executable, "-m", "l4vctl", "console", "recv", system.url("con0"), "--rx-buffers", "4",
-                             "--wait", "15", "--timeout", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    args = ["console", "recv", system.url("con0"), "--rx-buffers", "4", "--wait", "15", "--timeout", "3"]
+    proc = subprocess.Popen([sys.executable, "-m", "l4vctl", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 15
         while proc.poll() is None and time.monotonic() < deadline:
@@ -327,8 +327,8 @@ def test_a_stalled_link_times_out_and_recovers(system):
 
 
 def test_qemu_killed_mid_command(system):
-    proc = subprocess.Popen([sys.executable, "-m", "l4vctl", "net", "ping", system.url("net0"), system.url("net1"),
-                             "--count", "5000", "--timeout", "10"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    args = ["net", "ping", system.url("net0"), system.url("net1"), "--count", "5000", "--timeout", "10"]
+    proc = subprocess.Popen([sys.executable, "-m", "l4vctl", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         time.sleep(1.5)  # the pings are under way (5000 take minutes over a serial line)
         system.kill()
