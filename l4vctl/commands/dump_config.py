@@ -62,7 +62,7 @@ from l4vctl.errors import FormatError, UsageError
 def dump_config(ctx, source, abi, timeout, fmt, offset, queue_stride, force, as_hex, as_raw, output, json_mode):
     """Decode an L4-VIRTIO config page, live or saved.
 
-    SOURCE is a device URL (emu:TYPE, unix:PATH, vhost-user:PATH: the page
+    SOURCE is a device URL (emu:TYPE, unix:PATH, vhost-user:PATH, l4re:LINK: the page
     is read live, without changing the device) or a saved config page: a raw binary file,
     or hex dump text as written by 'dump-config --hex', 'hexdump -C' or
     'xxd'.  'dump:PATH' is the same as PATH; '-' reads standard input.
