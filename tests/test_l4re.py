@@ -218,6 +218,107 @@ def test_nvme_server_reads_and_writes(nvme):
     assert set(blk["features"]["bits"]) >= {cat.BLK_F_WRITE_ZEROES, 32}
 
 
+# -- more ways in, and hosts that misbehave (before the faults that break the system) -----------------
+
+
+def test_a_tcp_link_works_too(system):
+    # a TCP chardev, played here by a forwarder to the unix socket
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+
+    def forward():
+        try:
+            conn, _ = srv.accept()
+        except OSError:
+            return
+        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        unix.connect(str(system.com2))
+
+        def pump(a, b):
+            try:
+                while data := a.recv(65536):
+                    b.sendall(data)
+            except OSError:
+                pass
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        t = threading.Thread(target=pump, args=(unix, conn), daemon=True)
+        t.start()
+        pump(conn, unix)
+        t.join(5)
+        conn.close()
+        unix.close()
+
+    t = threading.Thread(target=forward, daemon=True)
+    t.start()
+    try:
+        got = result(l4vctl("probe", f"l4re:tcp:127.0.0.1:{port}?dev=net1", "--json"))
+        assert got["device"]["id"] == 1
+    finally:
+        srv.close()
+        t.join(5)
+
+
+def test_the_agent_survives_hostile_frames(system):
+    from l4vctl.backends import open_backend
+    from l4vctl.wire import Cap
+
+    backend = open_backend(system.url("con0"))
+    link = backend.open_link(5.0)
+    try:
+        devices = dict((name, h) for h, name in link.devices())
+        answers = [
+            link.request(cat.KIND_READ, flags=9999, words=[3, 0, 16]).label,  # no such handle
+            link.request(cat.KIND_READ, flags=devices["con0"], words=[3, 0, 16]).label,  # a device is not memory
+            link.request(cat.KIND_WRITE, flags=0, words=[0, 0, 1], data=b"x").label,
+            link.request(cat.KIND_REQUEST, 0, 0, [0], [Cap(cat.CAP_IRQ, 1, 77)], flags=devices["con0"]).label,
+            link.request(cat.KIND_REQUEST, 0, 0, [0] * 70, flags=devices["con0"]).label,  # too many registers
+            link.request(cat.KIND_REQUEST, cat.L4VCTL_PROTO_AGENT, 99).label,  # unknown agent request
+            link.request(cat.KIND_REQUEST, cat.L4VCTL_PROTO_AGENT, cat.AGENT_OP_ALLOC_DS, [1 << 40, 0]).label,
+            link.request(42).label,  # unknown kind
+        ]
+        assert all(a < 0 for a in answers), answers
+        ds = link.agent(cat.AGENT_OP_ALLOC_DS, [4096, 0]).caps[0].handle
+        bad = [
+            link.request(cat.KIND_READ, flags=ds, words=[3, (1 << 64) - 1, 2]).label,  # offset overflow
+            link.request(cat.KIND_READ, flags=ds, words=[3, 4000, 200]).label,  # past the end
+            link.request(cat.KIND_WRITE, flags=ds, words=[1, 0, 100], data=b"\xff\xff\x05\x00abc").label,
+            link.request(cat.KIND_WRITE, flags=ds, words=[0, 0, 100], data=b"short").label,
+        ]
+        assert bad == [-cat.L4_ERANGE, -cat.L4_ERANGE, -cat.L4_EINVAL, -cat.L4_EINVAL]
+        link.trigger(31337)  # an unknown IRQ: counted, not fatal
+        link.stream.send(b"\xa5\x5a" + os.urandom(3000), 5.0)  # a flood of noise with a marker in front
+        stats = dict(zip(cat.AGENT_STATS, link.agent(cat.AGENT_OP_STATS).words, strict=False))
+        assert stats["bad_triggers"] >= 1
+    finally:
+        link.bye()
+        link.close()
+    assert result(l4vctl("probe", system.url("con0"), "--json"))["device"]["id"] == 3
+
+
+def test_a_host_killed_mid_session_leaves_nothing_behind(system):
+    proc = subprocess.Popen([sys.executable, "-m", "l4vctl", "net", "recv", system.url("net1"), "--count", "1",
+                             "--wait", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        time.sleep(2.0)  # its driver is up and waiting (the handshake takes about 0.2 s)
+        proc.kill()
+        proc.wait(5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # the next host's hello makes the agent release the dead host's objects and reset net1
+    rows = result(l4vctl("devices", f"l4re:{system.link}", "--json"))["devices"]
+    net1 = next(r for r in rows if r["name"] == "net1")
+    assert net1["status"] == 0
+    got = result(l4vctl("net", "ping", system.url("net0"), system.url("net1"), "--count", "2", "--json"))
+    assert got["received"] == 2
+
+
 # -- faults: no agent, stalls, servers that die, QEMU killed -------------------------------------------
 
 
