@@ -27,6 +27,8 @@ from l4vctl.wire import Cap
 CHUNK = 4096
 #: Ranges per READ or WRITE frame.
 MAX_RANGES = 96
+#: READ or WRITE frames sent before the first reply is awaited (the agent holds four replies).
+WINDOW = 3
 #: First device address of a device the host never lent memory to.
 DEVICE_ADDRESS_BASE = 0x200000
 #: IPC errors (l4_ipc_error) the agent reports in a REPLY's flags.
@@ -86,22 +88,21 @@ class RemoteMemory(Memory):
         self.writes = 0
 
     def read(self, ranges: Iterable[Range]) -> list[bytes]:
-        """The bytes of every ``(offset, length)`` range (one READ frame per 4 KiB)."""
+        """The bytes of every ``(offset, length)`` range (READ frames of 4 KiB, sent back to back)."""
         from l4vctl.link import zero_runs_decode
 
         wanted = list(ranges)
-        got: list[bytes] = []
-        for batch in _batches(_pieces(wanted, self.size)):
+        batches = _batches(_pieces(wanted, self.size))
+        frames = []
+        for batch in batches:
             words = [3]  # raw or zero runs, as the agent finds shorter
             for off, length in batch:
                 words += [self.base + off, length]
-            total = sum(n for _, n in batch)
-            r = self.link.request(cat.KIND_READ, flags=self.handle, words=words, expect=total)
-            self.reads += 1
-            if r.label == -cat.L4_ENXIO:
-                raise UnavailableError(f"{self.link.name}: the device's memory is gone (its server died)")
-            if r.label < 0:
-                raise ProtocolError(f"{self.link.name}: reading memory failed: {cat.l4_error_name(r.label)}")
+            frames.append((cat.KIND_READ, self.handle, words, b"", sum(n for _, n in batch)))
+        got: list[bytes] = []
+        for batch, frame, r in zip(batches, frames, self._send(frames), strict=True):
+            total = frame[4]
+            self._check(r, "reading")
             try:
                 data = zero_runs_decode(r.data, total) if r.words and r.words[0] == cat.ENC_ZERO_RUNS else r.data
             except ValueError as exc:
@@ -125,14 +126,37 @@ class RemoteMemory(Memory):
             out.append(b"".join(parts))
         return out
 
+    def _send(self, frames: list) -> list:
+        """Send ``frames`` WINDOW at a time, back to back; the replies in order."""
+        replies = []
+        for i in range(0, len(frames), WINDOW):
+            part = frames[i : i + WINDOW]
+            if len(part) == 1:
+                kind, flags, words, data, expect = part[0]
+                replies.append(self.link.request(kind, flags=flags, words=words, data=data, expect=expect))
+            else:
+                replies.extend(self.link.pipeline(part))
+        if frames and frames[0][0] == cat.KIND_READ:
+            self.reads += len(frames)
+        else:
+            self.writes += len(frames)
+        return replies
+
+    def _check(self, r, what: str) -> None:
+        if r.label == -cat.L4_ENXIO:
+            raise UnavailableError(f"{self.link.name}: the device's memory is gone (its server died)")
+        if r.label < 0:
+            raise ProtocolError(f"{self.link.name}: {what} memory failed: {cat.l4_error_name(r.label)}")
+
     def write(self, items: Iterable[tuple[int, bytes]]) -> None:
-        """Store every ``(offset, data)`` item, in order (one WRITE frame per 4 KiB)."""
+        """Store every ``(offset, data)`` item, in order (WRITE frames of 4 KiB, sent back to back)."""
         from l4vctl.link import zero_runs_encode
 
         items = [(off, bytes(data)) for off, data in items]
         pieces = _pieces([(off, len(data)) for off, data in items], self.size)
         flat = b"".join(data for _, data in items)
         pos = 0
+        frames = []
         for batch in _batches(pieces):
             total = sum(n for _, n in batch)
             raw = flat[pos : pos + total]
@@ -142,12 +166,9 @@ class RemoteMemory(Memory):
             words = [enc]
             for off, length in batch:
                 words += [self.base + off, length]
-            r = self.link.request(cat.KIND_WRITE, flags=self.handle, words=words, data=data)
-            self.writes += 1
-            if r.label == -cat.L4_ENXIO:
-                raise UnavailableError(f"{self.link.name}: the device's memory is gone (its server died)")
-            if r.label < 0:
-                raise ProtocolError(f"{self.link.name}: writing memory failed: {cat.l4_error_name(r.label)}")
+            frames.append((cat.KIND_WRITE, self.handle, words, data, 0))
+        for r in self._send(frames):
+            self._check(r, "writing")
 
 
 class RemoteKick(Irq):

@@ -180,6 +180,38 @@ class AgentLink:
                 self._waiting.discard(seq)
                 self._replies.pop(seq, None)
 
+    def pipeline(self, frames: Sequence[tuple[int, int, Sequence[int], bytes, int]]) -> list[RemoteFrame]:
+        """Several ``(kind, flags, words, data, expect)`` requests sent back to back, their replies in order.
+
+        The agent executes frames in order, so nothing is lost by not waiting
+        for each reply before the next request: the line stays busy.
+        """
+        self.check()
+        seqs = [self._next_seq() for _ in frames]
+        out = b"".join(encode(encode_frame(kind, seq, 0, 0, words, (), flags, data))
+                       for seq, (kind, flags, words, data, _e) in zip(seqs, frames, strict=True))  # fmt: skip
+        wait = self.timeout + (len(out) + sum(f[4] for f in frames)) / SLOWEST_RATE
+        with self._cond:
+            self._waiting.update(seqs)
+        try:
+            with self._send_lock:
+                self.stream.send(out, wait)
+            deadline = time.monotonic() + wait
+            with self._cond:
+                while not all(seq in self._replies for seq in seqs):
+                    if self.dead is not None:
+                        raise UnavailableError(f"{self.name}: {self.dead}")
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutExpired(self._silence(frames[0][0], wait))
+                    self._cond.wait(left)
+                return [self._replies.pop(seq) for seq in seqs]
+        finally:
+            with self._cond:
+                for seq in seqs:
+                    self._waiting.discard(seq)
+                    self._replies.pop(seq, None)
+
     def _silence(self, kind: int, wait: float) -> str:
         what = cat.KINDS.get(kind) or cat.REMOTE_KINDS.get(kind, str(kind))
         if self.welcome is None:
