@@ -4,7 +4,8 @@ Boots the system of tests/l4re_system.py (cons, l4vio_switch, ahci-drv,
 l4vagent on COM2), then, interleaved and repeated:
 
 - **raw**: the link's byte rate, from ECHO requests to the agent (N random
-  bytes out, the same N back: 2N bytes on the line per request);
+  bytes out in 4 KiB frames, the same bytes back, as many frames in flight as
+  memory transfers use: 2N bytes on the line);
 - **memory**: the same N random (incompressible) bytes written to a
   dataspace the agent allocated and read back through the remote memory
   contract (WRITE then READ frames, 4 KiB of data each), as 2N bytes per
@@ -59,7 +60,7 @@ def main() -> None:
 
     from l4vctl import catalog as cat
     from l4vctl.backends import open_backend
-    from l4vctl.backends.l4re import CHUNK, L4reChannel, RemoteMemory
+    from l4vctl.backends.l4re import CHUNK, WINDOW, L4reChannel, RemoteMemory
     from l4vctl.session import Session
 
     print(f"bridge benchmark: {machine()}")
@@ -88,9 +89,12 @@ def main() -> None:
             for _ in range(args.pairs):
                 data = os.urandom(args.bytes)
                 t = time.perf_counter()
-                for off in range(0, args.bytes, CHUNK):
-                    got = link.agent(cat.AGENT_OP_ECHO, data=data[off : off + CHUNK], expect=CHUNK).data
-                    assert got == data[off : off + CHUNK]
+                chunks = [data[off : off + CHUNK] for off in range(0, args.bytes, CHUNK)]
+                for i in range(0, len(chunks), WINDOW):  # as many in flight as memory transfers have
+                    part = chunks[i : i + WINDOW]
+                    frames = [(cat.KIND_REQUEST, 0, [], c, len(c)) for c in part]
+                    replies = link.pipeline(frames, cat.L4VCTL_PROTO_AGENT, cat.AGENT_OP_ECHO)
+                    assert [r.data for r in replies] == part
                 raw.append(2 * args.bytes / (time.perf_counter() - t))
                 data = os.urandom(args.bytes)
                 t = time.perf_counter()

@@ -180,7 +180,8 @@ class AgentLink:
                 self._waiting.discard(seq)
                 self._replies.pop(seq, None)
 
-    def pipeline(self, frames: Sequence[tuple[int, int, Sequence[int], bytes, int]]) -> list[RemoteFrame]:
+    def pipeline(self, frames: Sequence[tuple[int, int, Sequence[int], bytes, int]], label: int = 0,
+                 opcode: int = 0) -> list[RemoteFrame]:  # fmt: skip
         """Several ``(kind, flags, words, data, expect)`` requests sent back to back, their replies in order.
 
         The agent executes frames in order, so nothing is lost by not waiting
@@ -188,7 +189,7 @@ class AgentLink:
         """
         self.check()
         seqs = [self._next_seq() for _ in frames]
-        out = b"".join(encode(encode_frame(kind, seq, 0, 0, words, (), flags, data))
+        out = b"".join(encode(encode_frame(kind, seq, label, opcode, words, (), flags, data))
                        for seq, (kind, flags, words, data, _e) in zip(seqs, frames, strict=True))  # fmt: skip
         wait = self.timeout + (len(out) + sum(f[4] for f in frames)) / SLOWEST_RATE
         with self._cond:
