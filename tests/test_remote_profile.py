@@ -261,3 +261,8 @@ def test_a_serial_line_carries_frames(tmp_path):
     finally:
         os.close(master)
         os.close(slave)
+
+
+def test_backends_lists_the_l4re_scheme(cli):
+    rows = {r["scheme"]: r for r in cli("backends", "--json").json()["result"]["backends"]}
+    assert rows["l4re"]["available"] is True and rows["l4re"]["usage"] == "l4re:LINK?dev=NAME"
