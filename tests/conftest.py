@@ -99,3 +99,15 @@ def no_leaks():
     assert not _children() - before_children, "the test left child processes running"
     leaked = {fd: target for fd, target in _fds().items() if fd not in before_fds}
     assert not leaked, f"the test leaked file descriptors: {leaked}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test that used a real L4Re system gets the end of that system's log in its report."""
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.failed:
+        for value in getattr(item, "funcargs", {}).values():
+            tail = getattr(value, "tail", None)
+            if callable(tail) and hasattr(value, "com1"):
+                rep.sections.append((f"L4Re system log (COM1, {value.com1})", tail(60)))

@@ -133,14 +133,18 @@ def sdk() -> Path:
     return root
 
 
-def build_agent(root: Path) -> Path:
-    """Build l4vagent against the SDK; the binary's path."""
-    out = subprocess.run(["make", "-s", "-C", str(AGENT_PKG), f"L4DIR={root / 'l4'}", f"O={root / 'obj'}"],
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
-    binary = root / "obj" / "bin" / "amd64_gen" / "l4f" / "l4vagent"
-    if out.returncode != 0 or not binary.exists():
-        raise RuntimeError(f"building l4vagent failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
-    return binary
+def build_agent(root: Path, dest: Path) -> Path:
+    """Build l4vagent against the SDK (under the cache's lock: checkouts share the object tree)
+    and copy it to ``dest``; the copy's path."""
+    with open(root.parent.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        out = subprocess.run(["make", "-s", "-C", str(AGENT_PKG), f"L4DIR={root / 'l4'}", f"O={root / 'obj'}"],
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+        binary = root / "obj" / "bin" / "amd64_gen" / "l4f" / "l4vagent"
+        if out.returncode != 0 or not binary.exists():
+            raise RuntimeError(f"building l4vagent failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+        shutil.copyfile(binary, dest / "l4vagent")
+    return dest / "l4vagent"
 
 
 def disk_pattern(size: int) -> bytes:
@@ -160,7 +164,7 @@ class L4reSystem:
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.root = sdk()
-        self.agent = build_agent(self.root)
+        self.agent = build_agent(self.root, self.dir)
         self.disk_if = disk
         self.disk = self.dir / "disk.img"
         self.disk.write_bytes(disk_pattern(disk_size))

@@ -523,7 +523,7 @@ void do_ipc(In const &f)
   for (unsigned s = 0; s < items && s < 2; ++s)
     {
       unsigned kind = (kinds >> (2 * s)) & 3;
-      if (!(l4_task_cap_valid(L4RE_THIS_TASK_CAP, rcv_slot[s]).raw > 0))
+      if (l4_msgtag_label(l4_task_cap_valid(L4RE_THIS_TASK_CAP, rcv_slot[s])) <= 0)
         {
           out.cap(Cap_none, 0, 0, 0);
           continue;
@@ -542,10 +542,12 @@ void do_ipc(In const &f)
       o.type = kind == Cap_ds ? Cap_ds : Cap_irq;
       if (o.type == Cap_ds)
         {
+          // Memory a device owns is copied through the memory server; the
+          // mapping is only the way in for dataspaces of other servers.
           long sz = l4re_ds_size(o.cap);
           o.size = sz > 0 ? sz : 0;
-          if (!attach(o, true) && !attach(o, false))
-            o.size = 0;   // a handle without a mapping: reads answer -E_nomem
+          if (!attach(o, true))
+            attach(o, false);
         }
       out.cap(o.type, 0, h, o.size);
     }
@@ -583,43 +585,37 @@ bool gone(Obj const &o)
   return !o.owned && l4_msgtag_label(l4_task_cap_valid(L4RE_THIS_TASK_CAP, o.cap)) <= 0;
 }
 
-// Copy len bytes at off of o to dst; false if o's owner is gone.
-bool copy_out(Obj const &o, uint64_t off, uint8_t *dst, size_t len)
+// Copy len bytes at off of o to dst: 0, or E_nxio if o's owner is gone,
+// E_nomem if o can be reached neither way.
+long copy_out(Obj const &o, uint64_t off, uint8_t *dst, size_t len)
 {
-  if (o.owned || !scratch)
-    {
-      if (gone(o))
-        return false;
-      memcpy(dst, o.addr + off, len);
-      return true;
-    }
-  if (l4re_ds_copy_in(scratch_cap, 0, o.cap, off, len) == 0)
+  if (!o.owned && scratch && l4re_ds_copy_in(scratch_cap, 0, o.cap, off, len) == 0)
     {
       memcpy(dst, scratch, len);
-      return true;
+      return 0;
     }
   if (gone(o))
-    return false;
-  memcpy(dst, o.addr + off, len);   // not the memory server's dataspace: direct
-  return true;
+    return E_nxio;
+  if (!o.addr)
+    return E_nomem;
+  memcpy(dst, o.addr + off, len);   // ours, or not the memory server's dataspace: direct
+  return 0;
 }
 
-bool copy_in(Obj const &o, uint64_t off, uint8_t const *src, size_t len)
+long copy_in(Obj const &o, uint64_t off, uint8_t const *src, size_t len)
 {
-  if (o.owned || !scratch)
+  if (!o.owned && scratch)
     {
-      if (gone(o))
-        return false;
-      memcpy(o.addr + off, src, len);
-      return true;
+      memcpy(scratch, src, len);
+      if (l4re_ds_copy_in(o.cap, off, scratch_cap, 0, len) == 0)
+        return 0;
     }
-  memcpy(scratch, src, len);
-  if (l4re_ds_copy_in(o.cap, off, scratch_cap, 0, len) == 0)
-    return true;
   if (gone(o))
-    return false;
+    return E_nxio;
+  if (!o.addr)
+    return E_nomem;
   memcpy(o.addr + off, src, len);
-  return true;
+  return 0;
 }
 
 void scratch_init()
@@ -643,15 +639,15 @@ void do_read(In const &f)
   size_t total;
   if (!o || f.nwords < 1)
     return reply_error(f.seq, E_noent);
-  if (!o->addr)
+  if (!o->addr && o->owned)
     return reply_error(f.seq, E_nomem);
   if (!check_ranges(f, *o, 1, &total))
     return reply_error(f.seq, E_range);
   size_t at = 0;
   for (unsigned i = 1; i < f.nwords; i += 2)
     {
-      if (!copy_out(*o, f.w(i), expand + at, f.w(i + 1)))
-        return reply_error(f.seq, E_nxio);
+      if (long e = copy_out(*o, f.w(i), expand + at, f.w(i + 1)))
+        return reply_error(f.seq, e);
       at += f.w(i + 1);
     }
   size_t room = Max_payload - Frame_hdr - 8;
@@ -679,7 +675,7 @@ void do_write(In const &f)
   size_t total;
   if (!o || f.nwords < 1)
     return reply_error(f.seq, E_noent);
-  if (!o->addr)
+  if (!o->addr && o->owned)
     return reply_error(f.seq, E_nomem);
   if (!check_ranges(f, *o, 1, &total))
     return reply_error(f.seq, E_range);
@@ -695,8 +691,8 @@ void do_write(In const &f)
   size_t at = 0;
   for (unsigned i = 1; i < f.nwords; i += 2)
     {
-      if (!copy_in(*o, f.w(i), expand + at, f.w(i + 1)))
-        return reply_error(f.seq, E_nxio);
+      if (long e = copy_in(*o, f.w(i), expand + at, f.w(i + 1)))
+        return reply_error(f.seq, e);
       at += f.w(i + 1);
     }
   reply(f.seq, 0);
