@@ -140,13 +140,15 @@ COMMON_OPTIONS = (
 class Model:
     """A device model: identity, features, config and queues.
 
-    Subclasses set ``KIND``, ``DEVICE_ID``, ``OPTIONS``, ``DEFAULT_QUEUES``
-    and ``DEFAULT_NUM_MAX`` and override the hooks they need.
+    Subclasses set ``KIND``, ``DEVICE_ID``, ``OPTIONS``, ``FEATURES``,
+    ``DEFAULT_QUEUES`` and ``DEFAULT_NUM_MAX`` and override the hooks they need.
     """
 
     KIND = "generic"
     DEVICE_ID = 0
     OPTIONS: tuple[Option, ...] = ()
+    #: Device-class bits offered whatever the options say.
+    FEATURES: frozenset[int] = frozenset()
     DEFAULT_QUEUES = 1
     DEFAULT_NUM_MAX = 256
     MIN_QUEUES = 1
@@ -157,9 +159,13 @@ class Model:
 
     # -- identity ----------------------------------------------------------------
 
+    def base_features(self) -> set[int]:
+        """The device-class bits offered whatever the options say: ``FEATURES``."""
+        return set(self.FEATURES)
+
     def features(self) -> set[int]:
         """Device-class feature bits offered (transport bits are added by the device)."""
-        return set()
+        return self.base_features()
 
     def config(self) -> dict:
         """Values of the device-specific config struct (missing fields are 0)."""

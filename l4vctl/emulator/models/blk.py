@@ -48,13 +48,14 @@ class BlkModel(Model):
     DEVICE_ID = cat.DEVICE_ID_BLK
     DEFAULT_QUEUES = 1
     DEFAULT_NUM_MAX = 256
+    FEATURES = frozenset({cat.INDIRECT_DESC_BIT, cat.BLK_F_FLUSH, cat.BLK_F_DISCARD, cat.BLK_F_WRITE_ZEROES})
     OPTIONS = (
         Option("image", str, None, "image file (created with --size if missing; default: in memory)"),
         Option("size", parse_size, None, "capacity in bytes, e.g. 64M (default: the image's size, else 64M)"),
         Option("ro", parse_bool, False, "read-only device (VIRTIO_BLK_F_RO)"),
         Option("seg_max", parse_int, 126, "most data segments per request (0: not offered)"),
         Option("size_max", parse_int, 1 << 20, "largest segment in bytes (0: not offered)"),
-        Option("blk_size", parse_int, 512, "logical block size in bytes"),
+        Option("blk_size", parse_int, 512, "logical block size in bytes (0: VIRTIO_BLK_F_BLK_SIZE not offered)"),
         Option("serial", str, None, "device id for GET_ID (20 bytes at most; default from the image name)"),
         Option("io_threads", parse_int, 1, "threads that move the data of a batch of requests (1: none)"),
     )
@@ -113,34 +114,32 @@ class BlkModel(Model):
     # -- identity -----------------------------------------------------------------------
 
     def features(self) -> set[int]:
-        """INDIRECT_DESC, BLK_SIZE, FLUSH and the bits the options ask for; RO drops DISCARD and WRITE_ZEROES."""
+        """The base bits (INDIRECT_DESC, FLUSH, DISCARD, WRITE_ZEROES) and those the
+        options ask for (SEG_MAX, SIZE_MAX, BLK_SIZE, RO); RO drops DISCARD and WRITE_ZEROES."""
         o = self.options
-        bits = {cat.INDIRECT_DESC_BIT, cat.BLK_F_BLK_SIZE, cat.BLK_F_FLUSH, cat.BLK_F_DISCARD, cat.BLK_F_WRITE_ZEROES}
-        if o["seg_max"]:
-            bits.add(cat.BLK_F_SEG_MAX)
-        if o["size_max"]:
-            bits.add(cat.BLK_F_SIZE_MAX)
+        bits = self.base_features()
+        for bit, option in ((cat.BLK_F_SEG_MAX, "seg_max"), (cat.BLK_F_SIZE_MAX, "size_max"),
+                            (cat.BLK_F_BLK_SIZE, "blk_size"), (cat.BLK_F_RO, "ro")):  # fmt: skip
+            if o[option]:
+                bits.add(bit)
         if o["ro"]:
-            bits.add(cat.BLK_F_RO)
             bits -= {cat.BLK_F_DISCARD, cat.BLK_F_WRITE_ZEROES}
         return bits
 
     def config(self) -> dict:
-        """Capacity in sectors, the segment limits and the DISCARD / WRITE_ZEROES limits."""
+        """Capacity in sectors, the segment limits, and the block size and the DISCARD / WRITE_ZEROES
+        limits where their feature is offered (0 otherwise, as the specification leaves them undefined)."""
         o = self.options
         sectors = self.capacity_bytes // SECTOR
-        return {
-            "capacity": sectors,
-            "size_max": o["size_max"],
-            "seg_max": o["seg_max"],
-            "blk_size": o["blk_size"],
-            "max_discard_sectors": min(sectors, 0xFFFFFFFF),
-            "max_discard_seg": MAX_ZERO_SEGS,
-            "discard_sector_alignment": 1,
-            "max_write_zeroes_sectors": min(sectors, 0xFFFFFFFF),
-            "max_write_zeroes_seg": MAX_ZERO_SEGS,
-            "write_zeroes_may_unmap": 0,
-        }
+        offered = self.features()
+        out = {"capacity": sectors, "size_max": o["size_max"], "seg_max": o["seg_max"], "blk_size": o["blk_size"]}
+        if cat.BLK_F_DISCARD in offered:
+            out.update(max_discard_sectors=min(sectors, 0xFFFFFFFF), max_discard_seg=MAX_ZERO_SEGS,
+                       discard_sector_alignment=1)  # fmt: skip
+        if cat.BLK_F_WRITE_ZEROES in offered:
+            out.update(max_write_zeroes_sectors=min(sectors, 0xFFFFFFFF), max_write_zeroes_seg=MAX_ZERO_SEGS,
+                       write_zeroes_may_unmap=0)  # fmt: skip
+        return out
 
     def describe(self) -> str:
         """Capacity, image and whether the device is read-only."""
@@ -274,6 +273,10 @@ class BlkModel(Model):
         if rtype in (cat.BLK_T_DISCARD, cat.BLK_T_WRITE_ZEROES):
             if o["ro"]:
                 return cat.BLK_S_IOERR, 0, None
+            bit = cat.BLK_F_DISCARD if rtype == cat.BLK_T_DISCARD else cat.BLK_F_WRITE_ZEROES
+            if self.device is not None and bit not in self.device.offered:
+                log.info("queue %d: %s is not offered: UNSUPP", qi, cat.BLK_REQUEST_TYPES[rtype])
+                return cat.BLK_S_UNSUPP, 0, None
             # The payload length is checked before a byte of it is read: descriptors
             # may name hundreds of MiB, the request holds MAX_ZERO_SEGS segments at most.
             total = sum(len(d) for d in data)

@@ -40,8 +40,8 @@ class ConsoleModel(Model):
     MIN_QUEUES = 2
     DEFAULT_NUM_MAX = 128
     OPTIONS = (
-        Option("cols", parse_int, 80, "columns (VIRTIO_CONSOLE_F_SIZE)"),
-        Option("rows", parse_int, 25, "rows (VIRTIO_CONSOLE_F_SIZE)"),
+        Option("cols", parse_int, 80, "columns (VIRTIO_CONSOLE_F_SIZE; cols and rows 0: not offered)"),
+        Option("rows", parse_int, 25, "rows (VIRTIO_CONSOLE_F_SIZE; cols and rows 0: not offered)"),
         Option(
             "io",
             parse_io,
@@ -94,12 +94,15 @@ class ConsoleModel(Model):
                 raise ValueError(f"cannot open {options['input']}: {exc.strerror}") from None
 
     def features(self) -> set[int]:
-        """CONSOLE_F_SIZE (the cols and rows options)."""
-        return {cat.CONSOLE_F_SIZE}
+        """CONSOLE_F_SIZE, unless the cols and rows options are both 0."""
+        bits = self.base_features()
+        if self.options["cols"] or self.options["rows"]:
+            bits.add(cat.CONSOLE_F_SIZE)
+        return bits
 
     def config(self) -> dict:
-        """Columns, rows and one port."""
-        return {"cols": self.options["cols"], "rows": self.options["rows"], "max_nr_ports": 1}
+        """Columns and rows.  max_nr_ports stays 0: it is valid only with MULTIPORT, which is not offered."""
+        return {"cols": self.options["cols"], "rows": self.options["rows"]}
 
     def required_queues(self) -> list[int]:
         """Port 0's receive and transmit queues."""
