@@ -16,11 +16,11 @@ import ctypes
 import errno
 import fcntl
 import os
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from l4vctl import catalog as cat
 from l4vctl.emulator import log
-from l4vctl.emulator.models import Option
+from l4vctl.emulator.models import Option, Profile
 from l4vctl.emulator.models.base import Model
 from l4vctl.emulator.ring import BadChain
 from l4vctl.formats.fast import codec
@@ -40,6 +40,9 @@ _PUNCH = _FALLOC_PUNCH_HOLE | _FALLOC_KEEP_SIZE
 #: Completions published at a time while a batch of requests is served.
 PUBLISH_EVERY = 8
 
+#: What L4Re's block servers offer besides the bits their options imply.
+_L4RE_BLK = frozenset({cat.INDIRECT_DESC_BIT, cat.BLK_F_FLUSH, cat.BLK_F_CONFIG_WCE})
+
 
 class BlkModel(Model):
     """A block device on an image file or in memory: IN, OUT, FLUSH, GET_ID, DISCARD, WRITE_ZEROES."""
@@ -49,6 +52,24 @@ class BlkModel(Model):
     DEFAULT_QUEUES = 1
     DEFAULT_NUM_MAX = 256
     FEATURES = frozenset({cat.INDIRECT_DESC_BIT, cat.BLK_F_FLUSH, cat.BLK_F_DISCARD, cat.BLK_F_WRITE_ZEROES})
+    PROFILES: ClassVar[dict[str, Profile]] = {
+        # ahci-drv: SIZE_MAX 4 MiB, SEG_MAX 24, FLUSH, CONFIG_WCE, INDIRECT_DESC, published at the first reset
+        "l4re-ahci": Profile(
+            "l4re-ahci",
+            options={"num_max": "256", "size_max": "0x400000", "seg_max": "24", "blk_size": "0"},
+            features=_L4RE_BLK,
+            late_features=True,
+        ),
+        # nvme-drv on QEMU's NVMe device: as ahci-drv plus WRITE_ZEROES (NVMe's 65536 blocks, one segment),
+        # and the segment limits it derives from the controller
+        "l4re-nvme": Profile(
+            "l4re-nvme",
+            options={"num_max": "256", "size_max": "0x4000", "seg_max": "32", "blk_size": "0"},
+            features=_L4RE_BLK | {cat.BLK_F_WRITE_ZEROES},
+            config={"max_write_zeroes_sectors": 0x10000},
+            late_features=True,
+        ),
+    }
     OPTIONS = (
         Option("image", str, None, "image file (created with --size if missing; default: in memory)"),
         Option("size", parse_size, None, "capacity in bytes, e.g. 64M (default: the image's size, else 64M)"),
@@ -114,7 +135,7 @@ class BlkModel(Model):
     # -- identity -----------------------------------------------------------------------
 
     def features(self) -> set[int]:
-        """The base bits (INDIRECT_DESC, FLUSH, DISCARD, WRITE_ZEROES) and those the
+        """The base bits (INDIRECT_DESC, FLUSH, DISCARD, WRITE_ZEROES, or the profile's) and those the
         options ask for (SEG_MAX, SIZE_MAX, BLK_SIZE, RO); RO drops DISCARD and WRITE_ZEROES."""
         o = self.options
         bits = self.base_features()
@@ -274,7 +295,7 @@ class BlkModel(Model):
             if o["ro"]:
                 return cat.BLK_S_IOERR, 0, None
             bit = cat.BLK_F_DISCARD if rtype == cat.BLK_T_DISCARD else cat.BLK_F_WRITE_ZEROES
-            if self.device is not None and bit not in self.device.offered:
+            if self.device is not None and bit not in self.device.offered:  # e.g. a profile without it
                 log.info("queue %d: %s is not offered: UNSUPP", qi, cat.BLK_REQUEST_TYPES[rtype])
                 return cat.BLK_S_UNSUPP, 0, None
             # The payload length is checked before a byte of it is read: descriptors

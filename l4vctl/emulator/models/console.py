@@ -10,10 +10,11 @@ file and ``input=FILE`` feeds a file's bytes as input.
 from __future__ import annotations
 
 import os
+from typing import ClassVar
 
 from l4vctl import catalog as cat
 from l4vctl.emulator import log
-from l4vctl.emulator.models import Option
+from l4vctl.emulator.models import Option, Profile
 from l4vctl.emulator.models.base import Model
 from l4vctl.emulator.ring import BadChain
 from l4vctl.parsing import parse_bool, parse_int
@@ -39,6 +40,15 @@ class ConsoleModel(Model):
     DEFAULT_QUEUES = 2  # port 0: receive 0, transmit 1
     MIN_QUEUES = 2
     DEFAULT_NUM_MAX = 128
+    PROFILES: ClassVar[dict[str, Profile]] = {
+        # a virtio port of cons: no CONSOLE_F_SIZE, 32 zero bytes of config, queue entries kept at a reset
+        "l4re-cons": Profile(
+            "l4re-cons",
+            options={"cols": "0", "rows": "0", "num_max": "256"},
+            config_size=32,
+            keep_queue_entries=True,
+        ),
+    }
     OPTIONS = (
         Option("cols", parse_int, 80, "columns (VIRTIO_CONSOLE_F_SIZE; cols and rows 0: not offered)"),
         Option("rows", parse_int, 25, "rows (VIRTIO_CONSOLE_F_SIZE; cols and rows 0: not offered)"),

@@ -13,10 +13,11 @@ import collections
 import errno
 import os
 import socket
+from typing import ClassVar
 
 from l4vctl import catalog as cat
 from l4vctl.emulator import log
-from l4vctl.emulator.models import Option
+from l4vctl.emulator.models import Option, Profile
 from l4vctl.emulator.models.base import Model
 from l4vctl.emulator.ring import BadChain
 from l4vctl.formats.fast import codec
@@ -63,6 +64,15 @@ class NetModel(Model):
     MIN_QUEUES = 2
     DEFAULT_NUM_MAX = 256
     FEATURES = frozenset({cat.NET_F_MAC, cat.NET_F_STATUS})
+    PROFILES: ClassVar[dict[str, Profile]] = {
+        # a port of l4vio_switch: MAC (a random one), MRG_RXBUF, INDIRECT_DESC; 10 bytes of config
+        "l4re-switch": Profile(
+            "l4re-switch",
+            options={"mac": "random", "mtu": "0", "num_max": "256"},
+            features=frozenset({cat.NET_F_MAC, cat.NET_F_MRG_RXBUF, cat.INDIRECT_DESC_BIT}),
+            config_size=10,
+        ),
+    }
     OPTIONS = (
         Option(
             "mac",
@@ -105,7 +115,7 @@ class NetModel(Model):
         raise ValueError(f"link {name!r} already has two devices")
 
     def features(self) -> set[int]:
-        """MAC and STATUS, and MTU unless the mtu option is 0."""
+        """MAC and STATUS (or the profile's bits), and MTU unless the mtu option is 0."""
         bits = self.base_features()
         if self.options["mtu"]:
             bits.add(cat.NET_F_MTU)
