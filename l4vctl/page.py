@@ -48,15 +48,17 @@ def device_config_codec(device_id: int, abi: str):
 L4RE_CONFIG_BYTES = {2: 60}
 
 
-def queues_offset_for(device_id: int, abi: str) -> int:
+def queues_offset_for(device_id: int, abi: str, config_size: int | None = None) -> int:
     """Where L4Re devices put the queue array: 0x100 + round_up(sizeof(config), 16).
 
     An empty C++ config struct counts as 1 byte (rng: 0x110); the config is
-    as long as L4Re's servers make it (:data:`L4RE_CONFIG_BYTES`).
+    as long as L4Re's servers make it (:data:`L4RE_CONFIG_BYTES`), or
+    ``config_size`` bytes if given (a server whose struct differs).
     """
-    dc = device_config_codec(device_id, abi)
-    size = max(dc.size if dc else 0, 1)
-    size = min(size, L4RE_CONFIG_BYTES.get(device_id, size))
+    if config_size is None:
+        dc = device_config_codec(device_id, abi)
+        config_size = min(dc.size if dc else 0, L4RE_CONFIG_BYTES.get(device_id, 1 << 12))
+    size = max(config_size, 1)
     return HEADER_SIZE + (size + 15) // 16 * 16
 
 
@@ -453,18 +455,22 @@ def build_page(
     cmd: int = 0,
     stride: int = cat.QUEUE_ENTRY_STRIDE,
     size: int = PAGE_SIZE,
+    config_size: int | None = None,
     **header_fields,
 ) -> bytearray:
     """A config page as an L4Re device publishes it.
 
     ``device_config`` holds the device-specific fields (missing ones are 0);
-    ``queues`` overrides queue entries field by field.  If the queue array
-    does not fit the page the device publishes no queues, as L4Re does.
+    ``config_size`` is how many bytes of it the device publishes (default:
+    as L4Re's servers do, see :func:`queues_offset_for`): a field beyond
+    them must be 0.  ``queues`` overrides queue entries field by field.  If
+    the queue array does not fit the page the device publishes no queues, as
+    L4Re does.
     """
     page = bytearray(size)
     hc = header_codec(abi)
     qc = queue_codec(stride)
-    qoff = queues_offset_for(device_id, abi)
+    qoff = queues_offset_for(device_id, abi, config_size)
     if qoff + num_queues * stride > size:
         num_queues, qoff = 0, 0
     hdr: dict[str, Any] = {name: 0 for name, (_o, _s, _f, count) in hc.fields.items() if count is None}
@@ -491,7 +497,16 @@ def build_page(
     if dc is not None and dc.size:
         values = _zero_struct(dc.layout)
         _merge(values, device_config or {})
-        dc.pack_into(page, HEADER_SIZE, values)
+        raw = bytearray(dc.size)
+        dc.pack_into(raw, 0, values)
+        if config_size is not None and any(raw[config_size:]):
+            cut = [
+                name
+                for name, (offset, fsize, _f, _c) in dc.fields.items()
+                if "." not in name and offset + fsize > config_size and any(raw[offset : offset + fsize])
+            ]
+            raise ValueError(f"device config {', '.join(cut)}: beyond the {config_size} bytes the device publishes")
+        page[HEADER_SIZE : HEADER_SIZE + dc.size] = raw
     elif device_config:
         raise ValueError(f"device {device_id} has no known config struct")
 

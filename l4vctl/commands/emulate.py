@@ -52,6 +52,10 @@ def _apply(decorators):
         ("l4vctl probe unix:/tmp/blk.sock", "Then, from another shell:"),
         ("l4vctl emulate net --socket /tmp/net.sock --abi classic --cmd-mode", "A classic-era net device in cmd mode:"),
         ("l4vctl emulate blk --socket /tmp/bad.sock --inject refuse-features-ok", "A device that refuses FEATURES_OK:"),
+        (
+            "l4vctl emulate blk --socket /tmp/ahci.sock --profile l4re-ahci --size 4M",
+            "A block device whose config page is that of L4Re's ahci-drv:",
+        ),
     ),
     context_settings={"max_content_width": 100},
 )
@@ -70,6 +74,9 @@ def _apply(decorators):
                    "GET_DEVICE_IRQ and ICU bind answer -L4_ENOSYS), config = DEVICE_CONFIG only as in "
                    "2022-09..2024-01 (REGISTER_IFACE answers -L4_ENOSYS), both = either, as in 2018..2022-09. "
                    "Default: both for classic, config for current.")  # fmt: skip
+@click.option("--profile", default=None, metavar="NAME",
+              help="Reproduce the config page of a real L4Re device server byte for byte: l4re-cons (console), "
+                   "l4re-switch (net), l4re-ahci or l4re-nvme (blk); see below.")  # fmt: skip
 @click.option("--cmd-mode", is_flag=True, help="Offer L4VIRTIO_FEATURE_CMD_CONFIG: status and queue setup via cmd.")
 @click.option("--queues", type=click.IntRange(1, 64), default=None, help="Number of queues (default: the type's).")
 @click.option("--num-max", type=click.IntRange(1, 32768), default=None, help="Largest queue size offered.")
@@ -85,7 +92,7 @@ def _apply(decorators):
 @click.option("-q", "--quiet", is_flag=True, help="Log only errors.")
 @json_option
 @click.pass_context
-def emulate(ctx, kind, socket_path, max_clients, client_timeout, idle_timeout, abi, attach, cmd_mode, queues,
+def emulate(ctx, kind, socket_path, max_clients, client_timeout, idle_timeout, abi, attach, profile, cmd_mode, queues,
             num_max, features, inject, ds_offset, max_regions,
             vendor, verbose, quiet, json_mode, **model_opts):  # fmt: skip
     """Serve an emulated L4-VIRTIO device on a Unix socket.
@@ -117,6 +124,25 @@ def emulate(ctx, kind, socket_path, max_clients, client_timeout, idle_timeout, a
       no-reply=OP                never reply to L4-VIRTIO opcode OP (name or number)
       queues-offset-outside      publish a queue array outside the page
       bad-magic                  publish a wrong magic value
+
+    \b
+    Profiles for --profile (TYPE: NAME, the L4Re server it reproduces):
+      console: l4re-cons     cons: VERSION_1 only, 32 zero bytes of config,
+                             queues at 0x120, num_max 256; a reset leaves
+                             the queue entries as the driver wrote them
+      net: l4re-switch       a port of l4vio_switch: MAC, MRG_RXBUF,
+                             INDIRECT_DESC, a random MAC (unless --mac),
+                             10 bytes of config, queues at 0x110
+      blk: l4re-ahci         ahci-drv: SIZE_MAX (4 MiB), SEG_MAX (24), FLUSH,
+                             CONFIG_WCE, INDIRECT_DESC, queues at 0x140;
+                             shows only VERSION_1 until the first reset
+                             publishes the rest, as the real server does
+      blk: l4re-nvme         nvme-drv on QEMU's NVMe disk: as l4re-ahci
+                             plus WRITE_ZEROES, SIZE_MAX 16 KiB, SEG_MAX 32
+
+    The capacity comes from --size or --image; options given with a
+    profile win over its values.  docs/fidelity.md tells what each profile
+    reproduces and how the default models differ from the real servers.
     """
     out = begin(ctx, "emulate", json_mode)
     out.abi = abi
@@ -126,6 +152,8 @@ def emulate(ctx, kind, socket_path, max_clients, client_timeout, idle_timeout, a
     raw: dict[str, object] = {"abi": abi, "cmd_mode": cmd_mode}
     if attach is not None:
         raw["attach"] = attach
+    if profile is not None:
+        raw["profile"] = profile
     for key, value in (("queues", queues), ("num_max", num_max), ("ds_offset", ds_offset),
                        ("max_regions", max_regions), ("vendor", vendor)):  # fmt: skip
         if value is not None:
@@ -169,6 +197,7 @@ def emulate(ctx, kind, socket_path, max_clients, client_timeout, idle_timeout, a
         "attach": device.attach,
         "device_id": device.model.DEVICE_ID,
         "cmd_mode": device.cmd_mode,
+        "profile": device.model.profile.name if device.model.profile is not None else None,
         "num_queues": device.num_queues,
         "offered": sorted(device.offered),
     }
@@ -182,7 +211,8 @@ def emulate(ctx, kind, socket_path, max_clients, client_timeout, idle_timeout, a
         what = device.model.describe()
         attach_note = "" if device.attach == "config" else ", attach " + device.attach
         mode_note = ", cmd mode" if device.cmd_mode else ""
-        info(f"emulating {what} ({abi} ABI{attach_note}{mode_note}) on {url}")
+        profile_note = f", profile {device.model.profile.name}" if device.model.profile is not None else ""
+        info(f"emulating {what} ({abi} ABI{attach_note}{mode_note}{profile_note}) on {url}")
     try:
         server.serve()
     finally:

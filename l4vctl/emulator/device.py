@@ -158,6 +158,7 @@ class Device:
         self.offered_words = pg.feature_words(self.abi, self.offered)
         self.num_queues_cfg = model.num_queues()
         self.num_max = model.num_max()
+        built = self._initial_page()  # before any resource is taken: a bad config raises ValueError here
 
         self.config_ds = Dataspace.create(f"l4vctl-{model.KIND}-config", self.ds_offset + cat.PAGE_SIZE)
         self._page_map = self.config_ds.map()
@@ -179,7 +180,7 @@ class Device:
         self.kicks = 0
         self.irqs_sent = 0
         self.device_errors = 0
-        self._build_page()
+        self._build_page(built)
         self._cmd_index = self.hc.fields["cmd"][0] >> 2
         self._cmd_left = 0  # a cmd word left in place (never-clear-cmd): run again only when kicked
         self.queues = [Queue(i) for i in range(self.num_queues)]
@@ -203,17 +204,24 @@ class Device:
             raise ValueError(f"feature bits {bad} do not fit the {self.abi} map ({words} bits)")
         return bits
 
-    def _build_page(self) -> None:
+    def _initial_page(self) -> bytearray:
         m = self.model
-        built = pg.build_page(
+        profile = m.profile
+        # A server with late features (L4Re's block servers) shows only VERSION_1 until the
+        # first reset publishes the offered set (see reset()).
+        late = profile is not None and profile.late_features
+        return pg.build_page(
             self.abi,
             m.DEVICE_ID,
             vendor=m.options["vendor"],
-            features=self.offered,
-            device_config=m.config(),
+            features={cat.VERSION_1_BIT} if late else self.offered,
+            device_config={**m.config(), **(profile.config if profile is not None else {})},
             num_queues=self.num_queues_cfg,
             num_max=self.num_max,
+            config_size=profile.config_size if profile is not None else None,
         )
+
+    def _build_page(self, built: bytearray) -> None:
         self.page[:] = built
         self.num_queues = self.get("num_queues")
         self.queues_offset = self.get("queues_offset")
@@ -308,9 +316,11 @@ class Device:
     def reset(self) -> None:
         """Driver-initiated reset: model hook, header restore, generation + 1."""
         self.model.reset()
+        profile = self.model.profile
+        keep = profile is not None and profile.keep_queue_entries  # e.g. L4Re's cons
         for q in self.queues:
             q.disable()
-            if self._array_ok():
+            if self._array_ok() and not keep:
                 self._queue_store(q.index, "num_max", self.num_max)
                 self._queue_store(q.index, "num", 0)
                 self._queue_store(q.index, "ready", 0)

@@ -3,6 +3,8 @@
 A model gives the device id, its feature bits, the device-specific config,
 its queues and (for real I/O) how requests are handled.  Options come from
 ``l4vctl emulate TYPE --opt VALUE`` or from an ``emu:TYPE?opt=value`` URL.
+A profile (``profile=NAME``) makes a model reproduce a real device server:
+it brings option defaults of its own and what no option can say.
 """
 
 from __future__ import annotations
@@ -32,6 +34,36 @@ class Option:
         self.help = help
 
 
+class Profile:
+    """A real device server whose config page a model reproduces (``profile=NAME``).
+
+    ``options`` are option values as a URL gives them; they replace the
+    options' defaults, and options the user gives still win.  ``features``
+    are the device-class bits the server offers besides those its options
+    imply (they replace the model's ``FEATURES``); ``config`` holds device
+    config values of the server that no option sets.  ``config_size`` is how
+    many bytes of device config the server publishes: the queue array
+    follows at the next 16-byte boundary.  With ``late_features`` the page
+    shows only VERSION_1 in dev_features_map until the first reset publishes
+    the rest; with ``keep_queue_entries`` a reset leaves the queue-config
+    entries as the driver wrote them (num and ready included).
+    """
+
+    __slots__ = ("name", "options", "features", "config", "config_size", "late_features", "keep_queue_entries")
+
+    def __init__(self, name: str, *, options: dict[str, str] | None = None,
+                 features: frozenset[int] = frozenset(), config: dict | None = None,
+                 config_size: int | None = None, late_features: bool = False,
+                 keep_queue_entries: bool = False):  # fmt: skip
+        self.name = name
+        self.options = dict(options or {})
+        self.features = frozenset(features)
+        self.config = dict(config or {})
+        self.config_size = config_size
+        self.late_features = late_features
+        self.keep_queue_entries = keep_queue_entries
+
+
 def model_class(kind: str):
     """The model class of device type ``kind``, imported on first use; UsageError for an unknown type."""
     entry = MODELS.get(kind)
@@ -41,14 +73,46 @@ def model_class(kind: str):
     return getattr(importlib.import_module(module), cls)
 
 
+def profiles() -> dict[str, list[Profile]]:
+    """The profiles of every device type that has any."""
+    out = {}
+    for kind in MODELS:
+        found = list(model_class(kind).PROFILES.values())
+        if found:
+            out[kind] = found
+    return out
+
+
+def profile_list() -> str:
+    """Every profile with its device type: 'blk: l4re-ahci, l4re-nvme; net: ...'."""
+    return "; ".join(f"{kind}: {', '.join(p.name for p in found)}" for kind, found in profiles().items())
+
+
+def find_profile(kind: str, name: str) -> Profile:
+    """Profile ``name`` of device type ``kind``; UsageError (listing the profiles) for another name."""
+    profile = model_class(kind).PROFILES.get(name)
+    if profile is None:
+        raise UsageError(f"{kind}: unknown profile {name!r}", hint="profiles: " + profile_list())
+    return profile
+
+
 def parse_options(kind: str, raw: dict[str, str]) -> dict:
-    """Typed options of a model (device options plus the common ones)."""
+    """Typed options of a model (device options plus the common ones).
+
+    A ``profile`` option is looked up first; its option values are parsed
+    before the ones in ``raw``, which win.
+    """
     from l4vctl.emulator.models.base import COMMON_OPTIONS
 
     cls = model_class(kind)
     known = {o.name: o for o in (*COMMON_OPTIONS, *cls.OPTIONS)}
     out = {name: o.default for name, o in known.items()}
-    for key, value in raw.items():
+    raw = dict(raw)
+    profile = None
+    if raw.get("profile") is not None:
+        profile = find_profile(kind, str(raw.pop("profile")))
+        out["profile"] = profile
+    for key, value in [*(profile.options.items() if profile else ()), *raw.items()]:
         opt = known.get(key.replace("-", "_"))
         if opt is None:
             raise UsageError(f"{kind}: unknown option {key!r}", hint="options: " + ", ".join(sorted(known)))

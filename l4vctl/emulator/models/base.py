@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from l4vctl import catalog as cat
-from l4vctl.emulator.models import Option
+from l4vctl.emulator.models import Option, Profile
 from l4vctl.parsing import parse_bool, parse_int
 
 if TYPE_CHECKING:
@@ -117,7 +117,16 @@ def _positive(text) -> int:
     return value
 
 
+#: What ``profile=`` accepts, for help texts (the profiles themselves live in the models' PROFILES).
+PROFILE_HELP = (
+    "reproduce the config page of a real L4Re device server: l4re-cons (console: cons), "
+    "l4re-switch (net: a port of l4vio_switch), l4re-ahci (blk: ahci-drv), l4re-nvme (blk: nvme-drv); "
+    "options given as well still win"
+)
+
+
 COMMON_OPTIONS = (
+    Option("profile", str, None, PROFILE_HELP),
     Option("abi", parse_abi, cat.DEFAULT_ABI, "header layout era: classic or current"),
     Option(
         "attach",
@@ -140,13 +149,17 @@ COMMON_OPTIONS = (
 class Model:
     """A device model: identity, features, config and queues.
 
-    Subclasses set ``KIND``, ``DEVICE_ID``, ``OPTIONS``, ``DEFAULT_QUEUES``
-    and ``DEFAULT_NUM_MAX`` and override the hooks they need.
+    Subclasses set ``KIND``, ``DEVICE_ID``, ``OPTIONS``, ``FEATURES``,
+    ``DEFAULT_QUEUES`` and ``DEFAULT_NUM_MAX`` (and ``PROFILES``, the real
+    servers they can reproduce) and override the hooks they need.
     """
 
     KIND = "generic"
     DEVICE_ID = 0
     OPTIONS: tuple[Option, ...] = ()
+    #: Device-class bits offered whatever the options say (a profile brings its own).
+    FEATURES: frozenset[int] = frozenset()
+    PROFILES: ClassVar[dict[str, Profile]] = {}
     DEFAULT_QUEUES = 1
     DEFAULT_NUM_MAX = 256
     MIN_QUEUES = 1
@@ -157,9 +170,19 @@ class Model:
 
     # -- identity ----------------------------------------------------------------
 
+    @property
+    def profile(self) -> Profile | None:
+        """The real device server this model reproduces, if a profile was chosen."""
+        return self.options.get("profile")
+
+    def base_features(self) -> set[int]:
+        """The device-class bits offered whatever the options say: the profile's, else ``FEATURES``."""
+        profile = self.profile
+        return set(profile.features if profile is not None else self.FEATURES)
+
     def features(self) -> set[int]:
         """Device-class feature bits offered (transport bits are added by the device)."""
-        return set()
+        return self.base_features()
 
     def config(self) -> dict:
         """Values of the device-specific config struct (missing fields are 0)."""

@@ -16,11 +16,11 @@ import ctypes
 import errno
 import fcntl
 import os
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from l4vctl import catalog as cat
 from l4vctl.emulator import log
-from l4vctl.emulator.models import Option
+from l4vctl.emulator.models import Option, Profile
 from l4vctl.emulator.models.base import Model
 from l4vctl.emulator.ring import BadChain
 from l4vctl.formats.fast import codec
@@ -40,6 +40,9 @@ _PUNCH = _FALLOC_PUNCH_HOLE | _FALLOC_KEEP_SIZE
 #: Completions published at a time while a batch of requests is served.
 PUBLISH_EVERY = 8
 
+#: What L4Re's block servers offer besides the bits their options imply.
+_L4RE_BLK = frozenset({cat.INDIRECT_DESC_BIT, cat.BLK_F_FLUSH, cat.BLK_F_CONFIG_WCE})
+
 
 class BlkModel(Model):
     """A block device on an image file or in memory: IN, OUT, FLUSH, GET_ID, DISCARD, WRITE_ZEROES."""
@@ -48,13 +51,32 @@ class BlkModel(Model):
     DEVICE_ID = cat.DEVICE_ID_BLK
     DEFAULT_QUEUES = 1
     DEFAULT_NUM_MAX = 256
+    FEATURES = frozenset({cat.INDIRECT_DESC_BIT, cat.BLK_F_FLUSH, cat.BLK_F_DISCARD, cat.BLK_F_WRITE_ZEROES})
+    PROFILES: ClassVar[dict[str, Profile]] = {
+        # ahci-drv: SIZE_MAX 4 MiB, SEG_MAX 24, FLUSH, CONFIG_WCE, INDIRECT_DESC, published at the first reset
+        "l4re-ahci": Profile(
+            "l4re-ahci",
+            options={"num_max": "256", "size_max": "0x400000", "seg_max": "24", "blk_size": "0"},
+            features=_L4RE_BLK,
+            late_features=True,
+        ),
+        # nvme-drv on QEMU's NVMe device: as ahci-drv plus WRITE_ZEROES (NVMe's 65536 blocks, one segment),
+        # and the segment limits it derives from the controller
+        "l4re-nvme": Profile(
+            "l4re-nvme",
+            options={"num_max": "256", "size_max": "0x4000", "seg_max": "32", "blk_size": "0"},
+            features=_L4RE_BLK | {cat.BLK_F_WRITE_ZEROES},
+            config={"max_write_zeroes_sectors": 0x10000},
+            late_features=True,
+        ),
+    }
     OPTIONS = (
         Option("image", str, None, "image file (created with --size if missing; default: in memory)"),
         Option("size", parse_size, None, "capacity in bytes, e.g. 64M (default: the image's size, else 64M)"),
         Option("ro", parse_bool, False, "read-only device (VIRTIO_BLK_F_RO)"),
         Option("seg_max", parse_int, 126, "most data segments per request (0: not offered)"),
         Option("size_max", parse_int, 1 << 20, "largest segment in bytes (0: not offered)"),
-        Option("blk_size", parse_int, 512, "logical block size in bytes"),
+        Option("blk_size", parse_int, 512, "logical block size in bytes (0: VIRTIO_BLK_F_BLK_SIZE not offered)"),
         Option("serial", str, None, "device id for GET_ID (20 bytes at most; default from the image name)"),
         Option("io_threads", parse_int, 1, "threads that move the data of a batch of requests (1: none)"),
     )
@@ -113,34 +135,32 @@ class BlkModel(Model):
     # -- identity -----------------------------------------------------------------------
 
     def features(self) -> set[int]:
-        """INDIRECT_DESC, BLK_SIZE, FLUSH and the bits the options ask for; RO drops DISCARD and WRITE_ZEROES."""
+        """The base bits (INDIRECT_DESC, FLUSH, DISCARD, WRITE_ZEROES, or the profile's) and those the
+        options ask for (SEG_MAX, SIZE_MAX, BLK_SIZE, RO); RO drops DISCARD and WRITE_ZEROES."""
         o = self.options
-        bits = {cat.INDIRECT_DESC_BIT, cat.BLK_F_BLK_SIZE, cat.BLK_F_FLUSH, cat.BLK_F_DISCARD, cat.BLK_F_WRITE_ZEROES}
-        if o["seg_max"]:
-            bits.add(cat.BLK_F_SEG_MAX)
-        if o["size_max"]:
-            bits.add(cat.BLK_F_SIZE_MAX)
+        bits = self.base_features()
+        for bit, option in ((cat.BLK_F_SEG_MAX, "seg_max"), (cat.BLK_F_SIZE_MAX, "size_max"),
+                            (cat.BLK_F_BLK_SIZE, "blk_size"), (cat.BLK_F_RO, "ro")):  # fmt: skip
+            if o[option]:
+                bits.add(bit)
         if o["ro"]:
-            bits.add(cat.BLK_F_RO)
             bits -= {cat.BLK_F_DISCARD, cat.BLK_F_WRITE_ZEROES}
         return bits
 
     def config(self) -> dict:
-        """Capacity in sectors, the segment limits and the DISCARD / WRITE_ZEROES limits."""
+        """Capacity in sectors, the segment limits, and the block size and the DISCARD / WRITE_ZEROES
+        limits where their feature is offered (0 otherwise, as the specification leaves them undefined)."""
         o = self.options
         sectors = self.capacity_bytes // SECTOR
-        return {
-            "capacity": sectors,
-            "size_max": o["size_max"],
-            "seg_max": o["seg_max"],
-            "blk_size": o["blk_size"],
-            "max_discard_sectors": min(sectors, 0xFFFFFFFF),
-            "max_discard_seg": MAX_ZERO_SEGS,
-            "discard_sector_alignment": 1,
-            "max_write_zeroes_sectors": min(sectors, 0xFFFFFFFF),
-            "max_write_zeroes_seg": MAX_ZERO_SEGS,
-            "write_zeroes_may_unmap": 0,
-        }
+        offered = self.features()
+        out = {"capacity": sectors, "size_max": o["size_max"], "seg_max": o["seg_max"], "blk_size": o["blk_size"]}
+        if cat.BLK_F_DISCARD in offered:
+            out.update(max_discard_sectors=min(sectors, 0xFFFFFFFF), max_discard_seg=MAX_ZERO_SEGS,
+                       discard_sector_alignment=1)  # fmt: skip
+        if cat.BLK_F_WRITE_ZEROES in offered:
+            out.update(max_write_zeroes_sectors=min(sectors, 0xFFFFFFFF), max_write_zeroes_seg=MAX_ZERO_SEGS,
+                       write_zeroes_may_unmap=0)  # fmt: skip
+        return out
 
     def describe(self) -> str:
         """Capacity, image and whether the device is read-only."""
@@ -274,6 +294,10 @@ class BlkModel(Model):
         if rtype in (cat.BLK_T_DISCARD, cat.BLK_T_WRITE_ZEROES):
             if o["ro"]:
                 return cat.BLK_S_IOERR, 0, None
+            bit = cat.BLK_F_DISCARD if rtype == cat.BLK_T_DISCARD else cat.BLK_F_WRITE_ZEROES
+            if self.device is not None and bit not in self.device.offered:  # e.g. a profile without it
+                log.info("queue %d: %s is not offered: UNSUPP", qi, cat.BLK_REQUEST_TYPES[rtype])
+                return cat.BLK_S_UNSUPP, 0, None
             # The payload length is checked before a byte of it is read: descriptors
             # may name hundreds of MiB, the request holds MAX_ZERO_SEGS segments at most.
             total = sum(len(d) for d in data)

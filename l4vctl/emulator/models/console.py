@@ -10,10 +10,11 @@ file and ``input=FILE`` feeds a file's bytes as input.
 from __future__ import annotations
 
 import os
+from typing import ClassVar
 
 from l4vctl import catalog as cat
 from l4vctl.emulator import log
-from l4vctl.emulator.models import Option
+from l4vctl.emulator.models import Option, Profile
 from l4vctl.emulator.models.base import Model
 from l4vctl.emulator.ring import BadChain
 from l4vctl.parsing import parse_bool, parse_int
@@ -39,9 +40,18 @@ class ConsoleModel(Model):
     DEFAULT_QUEUES = 2  # port 0: receive 0, transmit 1
     MIN_QUEUES = 2
     DEFAULT_NUM_MAX = 128
+    PROFILES: ClassVar[dict[str, Profile]] = {
+        # a virtio port of cons: no CONSOLE_F_SIZE, 32 zero bytes of config, queue entries kept at a reset
+        "l4re-cons": Profile(
+            "l4re-cons",
+            options={"cols": "0", "rows": "0", "num_max": "256"},
+            config_size=32,
+            keep_queue_entries=True,
+        ),
+    }
     OPTIONS = (
-        Option("cols", parse_int, 80, "columns (VIRTIO_CONSOLE_F_SIZE)"),
-        Option("rows", parse_int, 25, "rows (VIRTIO_CONSOLE_F_SIZE)"),
+        Option("cols", parse_int, 80, "columns (VIRTIO_CONSOLE_F_SIZE; cols and rows 0: not offered)"),
+        Option("rows", parse_int, 25, "rows (VIRTIO_CONSOLE_F_SIZE; cols and rows 0: not offered)"),
         Option(
             "io",
             parse_io,
@@ -94,12 +104,15 @@ class ConsoleModel(Model):
                 raise ValueError(f"cannot open {options['input']}: {exc.strerror}") from None
 
     def features(self) -> set[int]:
-        """CONSOLE_F_SIZE (the cols and rows options)."""
-        return {cat.CONSOLE_F_SIZE}
+        """CONSOLE_F_SIZE, unless the cols and rows options are both 0."""
+        bits = self.base_features()
+        if self.options["cols"] or self.options["rows"]:
+            bits.add(cat.CONSOLE_F_SIZE)
+        return bits
 
     def config(self) -> dict:
-        """Columns, rows and one port."""
-        return {"cols": self.options["cols"], "rows": self.options["rows"], "max_nr_ports": 1}
+        """Columns and rows.  max_nr_ports stays 0: it is valid only with MULTIPORT, which is not offered."""
+        return {"cols": self.options["cols"], "rows": self.options["rows"]}
 
     def required_queues(self) -> list[int]:
         """Port 0's receive and transmit queues."""

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import collections
 import errno
+import os
 import socket
+from typing import ClassVar
 
 from l4vctl import catalog as cat
 from l4vctl.emulator import log
-from l4vctl.emulator.models import Option
+from l4vctl.emulator.models import Option, Profile
 from l4vctl.emulator.models.base import Model
 from l4vctl.emulator.ring import BadChain
 from l4vctl.formats.fast import codec
@@ -40,6 +42,14 @@ def parse_link(text) -> str:
     return name
 
 
+def parse_mac_option(text) -> bytes:
+    """A MAC address, or ``random``: a random locally administered unicast one (as l4vio_switch gives its ports)."""
+    if str(text).strip().lower() == "random":
+        first, *rest = os.urandom(6)
+        return bytes([(first & 0xFC) | 0x02, *rest])
+    return parse_mac(text)
+
+
 def link_address(name: str, end: str) -> bytes:
     """The abstract-namespace address of one end of a cable."""
     return f"\0l4vctl-link/{name}/{end}".encode()
@@ -53,14 +63,24 @@ class NetModel(Model):
     DEFAULT_QUEUES = 2  # 0 receive, 1 transmit
     MIN_QUEUES = 2
     DEFAULT_NUM_MAX = 256
+    FEATURES = frozenset({cat.NET_F_MAC, cat.NET_F_STATUS})
+    PROFILES: ClassVar[dict[str, Profile]] = {
+        # a port of l4vio_switch: MAC (a random one), MRG_RXBUF, INDIRECT_DESC; 10 bytes of config
+        "l4re-switch": Profile(
+            "l4re-switch",
+            options={"mac": "random", "mtu": "0", "num_max": "256"},
+            features=frozenset({cat.NET_F_MAC, cat.NET_F_MRG_RXBUF, cat.INDIRECT_DESC_BIT}),
+            config_size=10,
+        ),
+    }
     OPTIONS = (
         Option(
             "mac",
-            parse_mac,
+            parse_mac_option,
             None,
-            "MAC address (VIRTIO_NET_F_MAC; default 52:54:00:12:34:56, or one derived from the link end)",
+            "MAC address or 'random' (VIRTIO_NET_F_MAC; default 52:54:00:12:34:56, or derived from the link end)",
         ),
-        Option("mtu", parse_int, 1500, "MTU advice (VIRTIO_NET_F_MTU)"),
+        Option("mtu", parse_int, 1500, "MTU advice (VIRTIO_NET_F_MTU; 0: not offered)"),
         Option("link", parse_link, None, "plug into the virtual cable NAME shared with one other device"),
         Option("loop", parse_bool, False, "send transmitted frames back to this device"),
     )
@@ -95,12 +115,17 @@ class NetModel(Model):
         raise ValueError(f"link {name!r} already has two devices")
 
     def features(self) -> set[int]:
-        """MTU, MAC and STATUS."""
-        return {cat.NET_F_MTU, cat.NET_F_MAC, cat.NET_F_STATUS}
+        """MAC and STATUS (or the profile's bits), and MTU unless the mtu option is 0."""
+        bits = self.base_features()
+        if self.options["mtu"]:
+            bits.add(cat.NET_F_MTU)
+        return bits
 
     def config(self) -> dict:
-        """The MAC address, link up and the MTU."""
-        return {"mac": self.mac, "status": cat.NET_S_LINK_UP, "mtu": self.options["mtu"]}
+        """The MAC address, link up (with STATUS) and the MTU."""
+        offered = self.features()
+        return {"mac": self.mac, "status": cat.NET_S_LINK_UP if cat.NET_F_STATUS in offered else 0,
+                "mtu": self.options["mtu"]}  # fmt: skip
 
     def required_queues(self) -> list[int]:
         """The receive and transmit queues."""

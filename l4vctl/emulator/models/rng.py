@@ -20,14 +20,11 @@ class RngModel(Model):
     DEVICE_ID = cat.DEVICE_ID_RNG
     DEFAULT_QUEUES = 1
     DEFAULT_NUM_MAX = 128
+    FEATURES = frozenset({cat.INDIRECT_DESC_BIT})
 
     def __init__(self, options: dict):
         super().__init__(options)
         self.fd = os.open("/dev/urandom", os.O_RDONLY | os.O_CLOEXEC)
-
-    def features(self) -> set[int]:
-        """INDIRECT_DESC only."""
-        return {cat.INDIRECT_DESC_BIT}
 
     def process(self, queue, ring) -> None:
         """Fill the first buffer of every available chain; BadChain if it lies in read-only memory."""
