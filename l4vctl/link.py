@@ -92,7 +92,7 @@ class Decoder:
             start = buf.find(_SYNC, pos)
             if start < 0:
                 # keep a trailing A5: it may be the first half of the next marker
-                keep = 1 if end and buf[end - 1] == _SYNC[0] else 0
+                keep = 1 if end > pos and buf[end - 1] == _SYNC[0] else 0
                 self.garbage += end - keep - pos
                 pos = end - keep
                 break

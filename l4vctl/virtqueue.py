@@ -153,6 +153,8 @@ class Virtqueue(Generic[T]):
         if table is not None:
             push.append(table)
         push.extend((addr, length) for addr, length, write in bufs if not write)
+        # until its completion is pulled, what the device may write is not known here
+        self._dma.unknown([(addr, length) for addr, length, write in bufs if write])  # type: ignore[union-attr]
 
     # -- submitting -------------------------------------------------------------------
 

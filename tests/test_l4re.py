@@ -361,6 +361,18 @@ def test_the_agent_survives_hostile_frames(system):
     assert result(l4vctl("probe", system.url("con0"), "--json"))["device"]["id"] == 3
 
 
+def test_a_frame_cut_short_does_not_wedge_the_agent(system):
+    from l4vctl.link import encode, encode_frame
+
+    frame = encode(encode_frame(cat.KIND_WRITE, 1, 0, 0, [0, 0, 4000], (), 5, os.urandom(4000)))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:  # a host that dies mid-frame
+        s.connect(str(system.com2))
+        s.sendall(frame[:1500])
+    start = time.monotonic()
+    assert result(l4vctl("probe", system.url("net0"), "--json"))["device"]["id"] == 1
+    assert time.monotonic() - start < 4  # the agent gave up on the cut frame after a pause
+
+
 def test_a_host_killed_mid_session_leaves_nothing_behind(system):
     proc = subprocess.Popen([sys.executable, "-m", "l4vctl", "net", "recv", system.url("net1"), "--count", "1",
                              "--wait", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip

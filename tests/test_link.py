@@ -119,3 +119,12 @@ def test_limits_are_usage_errors():
         encode(b"x" * (cat.LINK_MAX_PAYLOAD + 1))
     with pytest.raises(UsageError):
         Decoder(max_payload=cat.LINK_MAX_PAYLOAD + 1)
+
+
+def test_a_frame_that_ends_in_the_first_sync_byte_is_not_counted_as_garbage():
+    from l4vctl.link import Decoder, encode
+
+    d = Decoder()
+    frames = d.feed(encode(b"xyz\xa5"))
+    assert [f.payload for f in frames] == [b"xyz\xa5"]
+    assert (d.garbage, d.pending) == (0, 0)

@@ -148,3 +148,15 @@ def test_net_loopback_through_far_memory():
             if got:
                 break
         assert sent in got
+
+
+def test_a_second_handshake_on_far_memory_still_completes_requests():
+    # the ring memory is reused and zeroed: what the far side holds must be known again,
+    # or a descriptor equal to the old one would not be sent
+    s, _ = far_session("emu:blk?size=1M")
+    with s:
+        for round_ in range(3):
+            s.handshake()
+            drv = BlkDriver(s)
+            drv.write(round_, bytes([0x41 + round_]) * 512)
+            assert drv.read(0, 1536)[512 * round_ : 512 * round_ + 4] == bytes([0x41 + round_]) * 4

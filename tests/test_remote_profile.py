@@ -229,6 +229,11 @@ def test_bad_l4re_urls_are_usage_errors(url, message):
         open_backend(url)
 
 
+def test_an_ipc_timeout_must_leave_room_for_the_answer(cli):
+    r = cli("probe", "l4re:unix:/nonexistent.sock?dev=a&ipc-timeout=3000", "--timeout", "5")
+    assert r.code == 2 and "below half of --timeout" in r.stderr
+
+
 def test_links_of_unknown_kind_and_non_serial_devices_are_refused(tmp_path):
     with pytest.raises(UsageError, match="not one of"):
         open_stream("pipe:/x", 1.0)
@@ -266,3 +271,20 @@ def test_a_serial_line_carries_frames(tmp_path):
 def test_backends_lists_the_l4re_scheme(cli):
     rows = {r["scheme"]: r for r in cli("backends", "--json").json()["result"]["backends"]}
     assert rows["l4re"]["available"] is True and rows["l4re"]["usage"] == "l4re:LINK?dev=NAME"
+
+
+def test_an_event_for_a_closed_irq_does_not_end_the_link():
+    from l4vctl.backends.l4re import RemoteIrq
+
+    agent = ScriptedAgent(welcome_and_echo)
+    link = agent.link()
+    try:
+        link.hello(cat.ROLE_DRIVER, 1000)
+        irq = RemoteIrq(link, 42)
+        irq.close()
+        agent.send(cat.KIND_EVENT, 0, 0, [1], flags=42)
+        assert link.call(1, 0, 0, [9], [], 0).words == [9]
+        assert link.dead is None and link.events == 1
+    finally:
+        link.close()
+        agent.close()

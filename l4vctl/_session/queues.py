@@ -104,8 +104,9 @@ class QueueSet:
             memory, ring_base, _size = self._rings
             memory.write([(0, bytes(total))])
             if self._shadowed:
-                assert self.ring_memory is not None
+                assert self.ring_memory is not None and self.shadow is not None
                 self.ring_memory[:total] = bytes(total)
+                self.shadow.known(ring_base, bytes(total))  # what the memory now holds
         else:
             memory, ring_base = lend(total, "l4vctl-rings")
             self._rings = (memory, ring_base, total)

@@ -18,6 +18,8 @@ from l4vctl.errors import ProtocolError
 
 #: Granule of the comparison that finds what changed since the last push.
 DIFF_GRANULE = 64
+#: Every byte to a different one (for ranges whose memory content is not known).
+_INVERT = bytes(b ^ 0xFF for b in range(256))
 
 
 class _Region:
@@ -79,6 +81,25 @@ class ShadowSpace:
             r = self._find(addr, length)
             groups.setdefault(id(r), (r, []))[1].append((addr - r.base, length))
         return groups
+
+    def known(self, addr: int, data: bytes) -> None:
+        """The memory at device address ``addr`` holds ``data`` now (written past the shadow)."""
+        r = self._find(addr, len(data))
+        off = addr - r.base
+        r.mirror[off : off + len(data)] = data
+
+    def unknown(self, ranges: Iterable[tuple[int, int]]) -> None:
+        """The device may change these ranges: nothing is known of them until they are pulled.
+
+        The mirror is made to differ from the shadow in every byte, so the
+        next push of any of them sends all of it.
+        """
+        for addr, n in ranges:
+            r = next((r for r in self.regions if r.base <= addr and addr + n <= r.end), None)
+            if r is None or n <= 0:
+                continue  # not memory of ours: nothing here to keep in step
+            off = addr - r.base
+            r.mirror[off : off + n] = bytes(r.shadow[off : off + n]).translate(_INVERT)
 
     def push(self, ranges: Iterable[tuple[int, int]]) -> None:
         """Write what changed of every ``(device address, length)`` range, in order, to the memory.

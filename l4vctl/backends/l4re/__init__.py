@@ -31,16 +31,24 @@ MAX_RANGES = 96
 WINDOW = 3
 #: First device address of a device the host never lent memory to.
 DEVICE_ADDRESS_BASE = 0x200000
-#: IPC errors (l4_ipc_error) the agent reports in a REPLY's flags.
+#: IPC errors (l4_ipc_error) the agent reports in a REPLY's flags, without the phase bit
+#: (bit 0: 0 in the send phase, 1 in the receive phase).
 IPC_ERRORS = {
-    1: "send to an invalid destination",
-    2: "send timeout",
-    3: "receive timeout",
-    4: "the partner does not exist",
-    6: "canceled",
-    8: "message cut",
-    0x0D: "receive aborted",
+    0x02: "timeout",
+    0x04: "the partner does not exist",
+    0x06: "canceled",
+    0x0A: "page-fault timeout",
+    0x0C: "page-fault timeout",
+    0x0E: "aborted",
+    0x10: "mapping failed",
 }
+
+
+def ipc_error(code: int) -> str:
+    """What an IPC error code means, with its phase."""
+    what = IPC_ERRORS.get(code & 0x1E, f"IPC error {code:#x}")
+    return f"{what} in the {'receive' if code & 1 else 'send'} phase"
+
 
 EXAMPLE = "l4re:unix:/tmp/com2.sock?dev=con0"
 #: Seconds between liveness pings of the device server while a driver waits.
@@ -203,6 +211,28 @@ class RemoteKick(Irq):
 _LINKS: dict[str, list] = {}
 
 
+class RemoteIrq(Irq):
+    """A driver IRQ: a local eventfd that the agent's EVENT frames for ``handle`` trigger."""
+
+    __slots__ = ("link", "handle")
+
+    def __init__(self, link, handle: int):
+        import os
+
+        super().__init__(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+        self.link = link
+        self.handle = handle
+        with link.irq_lock:
+            link.irqs[handle] = self
+
+    def close(self) -> None:
+        """Stop the events first (under the reader's lock), then close the eventfd."""
+        with self.link.irq_lock:
+            if self.link.irqs.get(self.handle) is self:
+                del self.link.irqs[self.handle]
+            super().close()
+
+
 class L4reChannel(Channel):
     """A device the agent holds, as a channel of the backend contract."""
 
@@ -232,10 +262,12 @@ class L4reChannel(Channel):
         r = self.link.call(self.handle, label, opcode, l4msg.pack(label, opcode, words), list(caps),
                            l4msg.receive_flags(kinds), timeout)  # fmt: skip
         if r.flags:
-            why = IPC_ERRORS.get(r.flags, f"IPC error {r.flags:#x}")
-            if r.flags in (2, 3):
+            why = ipc_error(r.flags)
+            if r.flags & 0x1E == 0x02:
                 raise TimeoutExpired(f"{self.name}: the device server did not answer ({why})")
-            raise UnavailableError(f"{self.name}: the device server is gone ({why})")
+            if r.flags & 0x1E == 0x04:
+                raise UnavailableError(f"{self.name}: the device server is gone ({why})")
+            raise UnavailableError(f"{self.name}: the call to the device server failed ({why})")
         self.handles.extend(cap.handle for cap in r.caps if cap.handle)
         return Response(r.label, r.words, r.caps, [])
 
@@ -265,8 +297,7 @@ class L4reChannel(Channel):
         if not handle:
             raise ProtocolError(f"{self.link.name}: the agent created no IRQ")
         self.handles.append(handle)
-        irq = Irq.create()
-        self.link.irqs[handle] = irq
+        irq = RemoteIrq(self.link, handle)
         return irq, Cap(cat.CAP_IRQ, RIGHT_W, handle), []
 
     def lend(self, size: int, name: str) -> Lent:
@@ -301,16 +332,18 @@ class L4reChannel(Channel):
             return
         self._pinged = now
         r = self.link.call(self.handle, cat.L4_PROTO_IRQ, cat.ICU_OP_INFO, [cat.ICU_OP_INFO], [], 0)
+        if r.flags & 0x1E == 0x04:
+            raise UnavailableError(f"{self.name}: the device server is gone ({ipc_error(r.flags)})")
         if r.flags:
-            why = IPC_ERRORS.get(r.flags, f"IPC error {r.flags:#x}")
-            raise UnavailableError(f"{self.name}: the device server is gone ({why})")
+            raise TimeoutExpired(f"{self.name}: the device server does not answer ({ipc_error(r.flags)})")
 
     def close(self) -> None:
         """Release this channel's objects; the last channel on the link says goodbye (the agent
         then releases everything and resets the devices used) and closes the link."""
         entry = _LINKS.get(self.spec)
-        for handle in self.handles:
-            self.link.irqs.pop(handle, None)
+        with self.link.irq_lock:
+            for handle in self.handles:
+                self.link.irqs.pop(handle, None)
         if entry is not None and entry[0] is self.link and entry[1] > 1:
             entry[1] -= 1
             try:
@@ -359,10 +392,14 @@ class L4reBackend(Backend):
         from l4vctl.backends.l4re.agent import AgentLink
         from l4vctl.backends.l4re.stream import open_stream
 
+        # both phases of an IPC are bounded by it: twice it stays below the host's timeout,
+        # so a device server that hangs is reported as such, not as a silent agent
+        ipc_ms = self.ipc_timeout_ms or max(10, int(timeout * 1000 * 0.4))
+        if 2 * ipc_ms >= timeout * 1000:
+            raise UsageError(f"{self.url}: ipc-timeout={ipc_ms} ms must stay below half of --timeout ({timeout:g} s)")
         stream = open_stream(self.link_spec, timeout, self.baud)
         link = AgentLink(stream, timeout)
         try:
-            ipc_ms = self.ipc_timeout_ms or max(100, int(timeout * 1000 * 0.8))
             role_code = cat.ROLE_MONITOR if role == "monitor" else cat.ROLE_DRIVER
             link.hello(role_code, ipc_ms)
         except TimeoutExpired as exc:  # nobody speaks the protocol on this line: not a slow device

@@ -30,6 +30,8 @@ from l4vctl.wire import Cap, WireError
 SLOWEST_RATE = 2000
 #: Text of the line kept for an error message when no agent answers.
 KEEP_TEXT = 400
+#: Seconds between HELLOs while no agent answers.
+HELLO_EVERY = 1.0
 
 
 class Welcome:
@@ -58,6 +60,7 @@ class AgentLink:
         self._replies: dict[int, RemoteFrame] = {}
         self._waiting: set[int] = set()
         self.irqs: dict[int, Irq] = {}  # agent IRQ handle -> local eventfd the events trigger
+        self.irq_lock = threading.Lock()
         self.events = 0
         self.bad_frames = 0
         self.text = bytearray()  # what arrived that was not a frame (a boot log, say), the first bytes
@@ -110,9 +113,13 @@ class AgentLink:
             return
         if f.kind == cat.KIND_EVENT:
             self.events += 1
-            irq = self.irqs.get(f.flags)
-            if irq is not None:
-                irq.trigger()
+            with self.irq_lock:  # an IRQ being closed is not triggered (its fd may be reused)
+                irq = self.irqs.get(f.flags)
+                if irq is not None and irq.fd >= 0:
+                    try:
+                        irq.trigger()
+                    except (OSError, ValueError):
+                        pass
             return
         with self._cond:
             if f.seq in self._waiting:
@@ -143,14 +150,28 @@ class AgentLink:
         self._seq = (self._seq + 1) & 0x7FFFFFFF or 1
         return self._seq
 
+    def _send(self, data: bytes, timeout: float) -> None:
+        """Write frames; a write that fails or stalls ends the link (a frame may be cut in half)."""
+        with self._send_lock:
+            try:
+                self.stream.send(data, timeout)
+            except (TimeoutExpired, UnavailableError) as exc:
+                self._die(str(exc).removeprefix(f"{self.name}: "))
+                raise
+
+    def _frame(self, kind: int, seq: int, label: int, opcode: int, words, caps, flags: int, data: bytes) -> bytes:
+        payload = encode_frame(kind, seq, label, opcode, words, caps, flags, data)
+        if len(payload) > self.max_payload:
+            raise ProtocolError(f"{self.name}: a frame of {len(payload)} bytes is larger than the agent takes "
+                                f"({self.max_payload})")  # fmt: skip
+        return encode(payload)
+
     def post(self, kind: int, label: int = 0, opcode: int = 0, words=(), caps=(), flags: int = 0,
              data: bytes = b"") -> int:  # fmt: skip
         """Send a frame without waiting; returns its sequence number."""
         self.check()
         seq = self._next_seq()
-        frame = encode(encode_frame(kind, seq, label, opcode, words, caps, flags, data))
-        with self._send_lock:
-            self.stream.send(frame, self.timeout)
+        self._send(self._frame(kind, seq, label, opcode, words, caps, flags, data), self.timeout)
         return seq
 
     def request(self, kind: int, label: int = 0, opcode: int = 0, words=(), caps=(), flags: int = 0,
@@ -158,13 +179,12 @@ class AgentLink:
         """Send a frame and wait for its reply (``expect``: bytes the reply will carry, for the timeout)."""
         self.check()
         seq = self._next_seq()
-        frame = encode(encode_frame(kind, seq, label, opcode, words, caps, flags, data))
+        frame = self._frame(kind, seq, label, opcode, words, caps, flags, data)
         wait = (self.timeout if timeout is None else timeout) + (len(frame) + expect) / SLOWEST_RATE
         with self._cond:
             self._waiting.add(seq)
         try:
-            with self._send_lock:
-                self.stream.send(frame, wait)
+            self._send(frame, wait)
             deadline = time.monotonic() + wait
             with self._cond:
                 while seq not in self._replies:
@@ -189,14 +209,13 @@ class AgentLink:
         """
         self.check()
         seqs = [self._next_seq() for _ in frames]
-        out = b"".join(encode(encode_frame(kind, seq, label, opcode, words, (), flags, data))
+        out = b"".join(self._frame(kind, seq, label, opcode, words, (), flags, data)
                        for seq, (kind, flags, words, data, _e) in zip(seqs, frames, strict=True))  # fmt: skip
         wait = self.timeout + (len(out) + sum(f[4] for f in frames)) / SLOWEST_RATE
         with self._cond:
             self._waiting.update(seqs)
         try:
-            with self._send_lock:
-                self.stream.send(out, wait)
+            self._send(out, wait)
             deadline = time.monotonic() + wait
             with self._cond:
                 while not all(seq in self._replies for seq in seqs):
@@ -229,8 +248,18 @@ class AgentLink:
 
     def hello(self, role: int, ipc_timeout_ms: int) -> Welcome:
         """Open a session with the agent (releasing whatever a previous host left behind)."""
-        r = self.request(cat.KIND_HELLO, 0, 0, [cat.WIRE_VERSION, cat.WIRE_VERSION, role, cat.PROFILE_REMOTE,
-                                               ipc_timeout_ms])  # fmt: skip
+        words = [cat.WIRE_VERSION, cat.WIRE_VERSION, role, cat.PROFILE_REMOTE, ipc_timeout_ms]
+        # said again every HELLO_EVERY seconds: an agent still swallowing the rest of a frame
+        # that an earlier host cut short drops it after a pause and answers the next HELLO
+        deadline = time.monotonic() + self.timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                r = self.request(cat.KIND_HELLO, 0, 0, words, timeout=max(0.001, min(HELLO_EVERY, left)))
+                break
+            except TimeoutExpired:
+                if deadline - time.monotonic() <= 0:
+                    raise TimeoutExpired(self._silence(cat.KIND_HELLO, self.timeout)) from None
         if r.kind != cat.KIND_WELCOME:
             raise ProtocolError(f"{self.name}: the agent answered HELLO with a frame of kind {r.kind}")
         if r.label < 0:

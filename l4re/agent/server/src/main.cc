@@ -62,6 +62,7 @@ enum : unsigned
   Max_devices = 16,
   Max_expand = 65536,    // bytes a READ may ask for / a WRITE may expand to
   Max_alloc = 64u << 20,
+  Idle_ms = 500,         // a partial frame older than this (no byte arriving) is dropped
 };
 
 enum : long
@@ -107,6 +108,7 @@ struct Obj
   uint8_t type;      // Cap_*
   bool owned;        // created here (deleted on release) or received (dropped)
   bool touched;      // a device the host sent requests to (reset on release)
+  bool writable;     // the mapping may be written
   l4_cap_idx_t cap;
   uint8_t *addr;     // a dataspace's local mapping
   uint64_t size;
@@ -138,7 +140,7 @@ l4_cap_idx_t uart_irq;
 enum { Rbr = 0, Thr = 0, Ier = 1, Iir = 2, Fcr = 2, Lcr = 3, Mcr = 4, Lsr = 5 };
 enum { Label_uart = 0x10, Label_irq_base = 0x100 };
 
-uint8_t rx[Link_hdr + Max_payload + 64];
+uint8_t rx[2 * (Link_hdr + Max_payload)];
 size_t rx_len;
 uint8_t tx[4 * (Link_hdr + Max_payload)];
 size_t tx_head, tx_tail;   // ring: bytes [tail, head) are waiting
@@ -169,15 +171,13 @@ void uart_tx()
     uart_set_ier();
 }
 
+// Take what the receive FIFO holds while there is room; what is left stays
+// in the FIFO (and the sender waits) until frames are consumed.
 void uart_rx()
 {
-  while (uart_in(Lsr) & 0x01)
+  while (rx_len < sizeof(rx) && (uart_in(Lsr) & 0x01))
     {
-      uint8_t b = uart_in(Rbr);
-      if (rx_len < sizeof(rx))
-        rx[rx_len++] = b;
-      else
-        ++stats.dropped;   // cannot happen: frames are consumed before the buffer fills
+      rx[rx_len++] = uart_in(Rbr);
       ++stats.bytes_in;
     }
 }
@@ -191,6 +191,15 @@ void tx_room(size_t n)
       if (sizeof(tx) - tx_used() < n)
         l4_ipc_sleep_us(100);
     }
+}
+
+// True when no byte arrived since the last look (and something is buffered).
+size_t rx_seen;
+bool uart_rx_stalled()
+{
+  bool stalled = stats.bytes_in == rx_seen;
+  rx_seen = stats.bytes_in;
+  return stalled;
 }
 
 void send_link(uint8_t const *payload, size_t n)
@@ -361,11 +370,13 @@ void reset_device(Obj &d)
 // End of a host session: every object goes, every device used is reset.
 void release_session()
 {
-  for (unsigned h = ndevices + 1; h < Max_handles; ++h)
-    release(h);
+  // Reset first: a device whose queues still run must stop using our
+  // memory before that memory goes.
   for (unsigned h = 1; h <= ndevices; ++h)
     if (objs[h].touched)
       reset_device(objs[h]);
+  for (unsigned h = ndevices + 1; h < Max_handles; ++h)
+    release(h);
 }
 
 bool attach(Obj &o, bool writable)
@@ -378,6 +389,7 @@ bool attach(Obj &o, bool writable)
   if (l4re_rm_attach(&a, sz, f, o.cap, 0, L4_PAGESHIFT) < 0)
     return false;
   o.addr = (uint8_t *)a;
+  o.writable = writable;
   return true;
 }
 
@@ -435,7 +447,7 @@ bool zr_decode(uint8_t const *s, size_t sn, uint8_t *d, size_t n)
   return o == n;
 }
 
-uint8_t expand[Max_expand];
+alignas(8) uint8_t expand[Max_expand];
 
 // ---- frames in ------------------------------------------------------------------------
 
@@ -462,8 +474,7 @@ void do_hello(In const &f)
     }
   release_session();
   session_role = f.w(2);
-  if (f.nwords > 4 && f.w(4) >= 10 && f.w(4) <= 600000)
-    ipc_timeout_ms = f.w(4);
+  ipc_timeout_ms = (f.nwords > 4 && f.w(4) >= 10 && f.w(4) <= 600000) ? f.w(4) : 5000;
   out.word(f.w(2));          // role
   out.word(Max_payload);
   out.word(ndevices);
@@ -585,6 +596,26 @@ bool gone(Obj const &o)
   return !o.owned && l4_msgtag_label(l4_task_cap_valid(L4RE_THIS_TASK_CAP, o.cap)) <= 0;
 }
 
+// Copy in the widest unit that address and length allow: a 16-bit ring
+// index or a 32-bit word is never torn for a device that reads it while we
+// write it (or writes it while we read it).
+void copy_units(uint8_t *dst, uint8_t const *src, size_t len)
+{
+  uintptr_t a = (uintptr_t)dst | (uintptr_t)src | len;
+  if (!(a & 7))
+    for (size_t i = 0; i < len; i += 8)
+      *(uint64_t volatile *)(dst + i) = *(uint64_t const volatile *)(src + i);
+  else if (!(a & 3))
+    for (size_t i = 0; i < len; i += 4)
+      *(uint32_t volatile *)(dst + i) = *(uint32_t const volatile *)(src + i);
+  else if (!(a & 1))
+    for (size_t i = 0; i < len; i += 2)
+      *(uint16_t volatile *)(dst + i) = *(uint16_t const volatile *)(src + i);
+  else
+    for (size_t i = 0; i < len; ++i)
+      dst[i] = src[i];
+}
+
 // Copy len bytes at off of o to dst: 0, or E_nxio if o's owner is gone,
 // E_nomem if o can be reached neither way.
 long copy_out(Obj const &o, uint64_t off, uint8_t *dst, size_t len)
@@ -598,7 +629,7 @@ long copy_out(Obj const &o, uint64_t off, uint8_t *dst, size_t len)
     return E_nxio;
   if (!o.addr)
     return E_nomem;
-  memcpy(dst, o.addr + off, len);   // ours, or not the memory server's dataspace: direct
+  copy_units(dst, o.addr + off, len);   // ours, or not the memory server's dataspace: direct
   return 0;
 }
 
@@ -614,7 +645,9 @@ long copy_in(Obj const &o, uint64_t off, uint8_t const *src, size_t len)
     return E_nxio;
   if (!o.addr)
     return E_nomem;
-  memcpy(o.addr + off, src, len);
+  if (!o.writable)
+    return E_perm;
+  copy_units(o.addr + off, src, len);
   return 0;
 }
 
@@ -802,7 +835,7 @@ void do_agent(In const &f)
       return reply(f.seq, 0, f.opcode);
     case Op_note:
       {
-        Obj *d = f.nwords ? find(f.w(0), Cap_device) : nullptr;
+        Obj *d = f.nwords && f.w(0) < Max_handles ? find(f.w(0), Cap_device) : nullptr;
         if (!d)
           return reply_error(f.seq, E_noent, f.opcode);
         if (f.nwords > 1)
@@ -875,17 +908,17 @@ void parse_rx()
         }
       if (i + Link_hdr + len > rx_len)
         break;   // wait for the rest
-      if (h[3] == Link_version && h[2] == Link_type_wire
-          && crc32(h + Link_hdr, len) == get32(h + 8))
+      if (crc32(h + Link_hdr, len) != get32(h + 8))
         {
-          dispatch(h + Link_hdr, len);
-          i += Link_hdr + len;
-        }
-      else
-        {
-          ++stats.dropped;
+          ++stats.dropped;   // damaged: look for the next marker inside it
           ++i;
+          continue;
         }
+      if (h[3] == Link_version && h[2] == Link_type_wire)
+        dispatch(h + Link_hdr, len);
+      else
+        ++stats.dropped;     // intact, of another version or type: skipped whole
+      i += Link_hdr + len;
     }
   if (i)
     {
@@ -911,8 +944,17 @@ int add_device(char const *name)
       printf("l4vagent: no capability named '%s'\n", name);
       return -1;
     }
-  if (ndevices + 1 >= Max_devices)
-    return -1;
+  if (ndevices >= Max_devices)
+    {
+      printf("l4vagent: more than %u devices: '%s' left out\n", (unsigned)Max_devices, name);
+      return -1;
+    }
+  if (strlen(name) >= sizeof(objs[0].name))
+    {
+      printf("l4vagent: device name '%s' is longer than %zu bytes: left out\n", name,
+             sizeof(objs[0].name) - 1);
+      return -1;
+    }
   Obj &o = objs[++ndevices];
   o.type = Cap_device;
   o.cap = c;
@@ -951,9 +993,24 @@ int main(int argc, char **argv)
   for (;;)
     {
       l4_umword_t label;
-      l4_msgtag_t t = l4_ipc_wait(u, &label, L4_IPC_NEVER);
+      // Bytes of an unfinished frame wait at most Idle_ms for the rest: a host
+      // that died mid-frame must not make the agent swallow the next host's
+      // frames as the missing payload.
+      l4_msgtag_t t = l4_ipc_wait(u, &label, rx_len ? l4_timeout(L4_IPC_TIMEOUT_NEVER, l4_timeout_from_us(Idle_ms * 1000))
+                                                   : L4_IPC_NEVER);
       if (l4_ipc_error(t, u))
-        continue;
+        {
+          if (l4_ipc_error(t, u) == L4_IPC_RETIMEOUT && rx_len)
+            {
+              uart_rx();
+              if (!uart_rx_stalled())
+                continue;
+              ++stats.dropped;
+              memmove(rx, rx + 1, --rx_len);   // give up on that marker; resynchronise after it
+              parse_rx();
+            }
+          continue;
+        }
       if (debug)
         printf("l4vagent: wake %lx, %zu bytes buffered\n", (unsigned long)label, rx_len);
       if (label == Label_uart)
