@@ -49,3 +49,67 @@ def summary(times: list[float]) -> tuple[float, float]:
 
 
 PY = sys.executable
+
+
+# -- honest comparisons: interleaved pairs, both CPU placements, min/median/max -------------------
+
+
+def add_placement_args(ap) -> None:
+    """--pairs and --cpus, the same in every script."""
+    ap.add_argument("--pairs", type=int, default=5, help="interleaved subject/baseline pairs per case (at least 5)")
+    ap.add_argument("--cpus", default=None,
+                    help="run only with this placement: 'all' (unpinned) or a CPU list such as 0 (every "
+                         "process of the case pinned there); default: both, unpinned then on CPU 0")  # fmt: skip
+
+
+def placements(arg: str | None) -> list[set[int] | None]:
+    """The CPU placements to run each case in: None means unpinned."""
+    if arg is None:
+        return [None, {0}]
+    if arg == "all":
+        return [None]
+    return [{int(c) for c in arg.split(",")}]
+
+
+def place(cpus: set[int] | None, pid: int = 0) -> None:
+    """Pin ``pid`` (0: this process) to ``cpus``; None: every CPU this machine allows."""
+    if not hasattr(os, "sched_setaffinity"):
+        return
+    os.sched_setaffinity(pid, cpus if cpus is not None else set(range(os.cpu_count() or 1)))
+
+
+def describe(cpus: set[int] | None) -> str:
+    return "unpinned" if cpus is None else f"all processes on CPU {','.join(map(str, sorted(cpus)))}"
+
+
+def cpus_of(pid: int = 0) -> str:
+    """The CPUs a process may run on, as text."""
+    try:
+        return ",".join(map(str, sorted(os.sched_getaffinity(pid))))
+    except OSError:
+        return "?"
+
+
+def interleave(subject, baseline, pairs: int) -> tuple[list[float], list[float]]:
+    """Run ``subject()`` and ``baseline()`` (each returns a figure) in ``pairs`` pairs,
+    alternating which goes first, so drift and warm-up hit both alike."""
+    subj, base = [], []
+    for i in range(max(pairs, 1)):
+        if i % 2:
+            base.append(baseline())
+            subj.append(subject())
+        else:
+            subj.append(subject())
+            base.append(baseline())
+    return subj, base
+
+
+def mmm(values: list[float], scale: float = 1.0, fmt: str = ".3g") -> str:
+    """min / median / max of ``values`` times ``scale``."""
+    v = [x * scale for x in values]
+    return f"{min(v):{fmt}} / {statistics.median(v):{fmt}} / {max(v):{fmt}}"
+
+
+def ratios(subject: list[float], baseline: list[float]) -> list[float]:
+    """subject/baseline pair by pair."""
+    return [s / b for s, b in zip(subject, baseline, strict=True) if b]
