@@ -35,6 +35,41 @@ def emulator(tmp_path, kind: str = "blk", *args: str, name: str = "dev.sock"):
         reap(proc)
 
 
+@contextlib.contextmanager
+def emulators(count: int, *args: str):
+    """``l4vctl emulate -q ARGS`` serving ``count`` devices from one process; yields (urls, proc).
+
+    The process prints one ready line per device, in the order given.
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "l4vctl", "emulate", "-q", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield ready_lines(proc, count), proc
+    finally:
+        reap(proc)
+
+
+def ready_lines(proc: subprocess.Popen, count: int, timeout: float = 20) -> list[str]:
+    """The first ``count`` lines of a process's stdout, read unbuffered (they may come in one write)."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    data = b""
+    deadline = time.monotonic() + timeout
+    while data.count(b"\n") < count:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        assert ready, f"the emulator did not become ready: {data!r}"
+        chunk = os.read(fd, 65536)
+        assert chunk, (data, proc.stderr.read() if proc.stderr is not None and proc.poll() is not None else "")
+        data += chunk
+    lines = data.decode().splitlines()
+    assert len(lines) == count, lines
+    return lines
+
+
 def reap(proc: subprocess.Popen, timeout: float = 10) -> None:
     """Stop a test's process however the test went: SIGTERM, then SIGKILL; close its pipes."""
     if proc.poll() is None:

@@ -1,4 +1,4 @@
-"""``l4vctl emulate``: serve an emulated L4-VIRTIO device on a Unix socket."""
+"""``l4vctl emulate``: serve emulated L4-VIRTIO devices on Unix sockets (one, or several from one process)."""
 
 from __future__ import annotations
 
@@ -50,6 +50,10 @@ def _apply(decorators):
     epilog=examples(
         ("l4vctl emulate blk --socket /tmp/blk.sock", "Serve a 64 MiB block device:"),
         ("l4vctl probe unix:/tmp/blk.sock", "Then, from another shell:"),
+        (
+            "l4vctl emulate --socket-dir /tmp/devs --device blk,size=4M --device blk,ro --device net --device rng",
+            "Four devices from one process, on /tmp/devs/blk0.sock, blk1.sock, net0.sock and rng0.sock:",
+        ),
         ("l4vctl emulate net --socket /tmp/net.sock --abi classic --cmd-mode", "A classic-era net device in cmd mode:"),
         ("l4vctl emulate blk --socket /tmp/bad.sock --inject refuse-features-ok", "A device that refuses FEATURES_OK:"),
         (
@@ -59,10 +63,19 @@ def _apply(decorators):
     ),
     context_settings={"max_content_width": 100},
 )
-@click.argument("kind", metavar="TYPE", type=click.Choice(["blk", "net", "console", "rng"]))
-@click.option("--socket", "socket_path", required=True, metavar="PATH", help="Unix socket to listen on (mode 0600).")
+@click.argument("kind", metavar="[TYPE]", required=False, type=click.Choice(["blk", "net", "console", "rng"]))
+@click.option("--socket", "socket_path", default=None, metavar="PATH",
+              help="Unix socket to listen on (mode 0600); needed with TYPE.")  # fmt: skip
+@click.option("--device", "device_specs", multiple=True, metavar="SPEC",
+              help="Serve a device TYPE[,KEY=VALUE...] instead of TYPE; repeatable, one process for all "
+                   "(see below).")  # fmt: skip
+@click.option("--socket-dir", default=None, metavar="DIR",
+              help="Where devices of --device and --from without socket= listen: DIR/NAME.sock.")  # fmt: skip
+@click.option("--from", "from_file", default=None, metavar="FILE",
+              help="Serve the devices a TOML file names (see below); --device adds more.")  # fmt: skip
 @click.option("--max-clients", type=click.IntRange(1, 4096), default=128, show_default=True,
-              help="Connections served at once; more are refused with -L4_EAGAIN (clients retry).")  # fmt: skip
+              help="Connections served at once, per device; more are refused with -L4_EAGAIN "
+                   "(clients retry).")  # fmt: skip
 @click.option("--client-timeout", type=click.FloatRange(0.05), default=5.0, show_default=True, metavar="SECONDS",
               help="Close connections that send no HELLO, or leave replies unread, this long.")  # fmt: skip
 @click.option("--idle-timeout", type=click.FloatRange(0), default=0, metavar="SECONDS",
@@ -92,10 +105,10 @@ def _apply(decorators):
 @click.option("-q", "--quiet", is_flag=True, help="Log only errors.")
 @json_option
 @click.pass_context
-def emulate(ctx, kind, socket_path, max_clients, client_timeout, idle_timeout, abi, attach, profile, cmd_mode, queues,
-            num_max, features, inject, ds_offset, max_regions,
+def emulate(ctx, kind, socket_path, device_specs, socket_dir, from_file, max_clients, client_timeout, idle_timeout,
+            abi, attach, profile, cmd_mode, queues, num_max, features, inject, ds_offset, max_regions,
             vendor, verbose, quiet, json_mode, **model_opts):  # fmt: skip
-    """Serve an emulated L4-VIRTIO device on a Unix socket.
+    """Serve emulated L4-VIRTIO devices on Unix sockets: one, or several from one process.
 
     The device follows the rules of L4Re's device side: the status state
     machine, feature publication on reset, CONFIG_QUEUE and REGISTER_DS
@@ -116,11 +129,50 @@ def emulate(ctx, kind, socket_path, max_clients, client_timeout, idle_timeout, a
     envelope), so scripts can wait for that line.
 
     \b
+    Several devices from one process (one interpreter, one event loop):
+      l4vctl emulate --device blk,size=64M,socket=/tmp/a.sock \\
+                     --device net,mac=52:54:00:00:00:01,socket=/tmp/b.sock
+      l4vctl emulate --socket-dir /tmp/devs --device blk --device blk,ro
+        (listens on /tmp/devs/blk0.sock and /tmp/devs/blk1.sock)
+      l4vctl emulate --from devices.toml
+
+    \b
+    A --device SPEC is TYPE[,KEY=VALUE...]; KEY is
+      socket=PATH    the socket to listen on
+      name=NAME      listen on DIR/NAME.sock of --socket-dir (default
+                     NAME: the type and its count: blk0, blk1, net0)
+      an option      any device option of the TYPE form without its
+                     dashes: size=4M, abi=classic, cmd-mode, profile=...,
+                     feature=flush, inject=never-clear-cmd, mac=..., io=echo
+    A key without a value is on (ro, cmd-mode, pty); a comma inside a
+    value is written twice (inject=no-reply=1,,bad-magic); feature and
+    inject add up when repeated.  The device options of the TYPE form
+    cannot be mixed with --device or --from; --max-clients and the
+    timeouts hold for each device.  Only one console may use this
+    terminal (io=stdio, the default).  When every device listens, one
+    line per device is printed in the order given: its URL, or with --json
+    its envelope.  A signal stops all devices and removes every socket.
+
+    \b
+    A TOML file for --from (options as in a SPEC; lists for feature and
+    inject; relative paths from the current directory):
+      socket-dir = "/tmp/devs"      # also max-clients, client-timeout and
+      idle-timeout = 30             # idle-timeout; the command line wins
+      [[device]]
+      type = "blk"                  # on /tmp/devs/blk0.sock
+      size = "64M"
+      [[device]]
+      type = "net"
+      socket = "/tmp/net.sock"
+      feature = ["mrg_rxbuf"]
+
+    \b
     Faults for --inject:
       refuse-features-ok         never accept FEATURES_OK
       never-clear-cmd            never consume a cmd word
       needs-reset-on-driver-ok   answer DRIVER_OK with DEVICE_NEEDS_RESET
-      die-on-status=N            exit when status N is written
+      die-on-status=N            exit when status N is written (the whole
+                                 process, with every device it serves)
       no-reply=OP                never reply to L4-VIRTIO opcode OP (name or number)
       queues-offset-outside      publish a queue array outside the page
       bad-magic                  publish a wrong magic value
@@ -145,6 +197,39 @@ def emulate(ctx, kind, socket_path, max_clients, client_timeout, idle_timeout, a
     reproduces and how the default models differ from the real servers.
     """
     out = begin(ctx, "emulate", json_mode)
+    from l4vctl.emulator import log
+
+    level = log.ERROR if quiet else (log.WARNING, log.INFO, log.DEBUG)[min(verbose, 2)]
+    if device_specs or from_file is not None:
+        if kind is not None:
+            raise UsageError(f"give either TYPE --socket PATH or --device/--from, not both (TYPE {kind} given)",
+                             hint=f"e.g. --device {kind},socket=PATH")  # fmt: skip
+        if socket_path is not None:
+            raise UsageError("--socket is the socket of TYPE; with --device or --from give socket=PATH per device",
+                             hint="e.g. --device blk,socket=/tmp/blk.sock, or --socket-dir DIR")  # fmt: skip
+        _refuse_device_flags(ctx)
+        settings = {"max-clients": max_clients, "client-timeout": client_timeout, "idle-timeout": idle_timeout,
+                    "socket-dir": socket_dir}  # fmt: skip
+        from l4vctl.emulator.specs import load_file, parse_device, place_sockets
+
+        specs: list = []
+        if from_file is not None:
+            from_settings, specs = load_file(from_file)
+            for key, value in from_settings.items():
+                if not _given(ctx, key.replace("-", "_")):
+                    settings[key] = value  # the file's, unless the command line says otherwise
+        specs.extend(parse_device(text) for text in device_specs)
+        place_sockets(specs, settings["socket-dir"])
+        log.configure(level, "l4vctl emulate")
+        _serve_many(out, specs, settings, quiet)
+        return
+    if kind is None:
+        raise UsageError("nothing to serve: give TYPE --socket PATH, --device SPEC or --from FILE",
+                         hint="see 'l4vctl emulate --help'")  # fmt: skip
+    if socket_path is None:
+        raise UsageError(f"{kind}: --socket PATH is needed (the socket to listen on)")
+    if socket_dir is not None:
+        raise UsageError("--socket-dir names the sockets of --device and --from devices; TYPE listens on --socket")
     out.abi = abi
     from l4vctl.backends.emu import build_device
     from l4vctl.emulator.server import Server, listen
@@ -171,9 +256,6 @@ def emulate(ctx, kind, socket_path, max_clients, client_timeout, idle_timeout, a
         if name not in valid:
             raise UsageError(f"--{name.replace('_', '-')} is not an option of {kind} devices")
         raw[name] = value
-    from l4vctl.emulator import log
-
-    level = log.ERROR if quiet else (log.WARNING, log.INFO, log.DEBUG)[min(verbose, 2)]
     log.configure(level, f"l4vctl emulate {kind}")
     if kind == "console" and "io" not in raw and not raw.get("pty"):
         raw["io"] = "stdio"  # a console served from a terminal talks to that terminal
@@ -188,12 +270,45 @@ def emulate(ctx, kind, socket_path, max_clients, client_timeout, idle_timeout, a
     server.install_signal_handlers()
     url = f"unix:{socket_path}"
     out.device = url
+    out.emit(_ready(device, kind, socket_path), lambda: url + "\n", compact=True)
+    if not quiet:
+        _announce(device, url)
+    try:
+        server.serve()
+    finally:
+        server.close()
+        device.close()
+
+
+#: Parameters of the TYPE form that are device options (not allowed with --device or --from).
+_DEVICE_PARAMS = ("abi", "attach", "profile", "cmd_mode", "queues", "num_max", "features", "inject", "ds_offset",
+                  "max_regions", "vendor", *_MODEL_OPTION_NAMES)  # fmt: skip
+_FLAGS = {"features": "feature", "cmd_mode": "cmd-mode"}
+
+
+def _given(ctx, param: str) -> bool:
+    """Whether ``param`` came from the command line (not its default)."""
+    from click.core import ParameterSource
+
+    return ctx.get_parameter_source(param) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+
+
+def _refuse_device_flags(ctx) -> None:
+    for param in _DEVICE_PARAMS:
+        if _given(ctx, param):
+            key = _FLAGS.get(param, param.replace("_", "-"))
+            raise UsageError(f"--{key} is a device option of the TYPE form; with --device or --from give it "
+                             f"per device", hint=f"e.g. --device blk,{key}=VALUE")  # fmt: skip
+
+
+def _ready(device, kind: str, socket_path: str) -> dict:
+    """What the ready line says about a device (with --json)."""
     result = {
-        "url": url,
+        "url": f"unix:{socket_path}",
         "socket": os.path.abspath(socket_path),
         "pid": os.getpid(),
         "type": kind,
-        "abi": abi,
+        "abi": device.abi,
         "attach": device.attach,
         "device_id": device.model.DEVICE_ID,
         "cmd_mode": device.cmd_mode,
@@ -204,17 +319,91 @@ def emulate(ctx, kind, socket_path, max_clients, client_timeout, idle_timeout, a
     pty = getattr(device.model, "pty_slave", None)
     if pty:
         result["pty"] = pty
-    out.emit(result, lambda: url + "\n", compact=True)
-    if not quiet:
-        from l4vctl.output import info
+    return result
 
-        what = device.model.describe()
-        attach_note = "" if device.attach == "config" else ", attach " + device.attach
-        mode_note = ", cmd mode" if device.cmd_mode else ""
-        profile_note = f", profile {device.model.profile.name}" if device.model.profile is not None else ""
-        info(f"emulating {what} ({abi} ABI{attach_note}{mode_note}{profile_note}) on {url}")
+
+def _announce(device, url: str) -> None:
+    """Say on stderr what is served where."""
+    from l4vctl.output import info
+
+    what = device.model.describe()
+    attach_note = "" if device.attach == "config" else ", attach " + device.attach
+    mode_note = ", cmd mode" if device.cmd_mode else ""
+    profile_note = f", profile {device.model.profile.name}" if device.model.profile is not None else ""
+    info(f"emulating {what} ({device.abi} ABI{attach_note}{mode_note}{profile_note}) on {url}")
+
+
+def _raise_nofile(wanted: int) -> None:
+    """Let the process have ``wanted`` descriptors if the hard limit allows (it uses epoll, not select)."""
+    import resource
+
     try:
-        server.serve()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            top = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
+            if top > soft:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (top, hard))
+    except (ValueError, OSError):
+        pass  # the limit stays; running out of descriptors is handled per device
+
+
+def _on(value: str | None) -> bool:
+    """Whether a flag's text says on (a bad value is reported when the device is built)."""
+    from l4vctl.parsing import parse_bool
+
+    try:
+        return value is not None and parse_bool(value)
+    except ValueError:
+        return False
+
+
+def _serve_many(out, specs, settings: dict, quiet: bool) -> None:
+    """Build every device, listen on every socket, print one ready line per device, serve them all."""
+    from l4vctl.backends.emu import build_device
+    from l4vctl.emulator.server import Hub, Server, listen
+
+    for spec in specs:
+        if spec.kind == "console" and "io" not in spec.options and not _on(spec.options.get("pty")):
+            spec.options["io"] = "stdio"  # as in the TYPE form: a console served from a terminal talks to it
+    stdio = [s for s in specs if s.kind == "console" and s.options.get("io") == "stdio"]
+    if len(stdio) > 1:
+        raise UsageError(f"{len(stdio)} consoles would share this terminal (io=stdio, the default): "
+                         f"{', '.join(s.name or '?' for s in stdio)}",
+                         hint="give all but one io=pty, io=echo or io=null")  # fmt: skip
+    _raise_nofile(len(specs) * (settings["max-clients"] + 16) + 64)
+    hub = Hub()
+    hub.install_signal_handlers()  # before the first socket exists: a signal from here on removes them all
+    devices = []
+    try:
+        for spec in specs:
+            try:
+                devices.append(build_device(spec.kind, spec.options))
+            except UsageError as exc:
+                raise UsageError(f"{spec.origin}: {exc.message}", hint=exc.hint) from None
+        for spec, device in zip(specs, devices, strict=True):
+            listener, socket_id = listen(spec.socket)
+            try:
+                server = Server(device, listener=listener, path=spec.socket, socket_id=socket_id,
+                                max_clients=settings["max-clients"], idle_timeout=settings["idle-timeout"],
+                                client_timeout=settings["client-timeout"])  # fmt: skip
+            except BaseException:
+                listener.close()
+                from l4vctl.emulator.server import remove_socket
+
+                remove_socket(spec.socket, socket_id)
+                raise
+            hub.add(server, spec.name)
+        if hub.running:  # no signal came meanwhile
+            for spec, device in zip(specs, devices, strict=True):
+                url = f"unix:{spec.socket}"
+                out.device, out.abi = url, device.abi
+                result = {"name": spec.name, **_ready(device, spec.kind, spec.socket)}
+                out.emit(result, lambda url=url: url + "\n", compact=True)
+            if not quiet:
+                for spec, device in zip(specs, devices, strict=True):
+                    _announce(device, f"unix:{spec.socket}")
+            hub.serve()
     finally:
-        server.close()
-        device.close()
+        hub.close()
+        for device in devices:
+            device.close()

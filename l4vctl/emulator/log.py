@@ -30,6 +30,16 @@ def configure(level: int | str, prefix: str) -> None:
     _state["prefix"] = prefix
 
 
+def prefix() -> str:
+    """The line prefix (the emulator's name)."""
+    return _state["prefix"]
+
+
+def set_prefix(text: str) -> None:
+    """Change the line prefix only (to name the device a message is about)."""
+    _state["prefix"] = text
+
+
 def enabled(level: int) -> bool:
     """Whether messages of ``level`` are written (to skip building costly arguments)."""
     return level >= _state["level"]

@@ -5,6 +5,7 @@ embedded emulator), its clients, the device's kick IRQ and a wake-up pipe for
 signals.  One client at a time may be the driver; monitors may watch.
 Malformed input is answered with the L4 error the protocol names, or the
 client is closed; the loop itself never dies of a client's behaviour.
+A :class:`Hub` runs the servers of several devices in one loop and process.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class Client:
 
 
 class Server:
-    """Serve one device over Unix sockets."""
+    """Serve one device over Unix sockets (several share a process through a :class:`Hub`)."""
 
     def __init__(self, device, *, listener: socket.socket | None = None, path: str | None = None,
                  connection: socket.socket | None = None, max_clients: int = MAX_CLIENTS,
@@ -131,33 +132,45 @@ class Server:
     def serve(self) -> None:
         """Serve until stopped (a signal, :meth:`stop`, or the one connection closing)."""
         while self.running:
-            timeout = self._sweep_every if (self.clients or self._accept_paused_until) else None
-            if self._accept_paused_until:  # wake up when accepting resumes, not a sweep later
-                timeout = max(0.0, min(self._sweep_every, self._accept_paused_until - time.monotonic()))
-            for key, events in self.selector.select(timeout):
-                what = key.data
-                if what == "kick":
-                    self._kicked()
-                elif what == "accept":
-                    self._accept()
-                elif isinstance(what, tuple):
-                    self._model_event(what[1])
-                elif what == "wake":
-                    try:
-                        while os.read(self._wake_r, 512):
-                            pass
-                    except BlockingIOError:
+            self.step(self.wait_time())
+
+    def wait_time(self) -> float | None:
+        """How long the loop may sleep before this server needs it again (None: until an event)."""
+        timeout = self._sweep_every if (self.clients or self._accept_paused_until) else None
+        if self._accept_paused_until:  # wake up when accepting resumes, not a sweep later
+            timeout = max(0.0, min(self._sweep_every, self._accept_paused_until - time.monotonic()))
+        return timeout
+
+    def sweep_due(self, now: float) -> bool:
+        """Whether a client deadline or the end of an accept pause needs a look at ``now``."""
+        return bool(self.clients or self._accept_paused_until) and now >= self._next_sweep
+
+    def step(self, timeout: float | None) -> None:
+        """Wait up to ``timeout`` seconds for events, handle them, then sweep if it is time."""
+        for key, events in self.selector.select(timeout):
+            what = key.data
+            if what == "kick":
+                self._kicked()
+            elif what == "accept":
+                self._accept()
+            elif isinstance(what, tuple):
+                self._model_event(what[1])
+            elif what == "wake":
+                try:
+                    while os.read(self._wake_r, 512):
                         pass
-                elif events & selectors.EVENT_WRITE:
-                    self._flush(what)
-                else:
-                    self._readable(what)
-                if not self.running:
-                    break
-            if time.monotonic() >= self._next_sweep:
-                self._sweep()
-            if self.single and not self.clients:
-                self.running = False
+                except BlockingIOError:
+                    pass
+            elif events & selectors.EVENT_WRITE:
+                self._flush(what)
+            else:
+                self._readable(what)
+            if not self.running:
+                break
+        if time.monotonic() >= self._next_sweep:
+            self._sweep()
+        if self.single and not self.clients:
+            self.running = False
 
     def close(self) -> None:
         """Drop every client, close the listener, remove the socket file this server made."""
@@ -485,6 +498,102 @@ class Server:
     def _request(self, client: Client, f: wire.Frame):
         assert client.role is not None  # requests are read only after HELLO set the role
         return self.dispatcher.handle(f, client.role, self.driver is not None)
+
+
+class Hub:
+    """One event loop for several servers in one process, one server per device.
+
+    Each server keeps what is its own: its listener and socket file, its
+    clients and their reply queues, its connection cap, timeouts and spare
+    descriptor, its kick IRQ and model inputs, all in its own selector.  The
+    hub waits on those selectors at once (an epoll descriptor is itself
+    readable while it holds events) and on a wake-up pipe for signals, then
+    lets every server with events, or with a deadline due, handle them.
+    Signals end every server; :meth:`close` removes every socket file.
+    """
+
+    def __init__(self) -> None:
+        self.servers: list[Server] = []
+        self.names: dict[Server, str] = {}
+        self.selector = selectors.DefaultSelector()
+        # True from the start: a signal that comes before serve() must still end it
+        self.running = True
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
+
+    def add(self, server: Server, name: str) -> None:
+        """Serve ``server`` too; ``name`` prefixes its log lines."""
+        self.selector.register(server.selector.fileno(), selectors.EVENT_READ, server)
+        self.servers.append(server)
+        self.names[server] = name
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT end the loop cleanly (every socket file is removed)."""
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        log.info("signal %d: shutting down", signum)
+        self.running = False
+
+    def stop(self) -> None:
+        """End :meth:`serve`, also from another thread: the loop is woken to see it."""
+        self.running = False
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:
+            pass
+
+    def serve(self) -> None:
+        """Serve every device until stopped (a signal or :meth:`stop`)."""
+        base = log.prefix()
+        try:
+            while self.running:
+                ready = set()
+                for key, _events in self.selector.select(self._wait_time()):
+                    if key.data is None:
+                        try:
+                            while os.read(self._wake_r, 512):
+                                pass
+                        except BlockingIOError:
+                            pass
+                    else:
+                        ready.add(key.data)
+                now = time.monotonic()
+                for server in self.servers:
+                    if not self.running:
+                        break
+                    if server in ready or server.sweep_due(now):
+                        log.set_prefix(f"{base} {self.names[server]}")
+                        server.step(0)
+        finally:
+            log.set_prefix(base)
+
+    def _wait_time(self) -> float | None:
+        """Until the first server needs the loop without an event (None: none does)."""
+        now = time.monotonic()
+        waits = []
+        for server in self.servers:
+            wait = server.wait_time()
+            if wait is not None:
+                waits.append(max(0.0, min(wait, server._next_sweep - now)))
+        return min(waits) if waits else None
+
+    def close(self) -> None:
+        """Close every server (each removes its own socket file), then the loop."""
+        for server in self.servers:
+            try:
+                self.selector.unregister(server.selector.fileno())
+            except (KeyError, ValueError, OSError):
+                pass
+            try:
+                server.close()
+            except Exception:
+                log.exception("closing the server of %s failed", self.names[server])
+        self.servers.clear()
+        self.selector.close()
+        close_fds([self._wake_r, self._wake_w])
 
 
 def _reserve_fd() -> int:
