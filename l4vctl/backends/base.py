@@ -74,6 +74,18 @@ class Response:
         self.fds = []
 
 
+class CapItem:
+    """A capability item of a reply that did not cross a socket (the fields of :class:`l4vctl.wire.Cap`)."""
+
+    __slots__ = ("type", "rights", "handle", "size")
+
+    def __init__(self, type: int, rights: int = 0, handle: int = 0, size: int = 0):
+        self.type = type
+        self.rights = rights
+        self.handle = handle
+        self.size = size
+
+
 # -- memory -------------------------------------------------------------------------
 
 
