@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from l4vctl import __version__
+from l4vctl.commands._common import Group
 from l4vctl.errors import EXIT_CODES, EXIT_INTERRUPTED, L4vError
 
 #: name -> (module, attribute, one-line help).  The help text lives here so
@@ -96,7 +97,7 @@ def _exit_status_epilog() -> str:
     return "\n".join(lines)
 
 
-class LazyGroup(click.Group):
+class LazyGroup(Group):
     """A group that imports a subcommand's module only when it runs."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -118,6 +119,13 @@ class LazyGroup(click.Group):
             formatter.write_dl(rows)
 
 
+def _show_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """--version, as click's version_option says it (which would run gettext, and import locale, at start-up)."""
+    if value and not ctx.resilient_parsing:
+        click.echo(f"l4vctl, version {__version__}", color=ctx.color)
+        ctx.exit()
+
+
 class Settings:
     """Root options, available to subcommands as ``ctx.obj``."""
 
@@ -131,7 +139,8 @@ class Settings:
     context_settings=CONTEXT_SETTINGS,
     epilog=_exit_status_epilog(),
 )
-@click.version_option(__version__, "-V", "--version", prog_name="l4vctl")
+@click.option("-V", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_show_version,
+              help="Show the version and exit.")  # fmt: skip
 @click.option(
     "--debug",
     is_flag=True,

@@ -171,3 +171,83 @@ def test_in_process_monitor_page_is_read_only_and_closes_with_the_session():
     assert s.page is None and s.backend._local is None
     with pytest.raises(ValueError):
         device.page[0]  # released with the session
+
+
+# -- what start-up imports ------------------------------------------------------------------------
+
+
+def _imported_by(*args: str) -> set[str]:
+    """Modules ``main(args)`` imports beyond what ``import click`` does, in a fresh interpreter.
+
+    Without site (its .pth files may import anything) but with its directories on the path.
+    """
+    import os
+    import site
+    import subprocess
+    import sys
+
+    import l4vctl
+
+    code = (
+        "import sys\n"
+        "import click\n"
+        "before = set(sys.modules)\n"
+        "from l4vctl.cli import main\n"
+        f"main({list(args)!r})\n"
+        "sys.stderr.write(' '.join(sorted(set(sys.modules) - before)))\n"
+    )
+    root = os.path.dirname(os.path.dirname(l4vctl.__file__))
+    path = os.pathsep.join([root, *site.getsitepackages()])
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": path, "NO_COLOR": "1", "COLUMNS": "80"}
+    r = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return set(r.stderr.split())
+
+
+NOT_NEEDED = {"socket", "selectors", "urllib.parse", "ipaddress", "locale", "signal"}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["probe", "emu:blk"],
+        ["probe", "emu:blk?size=1M&abi=classic", "--json"],
+        ["dump-config", "emu:rng"],
+        ["queue-stats", "emu:console"],
+        ["--version"],
+    ],
+)
+def test_read_only_commands_import_no_sockets_urllib_or_locale(args):
+    mods = _imported_by(*args)
+    assert "l4vctl.cli" in mods
+    assert not mods & NOT_NEEDED, sorted(mods & NOT_NEEDED)
+
+
+def test_dump_config_of_a_file_imports_no_sockets_urllib_or_locale(tmp_path):
+    from l4vctl import page
+
+    src = tmp_path / "p.bin"
+    src.write_bytes(bytes(page.build_page("current", 2)))
+    mods = _imported_by("dump-config", str(src))
+    assert "l4vctl.page" in mods and not mods & NOT_NEEDED, sorted(mods & NOT_NEEDED)
+
+
+def test_help_imports_no_sockets_or_urllib():
+    mods = _imported_by("--help")
+    assert not mods & (NOT_NEEDED - {"locale"})  # help text goes through gettext, which needs locale
+
+
+@pytest.mark.parametrize(
+    "args", [["-h"], ["probe", "-h"], ["blk", "read", "--help"], ["console", "send", "-h"], ["rng", "--help"]]
+)
+def test_help_options_made_without_gettext_still_show_help(cli, args):
+    r = cli(*args)
+    assert r.code == 0 and r.stdout.startswith("Usage: l4vctl")
+    assert "-h, --help" in r.stdout and "Show this message and exit." in r.stdout
+
+
+def test_dump_config_output_file_is_checked_as_before(cli, tmp_path):
+    r = cli("dump-config", "emu:blk", "--hex", "-o", str(tmp_path))
+    assert r.code == 2 and f"Invalid value for '-o' / '--output': File '{tmp_path}' is a directory." in r.stderr
+    r = cli("dump-config", "emu:blk", "--hex", "-o", str(tmp_path / "page.hex"))
+    assert r.code == 0 and (tmp_path / "page.hex").read_text().startswith("#")
