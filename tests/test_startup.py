@@ -251,3 +251,186 @@ def test_dump_config_output_file_is_checked_as_before(cli, tmp_path):
     assert r.code == 2 and f"Invalid value for '-o' / '--output': File '{tmp_path}' is a directory." in r.stderr
     r = cli("dump-config", "emu:blk", "--hex", "-o", str(tmp_path / "page.hex"))
     assert r.code == 0 and (tmp_path / "page.hex").read_text().startswith("#")
+
+
+# -- the fast exit ---------------------------------------------------------------------------------
+
+#: Loaded at start-up from PYTHONPATH: says on stderr whether atexit handlers ran, whether the
+#: interpreter's teardown ran (a module global's __del__), and whether children were left unreaped.
+_SITECUSTOMIZE = """\
+import atexit
+import os
+
+
+def _at_exit():
+    try:
+        os.waitpid(-1, os.WNOHANG)
+        left = "children left"
+    except ChildProcessError:
+        left = "no children"
+    os.write(2, f"[atexit: {left}]\\n".encode())
+
+
+atexit.register(_at_exit)
+
+
+class _Teardown:
+    def __init__(self):
+        self.write = os.write
+
+    def __del__(self):
+        self.write(2, b"[teardown]\\n")
+
+
+_probe = _Teardown()
+"""
+
+#: What the console script pip writes for the l4vctl entry point does.
+_CONSOLE_SCRIPT = """\
+#!{python}
+# -*- coding: utf-8 -*-
+import re
+import sys
+from l4vctl.cli import main
+if __name__ == '__main__':
+    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])
+    sys.exit(main())
+"""
+
+
+@pytest.fixture
+def program(tmp_path):
+    """Run l4vctl as a program: ``program("script", *args)`` (a console script) or
+    ``program("-m", *args)`` (python -m l4vctl); returns the CompletedProcess (bytes)."""
+    import os
+    import subprocess
+    import sys
+
+    import l4vctl
+
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(_SITECUSTOMIZE)
+    script = tmp_path / "bin" / "l4vctl"
+    script.parent.mkdir()
+    script.write_text(_CONSOLE_SCRIPT.format(python=sys.executable))
+    script.chmod(0o755)
+    root = os.path.dirname(os.path.dirname(l4vctl.__file__))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "L4VCTL_"))}
+    env.update(PYTHONPATH=f"{hooks}{os.pathsep}{root}", NO_COLOR="1", COLUMNS="80")  # stdout block-buffered
+
+    def run(how: str, *args: str, stdout=subprocess.PIPE):
+        argv = [str(script)] if how == "script" else [sys.executable, "-m", "l4vctl"]
+        return subprocess.run([*argv, *args], stdout=stdout, stderr=subprocess.PIPE, env=env, timeout=60)
+
+    return run
+
+
+@pytest.mark.parametrize("how", ["script", "-m"])
+def test_a_command_run_as_the_program_skips_the_teardown_and_keeps_its_output(program, how, cli):
+    r = program(how, "probe", "emu:blk")
+    assert r.returncode == 0
+    assert r.stdout.decode() == cli("probe", "emu:blk").stdout  # flushed: nothing lost
+    assert b"[atexit: no children]" in r.stderr and b"[teardown]" not in r.stderr
+
+
+@pytest.mark.parametrize("how", ["script", "-m"])
+def test_exit_codes_and_error_envelopes_survive_the_fast_exit(program, how):
+    import json
+
+    r = program(how, "probe", "emu:nope")
+    assert r.returncode == 2 and b"unknown device type 'nope'" in r.stderr
+    r = program(how, "dump-config", "/nonexistent/page.bin", "--json")
+    env = json.loads(r.stdout)
+    assert r.returncode == env["error"]["exit_code"] != 0 and env["ok"] is False
+    r = program(how, "probe", "emu:blk?inject=no-reply=DEVICE_CONFIG", "--timeout", "0.2")
+    assert r.returncode == 7, r.stderr
+    assert b"[atexit: no children]" in r.stderr and b"[teardown]" not in r.stderr
+
+
+def test_output_larger_than_a_pipe_is_all_delivered(program, cli):
+    r = program("script", "layout")
+    expected = cli("layout").stdout_bytes
+    assert r.returncode == 0 and len(expected) > 16384 and r.stdout == expected
+
+
+def test_the_forked_emulator_of_a_driver_is_reaped_before_the_fast_exit(program):
+    r = program("script", "negotiate", "emu:blk", "--json")
+    assert r.returncode == 0, r.stderr
+    assert b"[atexit: no children]" in r.stderr and b"[teardown]" not in r.stderr
+
+
+_FAILING_FLUSH = """\
+import errno, io, sys
+from l4vctl import cli
+
+
+class Failing(io.StringIO):
+    def flush(self):
+        raise {error}
+
+
+sys.stdout = Failing()
+code = cli._flush_output({code})
+sys.stdout = sys.__stdout__
+sys.stderr.write(f"[code {{code}}]")
+"""
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "expected", "message"),
+    [
+        ("BrokenPipeError(errno.EPIPE, 'Broken pipe')", 0, 0, False),  # the reader went away: not ours
+        ("OSError(errno.ENOSPC, 'No space left on device')", 0, 1, True),
+        ("OSError(errno.ENOSPC, 'No space left on device')", 4, 4, False),  # the failure was reported already
+        ("ValueError('I/O operation on closed file')", 3, 3, False),
+    ],
+)
+def test_a_failed_final_flush(error, code, expected, message):
+    import os
+    import subprocess
+    import sys
+
+    import l4vctl
+
+    root = os.path.dirname(os.path.dirname(l4vctl.__file__))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")} | {"PYTHONPATH": root}
+    script = _FAILING_FLUSH.format(error=error, code=code)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0 and r.stderr.endswith(f"[code {expected}]"), r.stderr
+    assert ("l4vctl: error: cannot write the output: No space left on device" in r.stderr) is message
+    assert "Traceback" not in r.stderr
+
+
+def test_main_called_by_other_code_returns(monkeypatch):
+    import sys
+
+    from l4vctl import cli
+
+    monkeypatch.setattr(sys, "argv", ["l4vctl", "--version"])
+    assert cli.main() == 0  # from a function, not the top of __main__: no exit
+    assert not cli._called_as_program(sys._getframe())
+
+
+def test_exit_now_reaps_an_emulator_left_running(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import l4vctl
+
+    (tmp_path / "sitecustomize.py").write_text(_SITECUSTOMIZE)
+    code = (
+        "from l4vctl import cli\n"
+        "from l4vctl.session import Session\n"
+        "s = Session('emu:blk')\n"
+        "s.open()\n"
+        "assert s.backend.pid\n"
+        "cli._exit_now(5)\n"
+    )
+    root = os.path.dirname(os.path.dirname(l4vctl.__file__))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{root}"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, timeout=60)
+    assert r.returncode == 5, r.stderr
+    assert b"[atexit: no children]" in r.stderr and b"[teardown]" not in r.stderr
