@@ -5,7 +5,13 @@ Baseline: ``struct.iter_unpack`` over the descriptor table plus a plain
 Measured: l4vctl's derived ring codecs (``l4vctl.formats.fast.ring()``) and,
 for reference, the Construct schemas (parse and compiled parse).
 
-    python bench/decode.py [--num 32768]
+Each subject runs against the baseline in ``--pairs`` interleaved pairs (the
+order alternates from pair to pair; one figure is the mean of a batch of
+calls), unpinned and then pinned to CPU 0 (``--cpus``).  Printed: min /
+median / max of both times and of the pair-by-pair ratio, the CPUs allowed
+and the CPUs the samples ran on, and the load average before and after.
+
+    python bench/decode.py [--num 32768] [--pairs 15] [--cpus all|0] [--skip-construct]
 """
 
 from __future__ import annotations
@@ -14,16 +20,62 @@ import argparse
 import os
 import struct
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _util import best_of, machine
+from _util import add_placement_args, cpus_of, describe, interleave, machine, mmm, place, placements, ratios
+
+
+def this_cpu() -> int:
+    """The CPU this process runs on now (field 39 of /proc/self/stat)."""
+    try:
+        with open("/proc/self/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[36])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+class Timed:
+    """A function timed in batches: each figure is the mean of ``number`` calls; notes the CPUs used."""
+
+    def __init__(self, fn, number: int):
+        self.fn = fn
+        self.number = number
+        self.ran: set[int] = set()
+
+    def run(self) -> float:
+        """One batch's time per call."""
+        fn = self.fn
+        t = time.perf_counter()
+        for _ in range(self.number):
+            fn()
+        elapsed = (time.perf_counter() - t) / self.number
+        self.ran.add(this_cpu())
+        return elapsed
+
+    def cpus(self) -> str:
+        """The CPUs the batches ended on, as text."""
+        return ",".join(str(c) for c in sorted(self.ran) if c >= 0) or "?"
+
+
+def batch_size(fn, budget: float) -> int:
+    """How many calls of ``fn`` take about ``budget`` seconds (at least one)."""
+    t = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - t, 1e-9)
+    return max(1, int(budget / once))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_placement_args(ap)
+    ap.set_defaults(pairs=15)
     ap.add_argument("--num", type=int, default=32768)
     ap.add_argument("--skip-construct", action="store_true")
+    ap.add_argument("--budget", type=float, default=0.02, help="seconds one figure's batch of calls takes")
     args = ap.parse_args()
+    if args.pairs < 5:
+        ap.error("--pairs must be at least 5")
     num = args.num
 
     from l4vctl.formats import fast
@@ -43,29 +95,43 @@ def main() -> None:
     def derived():
         return r.descriptors(buf, num, d0), r.avail(buf, num, a0), r.used(buf, num, u0)
 
-    print(f"# {machine()}")
-    print(f"# queue size {num}: {layout['total']} bytes (descriptors + both rings)")
-    base = best_of(baseline, repeat=15)
-    print(f"baseline struct.iter_unpack      {base * 1e3:8.2f} ms   1.00x")
-    t = best_of(derived, repeat=15)
-    print(f"l4vctl derived ring codecs       {t * 1e3:8.2f} ms   {t / base:.2f}x")
+    subjects = [("l4vctl derived ring codecs", derived)]
     if not args.skip_construct:
         from l4vctl.formats import ring
 
         schemas = (ring.desc_table(num), ring.vring_avail(num), ring.vring_used(num))
+        compiled = [s.compile() for s in schemas]
 
         def parse():
             return [s.parse(bytes(buf[o : o + s.sizeof()])) for s, o in zip(schemas, (d0, a0, u0))]
 
-        compiled = [s.compile() for s in schemas]
-
         def parse_compiled():
             return [s.parse(bytes(buf[o : o + s.sizeof()])) for s, o in zip(compiled, (d0, a0, u0))]
 
-        t = best_of(parse, repeat=3)
-        print(f"construct parse                  {t * 1e3:8.2f} ms   {t / base:.2f}x")
-        t = best_of(parse_compiled, repeat=3)
-        print(f"construct compiled parse         {t * 1e3:8.2f} ms   {t / base:.2f}x")
+        subjects += [("construct parse", parse), ("construct compiled parse", parse_compiled)]
+
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"# {machine()}; load average {load}")
+    print(f"# queue size {num}: {layout['total']} bytes (descriptors + both rings)")
+    print(f"# baseline: struct.iter_unpack / unpack_from; {args.pairs} interleaved pairs per subject, "
+          "order alternating")  # fmt: skip
+    print("# times in ms per decode as min / median / max; ratio = subject / baseline, pair by pair")
+    home = os.sched_getaffinity(0)
+    try:
+        for cpus in placements(args.cpus):
+            place(cpus)
+            print(f"\n## {describe(cpus)} (allowed: cpus {cpus_of()})")
+            for name, fn in subjects:
+                subject = Timed(fn, batch_size(fn, args.budget))
+                base = Timed(baseline, batch_size(baseline, args.budget))
+                subj, ref = interleave(subject.run, base.run, args.pairs)
+                where = f"ran on cpus {subject.cpus()} / {base.cpus()}"
+                print(f"{name:28s} subject {mmm(subj, 1e3, '.2f')}  baseline {mmm(ref, 1e3, '.2f')}  "
+                      f"ratio {mmm(ratios(subj, ref), 1.0, '.2f')}  {where}")  # fmt: skip
+    finally:
+        place(home)
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"\n# load average after: {load}")
 
 
 if __name__ == "__main__":

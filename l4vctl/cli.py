@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from l4vctl import __version__
+from l4vctl.commands._common import Group
 from l4vctl.errors import EXIT_CODES, EXIT_INTERRUPTED, L4vError
 
 #: name -> (module, attribute, one-line help).  The help text lives here so
@@ -96,7 +97,7 @@ def _exit_status_epilog() -> str:
     return "\n".join(lines)
 
 
-class LazyGroup(click.Group):
+class LazyGroup(Group):
     """A group that imports a subcommand's module only when it runs."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -118,6 +119,13 @@ class LazyGroup(click.Group):
             formatter.write_dl(rows)
 
 
+def _show_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """--version, as click's version_option says it (which would run gettext, and import locale, at start-up)."""
+    if value and not ctx.resilient_parsing:
+        click.echo(f"l4vctl, version {__version__}", color=ctx.color)
+        ctx.exit()
+
+
 class Settings:
     """Root options, available to subcommands as ``ctx.obj``."""
 
@@ -131,7 +139,8 @@ class Settings:
     context_settings=CONTEXT_SETTINGS,
     epilog=_exit_status_epilog(),
 )
-@click.version_option(__version__, "-V", "--version", prog_name="l4vctl")
+@click.option("-V", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_show_version,
+              help="Show the version and exit.")  # fmt: skip
 @click.option(
     "--debug",
     is_flag=True,
@@ -193,7 +202,20 @@ def _scan(argv: list[str]) -> tuple[bool, bool, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; return the process exit code."""
+    """Run the CLI; return the process exit code.
+
+    Run as the program itself (the ``l4vctl`` console script or ``python -m
+    l4vctl``, with the arguments of the command line), it ends the process
+    when the command is done instead of returning: see :func:`_exit_now`.
+    Called with ``argv``, or from other code, it always returns.
+    """
+    code = _run(argv)
+    if argv is None and _called_as_program(sys._getframe(1)):
+        _exit_now(code)
+    return code
+
+
+def _run(argv: list[str] | None) -> int:
     from l4vctl import output
     from l4vctl.commands import _common
 
@@ -269,3 +291,87 @@ def _silence_stdout() -> None:
         os.close(devnull)
     except (OSError, ValueError):
         pass
+
+
+# -- leaving the process ------------------------------------------------------------------------
+
+
+def _called_as_program(caller: Any) -> bool:
+    """Whether ``main()`` was called by the program's own entry point, about to exit with its result.
+
+    That is the top level of the ``__main__`` module, which imported this
+    ``main`` and is either ``l4vctl/__main__.py`` (``python -m l4vctl``) or a
+    console script named ``l4vctl``; and nobody traces or profiles the
+    process (a debugger, a profiler printing its report at the end).
+    """
+    top = sys.modules.get("__main__")
+    if top is None or caller.f_globals is not getattr(top, "__dict__", None) or caller.f_code.co_name != "<module>":
+        return False
+    if getattr(top, "main", None) is not main or sys.gettrace() is not None or sys.getprofile() is not None:
+        return False
+    spec = getattr(top, "__spec__", None)
+    if spec is not None:
+        return spec.name == "l4vctl.__main__"
+    return os.path.basename(getattr(top, "__file__", None) or "") == "l4vctl"
+
+
+def _exit_now(code: int) -> None:
+    """End the process with ``code`` without the interpreter's teardown (10 ms and more).
+
+    What the teardown would do that matters is done first: an emulator child
+    still running is reaped, atexit handlers run (weakref finalizers, temporary
+    directories, logging), standard output and error are flushed (a failed
+    flush is reported like a failed write).  If a thread that is not a daemon
+    still runs, this returns and the interpreter waits for it as usual.
+    """
+    unix = sys.modules.get("l4vctl.backends.unix")
+    if unix is not None:
+        for sock in list(unix.OPEN_CHANNELS):  # an emulator child ends when its connection closes
+            sock.close()
+    emu = sys.modules.get("l4vctl.backends.emu")
+    if emu is not None:
+        for backend in list(emu.LIVE):
+            try:
+                backend.close()  # reaps it
+            except Exception:
+                pass
+    threading = sys.modules.get("threading")
+    if threading is not None:
+        main_thread = threading.main_thread()
+        if any(t is not main_thread and not t.daemon and t.is_alive() for t in threading.enumerate()):
+            return
+    import atexit
+
+    run_exitfuncs = getattr(atexit, "_run_exitfuncs", None)
+    if run_exitfuncs is None:
+        return  # no way to run them here: leave it to the interpreter
+    run_exitfuncs()
+    code = _flush_output(code)
+    os._exit(code & 0xFF)
+
+
+def _flush_output(code: int) -> int:
+    """Flush stdout and stderr; the exit code to leave with (1 if output that was due could not be written)."""
+    for stream in dict.fromkeys((sys.stdout, sys.__stdout__)):
+        if stream is None:
+            continue
+        try:
+            stream.flush()
+        except BrokenPipeError:
+            _silence_stdout()  # the reader went away (l4vctl ... | head): not an error of ours
+        except ValueError:
+            pass  # closed
+        except OSError as exc:
+            if code == 0:  # else the failure was reported already (a write of the command failed too)
+                try:
+                    sys.stderr.write(f"l4vctl: error: cannot write the output: {exc.strerror or exc}\n")
+                except (OSError, ValueError):
+                    pass
+                code = 1
+    for stream in dict.fromkeys((sys.stderr, sys.__stderr__)):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+    return code

@@ -16,10 +16,10 @@ from l4vctl import catalog as cat
 from l4vctl.backends.base import Channel, Lent, Memory, Response, lend_local, map_local
 from l4vctl.caps import RIGHT_W, Irq
 from l4vctl.errors import ProtocolError, TimeoutExpired, UnavailableError
-from l4vctl.wire import Cap
 
 if TYPE_CHECKING:
     from l4vctl.caps import Dataspace
+    from l4vctl.wire import Cap
 
 #: First device address the session hands out (L4Re drivers start at the superpage size).
 DEVICE_ADDRESS_BASE = 0x200000
@@ -100,6 +100,8 @@ class Attachment:
     def _new_irq(self) -> tuple[Irq, Cap, list[int]]:
         hook = getattr(self.channel, "new_irq", None)
         if hook is None:
+            from l4vctl.wire import Cap
+
             irq = Irq.create()
             return irq, Cap(cat.CAP_IRQ, RIGHT_W, 0), [irq.fd]
         return hook()

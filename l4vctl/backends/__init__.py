@@ -140,15 +140,24 @@ def list_backends() -> list[dict[str, object]]:
 
 def builtin_available(scheme: str) -> tuple[bool, str]:
     """Whether a built-in scheme works on this machine: (True, "") or (False, why)."""
-    import socket
-
     if scheme == "dump":
         return True, ""
     if not hasattr(os, "memfd_create") or not hasattr(os, "eventfd"):
         return False, "needs Linux memfd and eventfd"
-    if not hasattr(socket, "SOCK_SEQPACKET"):
+    if not _has_seqpacket():
         return False, "needs AF_UNIX SOCK_SEQPACKET sockets"
     return True, ""
+
+
+def _has_seqpacket() -> bool:
+    """Whether AF_UNIX SOCK_SEQPACKET sockets exist here (always on Linux, which memfd and eventfd imply)."""
+    import sys
+
+    if sys.platform.startswith("linux"):
+        return True  # without importing socket, which costs every command its start-up
+    import socket
+
+    return hasattr(socket, "SOCK_SEQPACKET")
 
 
 def connect_unix(path: str, kind: int, timeout: float, listener: str) -> socket.socket:

@@ -74,6 +74,18 @@ class Response:
         self.fds = []
 
 
+class CapItem:
+    """A capability item of a reply that did not cross a socket (the fields of :class:`l4vctl.wire.Cap`)."""
+
+    __slots__ = ("type", "rights", "handle", "size")
+
+    def __init__(self, type: int, rights: int = 0, handle: int = 0, size: int = 0):
+        self.type = type
+        self.rights = rights
+        self.handle = handle
+        self.size = size
+
+
 # -- memory -------------------------------------------------------------------------
 
 
@@ -320,14 +332,62 @@ def parse_query(target: str, scheme: str, example: str) -> tuple[str, dict[str, 
     """``(head, options)`` of ``HEAD?OPT=VALUE&...``; a usage error names ``example``.
 
     An empty query gives no options; a malformed one (``?a&&b``) is refused.
+    Names and values are decoded as ``urllib.parse.parse_qsl`` (blank values
+    kept, strict) decodes them: ``+`` is a space, ``%XX`` a byte of UTF-8.
     """
     head, _, query = target.partition("?")
     if not query:
         return head, {}
-    from urllib.parse import parse_qsl
-
     try:
-        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
+        pairs = parse_qsl(query)
     except ValueError:
         raise UsageError(f"{scheme}:{target}: options must look like {example}") from None
     return head, dict(pairs)
+
+
+def parse_qsl(query: str) -> list[tuple[str, str]]:
+    """``urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=True)``, without
+    importing urllib.parse (and ipaddress with it) on every command's path."""
+    out = []
+    for field in query.split("&") if query else ():
+        name, eq, value = field.partition("=")
+        if not eq:
+            raise ValueError(f"bad query field: {field!r}")
+        out.append((unquote_plus(name), unquote_plus(value)))
+    return out
+
+
+def unquote_plus(text: str) -> str:
+    """``urllib.parse.unquote_plus``: ``+`` is a space, ``%XX`` a byte; runs of ASCII are decoded as
+    UTF-8 with invalid bytes replaced, other characters are kept as they are."""
+    text = text.replace("+", " ")
+    if "%" not in text:
+        return text
+    parts = []
+    start = 0
+    n = len(text)
+    while start < n:
+        ascii_run = text[start].isascii()
+        end = start + 1
+        while end < n and text[end].isascii() == ascii_run:
+            end += 1
+        run = text[start:end]
+        parts.append(_unquote_ascii(run) if ascii_run else run)
+        start = end
+    return "".join(parts)
+
+
+def _unquote_ascii(run: str) -> str:
+    bits = run.encode("ascii").split(b"%")
+    out = bytearray(bits[0])
+    for item in bits[1:]:
+        pair = item[:2]
+        if len(pair) == 2 and all(c in _HEX for c in pair):
+            out += bytes.fromhex(pair.decode())
+            out += item[2:]
+        else:
+            out += b"%" + item
+    return out.decode("utf-8", "replace")
+
+
+_HEX = frozenset(b"0123456789abcdefABCDEF")

@@ -14,6 +14,74 @@ if TYPE_CHECKING:
 
 _current: Output | None = None
 
+#: What -h/--help says (click's text).
+HELP_OPTION_TEXT = "Show this message and exit."
+
+
+def _show_help(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(ctx.get_help(), color=ctx.color)
+        ctx.exit()
+
+
+class Command(click.Command):
+    """A click command whose -h/--help is made here.
+
+    click's own help option translates its text through gettext whenever a
+    command runs, and gettext imports locale (a millisecond of every
+    command's start-up) although no command needs it unless help is shown.
+    """
+
+    _plain_help: click.Option | None = None
+
+    def get_help_option(self, ctx: click.Context) -> click.Option | None:
+        """The -h/--help option (one object per command: click orders eager options by identity)."""
+        names = self.get_help_option_names(ctx)
+        if not names or not self.add_help_option:
+            return None
+        if self._plain_help is None:
+            self._plain_help = click.Option(names, is_flag=True, expose_value=False, is_eager=True,
+                                            help=HELP_OPTION_TEXT, callback=_show_help)  # fmt: skip
+        return self._plain_help
+
+
+class OutputFile(click.ParamType):
+    """A file to write: ``click.Path(dir_okay=False, writable=True)``, same checks and messages,
+    but without the gettext call (and locale import) click.Path makes when a command is defined."""
+
+    name = "file"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """The path, unless it names a directory or a file that cannot be read and written."""
+        import os
+        import stat
+
+        try:
+            st = os.stat(value)
+        except OSError:
+            return value  # it need not exist
+        shown = click.format_filename(value)
+        if stat.S_ISDIR(st.st_mode):
+            self.fail(f"File {shown!r} is a directory.", param, ctx)
+        if not os.access(value, os.R_OK):
+            self.fail(f"File {shown!r} is not readable.", param, ctx)
+        if not os.access(value, os.W_OK):
+            self.fail(f"File {shown!r} is not writable.", param, ctx)
+        return value
+
+    def shell_complete(self, ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+        """Complete file names (as click.Path does)."""
+        from click.shell_completion import CompletionItem
+
+        return [CompletionItem(incomplete, type="file")]
+
+
+class Group(Command, click.Group):
+    """A click group whose subcommands (and their help options) are :class:`Command` ones."""
+
+    command_class = Command
+    group_class = type  # subgroups are of this group's class
+
 
 def current_output() -> Output | None:
     """The Output of the command that is running, if one started."""

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import click
 
-from l4vctl.commands._common import begin, examples, json_option
+from l4vctl.commands._common import Command, begin, examples, json_option
 
 
 @click.command(
+    cls=Command,
     epilog=examples(
         ("l4vctl backends", "List the schemes:"),
         ("l4vctl backends --json | jq -r '.result.backends[] | select(.available) | .scheme'", "Usable ones:"),
-    )
+    ),
 )
 @json_option
 @click.pass_context

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import click
 
-from l4vctl.commands._common import Driven, examples, io_options
+from l4vctl.commands._common import Command, Driven, examples, io_options
 from l4vctl.errors import UsageError
 
 WORKLOADS = ("randread", "seqread", "randwrite", "seqwrite")
@@ -52,11 +52,12 @@ def percentile(sorted_values: Sequence[float], p: float) -> float:
 
 
 @click.command(
+    cls=Command,
     epilog=examples(
         ("l4vctl bench", "4 KiB random reads, 32 in flight, 10 s, on an emulated device:"),
         ("l4vctl bench unix:/tmp/blk.sock --workload seqread --bs 64k --time 5s", "Sequential 64 KiB reads:"),
         ("l4vctl bench emu:blk?size=1G --workload randwrite --qd 1 --json", "Write latency at queue depth 1:"),
-    )
+    ),
 )
 @io_options
 @click.option("--workload", type=click.Choice(WORKLOADS), default="randread", show_default=True, help="Access pattern.")

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from l4vctl.commands._common import Driven, Progress, examples, io_options, write_output
+from l4vctl.commands._common import Driven, Group, Progress, examples, io_options, write_output
 from l4vctl.errors import UnavailableError, UsageError
 
 SECTOR = 512
@@ -34,12 +34,13 @@ def _driver(s, **kw):
 
 
 @click.group(
+    cls=Group,
     epilog=examples(
         ("l4vctl blk read emu:blk --sector 0 --count 8", "The first 4 KiB as a hex dump:"),
         ("l4vctl blk write unix:/tmp/blk.sock --sector 2048 -i boot.img", "Write a file at 1 MiB:"),
         ("l4vctl blk read unix:/tmp/blk.sock --sector 2048 --count 64 -o back.img", "Read it back:"),
         ("l4vctl blk id unix:/tmp/blk.sock --json", "The device id for a script:"),
-    )
+    ),
 )
 def blk():
     """Block device I/O through a real virtqueue.

@@ -8,13 +8,13 @@ import time
 
 import click
 
-from l4vctl.commands._common import Driven, examples, io_options
+from l4vctl.commands._common import Driven, Group, examples, io_options
 from l4vctl.errors import UnavailableError, UsageError
 
 ESCAPE = b"\x1d"  # Ctrl-]
 
 
-class ConsoleGroup(click.Group):
+class ConsoleGroup(Group):
     """``l4vctl console URL`` means ``l4vctl console attach URL``."""
 
     def resolve_command(self, ctx, args):

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import click
 
-from l4vctl.commands._common import begin, examples, json_option, timeout_option
+from l4vctl.commands._common import Command, begin, examples, json_option, timeout_option
 
 
 @click.command(
+    cls=Command,
     epilog=examples(
         ("l4vctl devices l4re:unix:/tmp/com2.sock", "What the agent on QEMU's COM2 holds:"),
         ("l4vctl probe 'l4re:unix:/tmp/com2.sock?dev=blk0'", "Then address one of them by name:"),
-    )
+    ),
 )
 @click.argument("link", metavar="LINK")
 @timeout_option

@@ -7,6 +7,8 @@ import sys
 import click
 
 from l4vctl.commands._common import (
+    Command,
+    OutputFile,
     abi_option,
     begin,
     examples,
@@ -19,6 +21,7 @@ from l4vctl.errors import FormatError, UsageError
 
 
 @click.command(
+    cls=Command,
     epilog=examples(
         ("l4vctl dump-config unix:/tmp/blk.sock", "The live page of a running emulator:"),
         ("l4vctl dump-config unix:/tmp/blk.sock --hex -o page.hex", "Save it for later ('dump:page.hex'):"),
@@ -27,7 +30,7 @@ from l4vctl.errors import FormatError, UsageError
         ("l4vctl dump-config page.bin --hex -o page.hex", "Save a page as a hex dump that reads back:"),
         ("l4vctl dump-config ds.bin --offset 0x1000", "Decode the page at 0x1000 of a dataspace dump:"),
         ("l4vctl dump-config page.bin --json | jq .result.status", "Status for a script:"),
-    )
+    ),
 )
 @click.argument("source", metavar="SOURCE")
 @abi_option(auto=True)
@@ -54,7 +57,7 @@ from l4vctl.errors import FormatError, UsageError
 @click.option(
     "-o",
     "--output",
-    type=click.Path(dir_okay=False, writable=True),
+    type=OutputFile(),
     help="Write the --hex or --raw output to this file.",
 )
 @json_option

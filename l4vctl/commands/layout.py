@@ -7,7 +7,7 @@ import fnmatch
 import click
 
 from l4vctl.catalog import MAX_QUEUE_SIZE
-from l4vctl.commands._common import abi_option, begin, examples, json_option, queue_stride_option
+from l4vctl.commands._common import Command, abi_option, begin, examples, json_option, queue_stride_option
 from l4vctl.errors import UsageError
 
 
@@ -20,12 +20,13 @@ def _queue_size(ctx, param, value):
 
 
 @click.command(
+    cls=Command,
     epilog=examples(
         ("l4vctl layout", "Every struct of the current ABI:"),
         ("l4vctl layout --abi classic l4virtio_config_hdr_t", "The classic config header only:"),
         ("l4vctl layout 'vring_*' --num 128", "The split-ring structs for a 128-entry queue:"),
         ("l4vctl layout --abi classic --json | jq '.result.structs[].size'", "Sizes for a script:"),
-    )
+    ),
 )
 @click.argument("structs", nargs=-1, metavar="[STRUCT]...")
 @abi_option(auto=False)

@@ -6,6 +6,7 @@ import click
 
 from l4vctl.catalog import MODES, Mode
 from l4vctl.commands._common import (
+    Command,
     abi_option,
     attach_of,
     attach_option,
@@ -26,6 +27,7 @@ def _names(values: tuple[str, ...]) -> list[str]:
 
 
 @click.command(
+    cls=Command,
     epilog=examples(
         ("l4vctl negotiate emu:blk", "Handshake with a fresh emulated block device:"),
         (
@@ -34,7 +36,7 @@ def _names(values: tuple[str, ...]) -> list[str]:
         ),
         ("l4vctl negotiate emu:blk?cmd_mode=1 --mode cmd", "Drive status and queues through the cmd word:"),
         ("l4vctl negotiate unix:/tmp/blk.sock --refuse ro --json", "Refuse a feature, for a script:"),
-    )
+    ),
 )
 @device_options
 @abi_option(auto=True)

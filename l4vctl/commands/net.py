@@ -9,6 +9,7 @@ import click
 
 from l4vctl.commands._common import (
     Driven,
+    Group,
     abi_option,
     attach_of,
     attach_option,
@@ -22,11 +23,12 @@ from l4vctl.errors import UsageError
 
 
 @click.group(
+    cls=Group,
     epilog=examples(
         ("l4vctl net ping 'emu:net?link=lab' 'emu:net?link=lab' --count 3", "Two devices on one virtual cable:"),
         ("l4vctl net recv unix:/tmp/b.sock --count 1 --wait 10", "Wait for a frame on one end ..."),
         ("l4vctl net send unix:/tmp/a.sock --text hello", "... and send it from the other:"),
-    )
+    ),
 )
 def net():
     """Network device I/O through real virtqueues (queue 0 receives, 1 transmits).

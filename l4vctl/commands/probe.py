@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from l4vctl.commands._common import (
+    Command,
     abi_option,
     begin,
     device_options,
@@ -17,6 +18,7 @@ from l4vctl.errors import NegotiationError
 
 
 @click.command(
+    cls=Command,
     epilog=examples(
         ("l4vctl probe emu:blk", "An emulator started just for this (the zero-setup default):"),
         ("l4vctl probe unix:/tmp/blk.sock", "A running emulator:"),
@@ -26,7 +28,7 @@ from l4vctl.errors import NegotiationError
             "A vhost-user back-end (say its type: vhost-user does not report it):",
         ),
         ("l4vctl probe page.bin --json | jq .result.features.names", "A saved page, for a script:"),
-    )
+    ),
 )
 @device_options
 @abi_option(auto=True)

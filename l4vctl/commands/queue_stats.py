@@ -9,6 +9,7 @@ import time
 import click
 
 from l4vctl.commands._common import (
+    Command,
     abi_option,
     begin,
     device_options,
@@ -20,11 +21,12 @@ from l4vctl.commands._common import (
 
 
 @click.command(
+    cls=Command,
     epilog=examples(
         ("l4vctl queue-stats unix:/tmp/blk.sock", "The queues of a running emulator (a driver may be attached):"),
         ("l4vctl queue-stats unix:/tmp/blk.sock --watch", "Redraw every second until Ctrl-C:"),
         ("l4vctl queue-stats unix:/tmp/blk.sock --watch --count 5 --json", "Five samples as JSON lines:"),
-    )
+    ),
 )
 @device_options
 @abi_option(auto=True)

@@ -7,10 +7,10 @@ import sys
 
 import click
 
-from l4vctl.commands._common import Driven, Progress, examples, io_options, write_output
+from l4vctl.commands._common import Driven, Group, Progress, examples, io_options, write_output
 
 
-@click.group(epilog=examples(("l4vctl rng read emu:rng --bytes 32", "32 bytes of entropy as hex:")))
+@click.group(cls=Group, epilog=examples(("l4vctl rng read emu:rng --bytes 32", "32 bytes of entropy as hex:")))
 def rng():
     """Entropy device I/O through a real virtqueue."""
 

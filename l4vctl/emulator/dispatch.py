@@ -1,16 +1,17 @@
 """The L4-VIRTIO and ICU operations of a device: arguments in, a reply out.
 
 One place decides what every request means and what it answers (protocol
-notes §3), whoever carries the requests: the emulator's socket server, or an
-adapter that presents another kind of device (vhost-user) as an L4-VIRTIO one.
+notes §3), whoever carries the requests: the emulator's socket server, an
+adapter that presents another kind of device (vhost-user) as an L4-VIRTIO one,
+or a monitor of an ``emu:`` device in the same process.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any, Protocol
 
 from l4vctl import catalog as cat
-from l4vctl import wire
 from l4vctl.caps import RIGHT_W, RIGHTS_RO, RIGHTS_RW, Irq, fd_kind
 from l4vctl.emulator import log
 from l4vctl.emulator.device import EINVAL, EMSGTOOSHORT, ENOSYS, ERANGE
@@ -23,6 +24,21 @@ NO_REPLY = object()
 def _attach(dev) -> str:
     """How drivers attach to ``dev``: "iface", "config" or "both" (see ``l4vctl emulate --attach``)."""
     return getattr(dev, "attach", None) or ("both" if dev.abi == "classic" else "config")
+
+
+class Request(Protocol):
+    """What the dispatcher reads of a request: :class:`l4vctl.wire.Frame` has it, and so may others."""
+
+    label: int
+    opcode: int
+    words: list[int]
+    caps: list[Any]
+
+    def fd_of(self, cap: Any) -> int | None:
+        """The descriptor a capability item refers to, if one came with the request."""
+
+    def keep(self, fd: int) -> None:
+        """Take ownership of one of the request's descriptors."""
 
 
 class Reply:
@@ -38,19 +54,28 @@ class Reply:
 
 
 class Dispatcher:
-    """Answers the requests of every client of one device (the role decides what a client may do)."""
+    """Answers the requests of every client of one device (the role decides what a client may do).
 
-    def __init__(self, device):
+    Requests are frames (:class:`l4vctl.wire.Frame`, or any other :class:`Request`).
+    Capability items in replies are made by ``cap_item``: :class:`l4vctl.wire.Cap`
+    unless the caller brings a class with the same fields (a reply that
+    never crosses a socket need not load the socket machinery).
+    """
+
+    def __init__(self, device, cap_item: Any = None):
         self.device = device
+        if cap_item is None:
+            from l4vctl.wire import Cap as cap_item
+        self.cap_item = cap_item
 
-    def handle(self, f: wire.Frame, role: int, driver_attached: bool):
+    def handle(self, f: Request, role: int, driver_attached: bool):
         """The reply to one request (or NO_REPLY) from a client in ``role``."""
         try:
             return self._handle(f, role, driver_attached)
         finally:
             self.device.page_changed()  # monitors see what the request changed
 
-    def _handle(self, f: wire.Frame, role: int, driver_attached: bool):
+    def _handle(self, f: Request, role: int, driver_attached: bool):
         if f.label == cat.L4VIRTIO_PROTOCOL:
             if role != cat.ROLE_DRIVER and f.opcode != cat.OP_DEVICE_CONFIG:
                 return Reply(EPERM)
@@ -68,7 +93,7 @@ class Dispatcher:
         log.warning("request with unknown protocol label %d: -L4_EBADPROTO", f.label)
         return Reply(EBADPROTO)
 
-    def _virtio(self, f: wire.Frame, read_only: bool):
+    def _virtio(self, f: Request, read_only: bool):
         dev = self.device
         op = f.opcode
         faults = dev.faults
@@ -119,7 +144,7 @@ class Dispatcher:
             irq = dev.irq_for_index(f.words[0] & 0xFFFFFFFF)
             if irq is None:
                 return Reply(ENOSYS)
-            return Reply(0, [], [wire.Cap(cat.CAP_IRQ, RIGHT_W, 0, 0)], [os.dup(irq.fd)])
+            return Reply(0, [], [self.cap_item(cat.CAP_IRQ, RIGHT_W, 0, 0)], [os.dup(irq.fd)])
         return Reply(ENOSYS)
 
     def _maybe_die(self, value: int) -> None:
@@ -128,7 +153,7 @@ class Dispatcher:
             log.warning("status %#x written: the emulator dies now (injected fault)", value)
             os._exit(70)
 
-    def _icu(self, f: wire.Frame):
+    def _icu(self, f: Request):
         op = f.opcode
         if op == cat.ICU_OP_BIND:
             if _attach(self.device) == "iface":
@@ -149,7 +174,7 @@ class Dispatcher:
             return NO_REPLY  # L4Re devices never answer unmask
         return Reply(ENOSYS)
 
-    def _irq_arg(self, f: wire.Frame, cap: wire.Cap) -> Irq | None:
+    def _irq_arg(self, f: Request, cap: Any) -> Irq | None:
         """The driver's IRQ from a capability item, kept open; None if it is not one."""
         fd = f.fd_of(cap) if cap.type == cat.CAP_IRQ else None
         if fd is None:
@@ -163,10 +188,10 @@ class Dispatcher:
 
     def _ds_cap(self, ds, rights: int):
         """Capability items and descriptors for sending a dataspace."""
-        return [wire.Cap(cat.CAP_DATASPACE, rights, 0, ds.size)], [os.dup(ds.fd)]
+        return [self.cap_item(cat.CAP_DATASPACE, rights, 0, ds.size)], [os.dup(ds.fd)]
 
     def _caps_of(self, irq_fd: int, ds, rights: int):
         dfd = os.dup(ds.fd)
         ifd = os.dup(irq_fd)
-        caps = [wire.Cap(cat.CAP_IRQ, RIGHT_W, 0, 0), wire.Cap(cat.CAP_DATASPACE, rights, 1, ds.size)]
+        caps = [self.cap_item(cat.CAP_IRQ, RIGHT_W, 0, 0), self.cap_item(cat.CAP_DATASPACE, rights, 1, ds.size)]
         return caps, [ifd, dfd]

@@ -12,8 +12,7 @@ from __future__ import annotations
 import collections
 import errno
 import os
-import socket
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from l4vctl import catalog as cat
 from l4vctl.emulator import log
@@ -22,6 +21,9 @@ from l4vctl.emulator.models.base import Model
 from l4vctl.emulator.ring import BadChain
 from l4vctl.formats.fast import codec
 from l4vctl.parsing import mac_text, parse_bool, parse_int, parse_mac
+
+if TYPE_CHECKING:
+    import socket
 
 RX, TX = cat.NET_RX_QUEUE, cat.NET_TX_QUEUE
 _NET_HDR = codec("l4virtio_net_header_t")
@@ -100,6 +102,8 @@ class NetModel(Model):
         self.mac = mac
 
     def _plug(self, name: str) -> None:
+        import socket  # only a device plugged into a cable needs one (probe emu:net does not)
+
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
         for end, other in (("a", "b"), ("b", "a")):
             try:
