@@ -34,7 +34,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "emulate": (
         "l4vctl.commands.emulate",
         "emulate",
-        "Serve an emulated L4-VIRTIO device (blk, net, console, rng) on a Unix socket.",
+        "Serve emulated L4-VIRTIO devices (blk, net, console, rng) on Unix sockets, one or many per process.",
     ),
     "net": (
         "l4vctl.commands.net",
