@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 
 import pytest
 
-from l4vctl import waiting
+from l4vctl import catalog as cat
+from l4vctl import waiting, wire
 from l4vctl.waiting import CLIP, FACTOR, RECHECK, Spin, one_cpu, peer_pid
 
 CAP = 200e-6
@@ -218,3 +220,40 @@ def test_peer_pid_of_a_connected_socket(tmp_path):
     assert peer_pid(a) is None  # a pair made here: its peer is this process, as far as the kernel knows
     a.close()
     b.close()
+
+
+# -- the waits that use it ----------------------------------------------------------------------
+
+
+def test_recv_spins_for_a_late_frame_and_learns_how_late(placement):
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        spin = Spin(1.0, estimate=0.5)  # spins up to a second: the frame comes while it spins
+        frame = wire.encode(cat.KIND_REPLY, 7, 0, 0, [1])
+        t = threading.Timer(0.01, wire.send, (b, frame))
+        t.start()
+        got = wire.recv(a, 5.0, spin=spin)
+        t.join()
+        assert got.seq == 7 and spin.spins == 1 and spin.caught == 1
+        assert spin.estimate < 0.5
+    finally:
+        a.close()
+        b.close()
+
+
+def test_recv_on_one_cpu_sleeps_at_once(placement, yields):
+    placement[0] = {0}
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        spin = Spin(1.0)
+        t = threading.Timer(0.01, wire.send, (b, wire.encode(cat.KIND_REPLY, 8, 0, 0)))
+        t.start()
+        assert wire.recv(a, 5.0, spin=spin).seq == 8
+        t.join()
+        assert yields == [] and spin.spins == 0
+        assert spin.estimate != 0.5  # the wait that ended sleeping is measured too
+        with pytest.raises(TimeoutError):
+            wire.recv(a, 0, spin=spin)
+    finally:
+        a.close()
+        b.close()
