@@ -7,6 +7,7 @@ on how fast this machine is; nothing asserts a timing.
 from __future__ import annotations
 
 import os
+import random
 import socket
 import threading
 
@@ -257,3 +258,67 @@ def test_recv_on_one_cpu_sleeps_at_once(placement, yields):
     finally:
         a.close()
         b.close()
+
+
+def test_server_poll_does_not_spin_on_one_cpu(placement, yields):
+    from l4vctl.backends.emu import build_device
+    from l4vctl.emulator.server import Server
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    device = build_device("rng", {})
+    server = Server(device, connection=a)
+    try:
+        placement[0] = {0}
+        server._poll()  # nothing to do: one look, then back to sleep
+        assert yields == []
+        server._spin = None
+        placement[0] = {0, 1}
+        server._poll()  # two CPUs: polls for a while, yielding, then gives up
+        assert yields
+    finally:
+        server.close()
+        device.close()
+        b.close()
+
+
+def one_cpu_only():
+    cpus = sorted(os.sched_getaffinity(0))
+    return {cpus[0]}, set(cpus)
+
+
+@pytest.mark.parametrize("mode", ["ipc", "cmd"])
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_io_on_one_cpu_sleeps_every_wait_and_loses_no_notification(tmp_path, mode, event_idx):
+    """Both processes on one CPU: no side spins, every wait sleeps, kicks and interrupts still arrive."""
+    from l4vctl.drivers.blk import BlkDriver
+    from l4vctl.session import Session
+
+    one, every = one_cpu_only()
+    img = tmp_path / "disk.img"
+    url = (
+        f"emu:blk?image={img}&size=1M"
+        + ("&features=event_idx" if event_idx else "")
+        + ("&cmd_mode=1" if mode == "cmd" else "")
+    )
+    rnd = random.Random(f"{mode}{event_idx}")
+    os.sched_setaffinity(0, one)  # the emulator, forked from here, runs there too
+    try:
+        with Session(url, mode=mode) as s:
+            s.handshake(want="all" if event_idx else None)
+            assert (cat.EVENT_IDX_BIT in s.negotiated) == event_idx
+            drv = BlkDriver(s, depth=8, max_io=16 * 1024, segments=2)
+            model = bytearray(1 << 20)
+            for _ in range(20):
+                count = rnd.randrange(1, 64)
+                sector = rnd.randrange(0, 2048 - count)
+                data = rnd.randbytes(count * 512)
+                drv.write(sector, data)
+                model[sector * 512 : sector * 512 + len(data)] = data
+                assert drv.read(sector, len(data)) == data
+            assert img.read_bytes() == bytes(model)
+            spins = [s._link.channel._reply_spin, drv.vq.spin]  # type: ignore[union-attr]
+            if s._neg is not None:
+                spins.append(s._neg.spin)
+            assert [sp.spins for sp in spins] == [0] * len(spins)
+    finally:
+        os.sched_setaffinity(0, every)
