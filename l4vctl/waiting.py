@@ -7,7 +7,10 @@ pays only while the peer runs on another CPU and answers within the spin:
 - a :class:`Spin` keeps a running estimate of how long this kind of wait
   takes (an exponential moving average of the waits it saw) and spins for at
   most ``FACTOR`` times that, never longer than its ``cap``, and not at all
-  when the waits take longer than the cap anyway;
+  when the waits take longer than the cap anyway (but for one wait in
+  ``PROBE``: a wait that ends in sleep is measured with the wake-up in it,
+  the very cost a spin saves, so only a spin can tell that answers came
+  back quickly);
 - between polls it yields the CPU (``sched_yield``), so that a peer that
   shares this CPU can run and answer;
 - when this process and its peer can only run on one and the same CPU
@@ -34,6 +37,8 @@ WEIGHT = 1 / 8
 CLIP = 2.0
 #: Seconds between looks at where this process and its peer may run (either can be pinned meanwhile).
 RECHECK = 1.0
+#: While the waits outlast the cap, one wait in this many still spins (a whole cap) to see if that changed.
+PROBE = 16
 
 T = TypeVar("T")
 
@@ -94,7 +99,7 @@ class Spin:
     whole cap) unless given.
     """
 
-    __slots__ = ("cap", "estimate", "_peer", "_alone", "_checked", "spins", "caught")
+    __slots__ = ("cap", "estimate", "_peer", "_alone", "_checked", "_unspun", "spins", "caught")
 
     def __init__(self, cap: float, peer: int | None = None, estimate: float | None = None):
         self.cap = cap
@@ -102,6 +107,7 @@ class Spin:
         self._peer = peer
         self._alone = False
         self._checked = -math.inf  # when the placement was looked at last
+        self._unspun = 0  # waits not spun for since the last probe (the waits outlasting the cap)
         self.spins = 0  # spins begun, and how many of them caught what they waited for
         self.caught = 0
 
@@ -153,9 +159,10 @@ class Spin:
 
         ``poll`` is called once in any case, and again until the budget
         (counted from ``start``, default now) runs out; then None is
-        returned and the caller sleeps.  A wait that ends while spinning is
-        counted into the estimate; one that ends at the first call is not (there
-        was nothing to wait for).
+        returned and the caller sleeps.  While the waits outlast the cap,
+        every PROBE-th call spins a whole cap anyway.  A wait that ends
+        while spinning is counted into the estimate; one that ends at the
+        first call is not (there was nothing to wait for).
         """
         got = poll()
         if got is not None:
@@ -163,7 +170,13 @@ class Spin:
         now = _clock()
         if start is None:
             start = now
-        end = start + self.budget(now)
+        budget = self.budget(now)
+        if not budget and self.estimate > self.cap and not self._alone:
+            self._unspun += 1
+            if self._unspun >= PROBE:  # long waits for a while: are quick answers back?
+                self._unspun = 0
+                budget = self.cap
+        end = start + budget
         if now >= end:
             return None
         self.spins += 1

@@ -15,7 +15,7 @@ import pytest
 
 from l4vctl import catalog as cat
 from l4vctl import waiting, wire
-from l4vctl.waiting import CLIP, FACTOR, RECHECK, Spin, one_cpu, peer_pid
+from l4vctl.waiting import CLIP, FACTOR, PROBE, RECHECK, Spin, one_cpu, peer_pid
 
 CAP = 200e-6
 
@@ -165,6 +165,20 @@ def test_budget_follows_the_measured_waits(placement, clock, yields):
     for _ in range(30):
         spin.observe(20e-6)
     assert 0 < spin.budget() <= CAP  # quick again: spinning again
+
+
+def test_while_waits_are_long_one_in_probe_still_spins(placement, clock, yields):
+    spin = Spin(CAP, estimate=CLIP * CAP)
+    spun = []
+    for _ in range(3 * PROBE):
+        before = spin.spins
+        assert spin.run(never) is None
+        spun.append(spin.spins - before)
+    assert spun == ([0] * (PROBE - 1) + [1]) * 3
+    for _ in range(PROBE - 1):
+        spin.run(never)
+    assert spin.run(after(3)) == "it"  # the probe catches a quick answer: it counts
+    assert spin.estimate < CLIP * CAP
 
 
 def test_one_long_stall_does_not_stop_spinning(placement):
