@@ -22,6 +22,7 @@ from l4vctl.barrier import full_barrier
 from l4vctl.errors import ProtocolError, TimeoutExpired
 from l4vctl.formats.fast import SplitRingViews
 from l4vctl.formats.fast import ring as ring_geometry
+from l4vctl.waiting import Spin
 from l4vctl.wire import HANGUP
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ DESC_SIZE = _DESC.size
 NEXT = cat.VRING_DESC_F_NEXT
 WRITE = cat.VRING_DESC_F_WRITE
 INDIRECT = cat.VRING_DESC_F_INDIRECT
-#: Seconds to poll used.idx before sleeping on the IRQ.
+#: Longest poll of used.idx before sleeping on the IRQ (see l4vctl.waiting).
 COMPLETION_SPIN = 100e-6
 #: Longest sleep on the IRQ before the device's status is looked at again.
 SLEEP_SLICE = 0.05
@@ -83,7 +84,7 @@ class Virtqueue(Generic[T]):
 
     def __init__(self, memory: memoryview, num: int, *, kick_irq, irq, event_idx: bool, indirect: bool,
                  index: int = 0, check=None, watch: int | None = None, dma: ShadowSpace | None = None,
-                 ring_addrs: tuple[int, int, int] = (0, 0, 0)):  # fmt: skip
+                 ring_addrs: tuple[int, int, int] = (0, 0, 0), peer: int | None = None):  # fmt: skip
         lay = ring_geometry().simple_layout(num)
         self.index = index
         self.num = num
@@ -94,6 +95,8 @@ class Virtqueue(Generic[T]):
         self.check = check  # called when waits time out: raises if the device failed
         self.watch = watch  # the device connection's fd: a hang-up ends waits at once (check raises)
         self._poller: select.poll | None = None
+        #: How long wait() polls used.idx; ``peer`` is the device's process, if known
+        self.spin = Spin(COMPLETION_SPIN, peer)
         views: SplitRingViews = ring_geometry().views(memory, num, lay["desc"], lay["avail"], lay["used"])
         self.views = views
         self.desc = views.desc
@@ -313,14 +316,17 @@ class Virtqueue(Generic[T]):
         if done:
             return done
         start = time.perf_counter()
-        # polling a shadow is pointless: it changes only when reap() pulls
-        spin_until = start + (COMPLETION_SPIN if self._dma is None else 0.0)
-        deadline = start + timeout
-        used_idx = self._used_idx
-        last = self.last_used
-        while time.perf_counter() < spin_until:
-            if used_idx[0] != last:
+        if self._dma is None:  # polling a shadow is pointless: it changes only when reap() pulls
+            used_idx = self._used_idx
+            last = self.last_used
+            if self.spin.run(lambda: True if used_idx[0] != last else None, start):
                 return self.reap()
+        done = self._sleep_for_completions(start + timeout, timeout)
+        self.spin.observe(time.perf_counter() - start)
+        return done
+
+    def _sleep_for_completions(self, deadline: float, timeout: float) -> list[tuple[T, int]]:
+        """Completions, sleeping on the IRQ with interrupts on until ``deadline``."""
         while True:
             self.interrupts(True)
             full_barrier()

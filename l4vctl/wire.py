@@ -13,10 +13,14 @@ import select
 import socket
 import struct
 import time
+from typing import TYPE_CHECKING
 
 from l4vctl import catalog as cat
 from l4vctl.caps import close_fds
 from l4vctl.formats.fast import codec, scalar_format
+
+if TYPE_CHECKING:
+    from l4vctl.waiting import Spin
 
 _HDR = codec("wire_frame_header")
 _CAP = codec("wire_cap_item")
@@ -158,28 +162,46 @@ class Closed(Exception):
 
 
 def recv(sock: socket.socket, timeout: float | None = None, any_version: bool = False,
-         spin: float = 0.0) -> Frame:  # fmt: skip
+         spin: Spin | None = None) -> Frame:  # fmt: skip
     """Receive one frame and its descriptors.
 
-    ``spin`` seconds are spent polling without sleeping first: waking a
-    sleeping process on another CPU costs tens of microseconds, a reply that
-    comes back quickly is caught sooner this way.  A ``timeout`` of 0 means
+    ``spin`` (a :class:`l4vctl.waiting.Spin`) polls for the frame a while
+    before sleeping, as long as that pays, and learns how long the frame
+    took: waking a sleeping process costs tens of microseconds, a reply that
+    comes back quickly is caught sooner by polling.  A ``timeout`` of 0 means
     "only what is already there".
 
     Raises :class:`Closed` at end of stream, ``TimeoutError`` when nothing
     arrives in time and :class:`WireError` for a malformed frame (its
     descriptors are closed).
     """
-    if spin > 0 or timeout == 0:
-        end = time.perf_counter() + spin
-        while True:
-            try:
-                return _recv_now(sock, any_version, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                if time.perf_counter() >= end:
-                    break
-        if timeout == 0:
-            raise TimeoutError("no frame is waiting")
+    if spin is None:
+        if timeout != 0:
+            return _recv_waiting(sock, timeout, any_version)
+        try:
+            return _recv_now(sock, any_version, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            raise TimeoutError("no frame is waiting") from None
+
+    def waiting() -> Frame | None:
+        try:
+            return _recv_now(sock, any_version, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+
+    start = time.perf_counter()
+    frame = spin.run(waiting, start)
+    if frame is not None:
+        return frame
+    if timeout == 0:
+        raise TimeoutError("no frame is waiting")
+    frame = _recv_waiting(sock, timeout, any_version)
+    spin.observe(time.perf_counter() - start)
+    return frame
+
+
+def _recv_waiting(sock: socket.socket, timeout: float | None, any_version: bool) -> Frame:
+    """Sleep until a frame arrives (``timeout`` seconds at most; None: no limit)."""
     if timeout is not None:
         deadline = time.monotonic() + timeout
         p = select.poll()  # not select(): descriptors past 1023 are fine

@@ -65,6 +65,11 @@ class Attachment:
                 self.broken = True
                 raise
 
+    def peer_pid(self) -> int | None:
+        """The device's process, where the channel knows it (a local emulator): waits spin by where it runs."""
+        pid = getattr(self.channel, "peer_pid", None)
+        return pid if isinstance(pid, int) else None
+
     def watch_fd(self) -> int | None:
         """The descriptor of the device connection, watched for a hang-up (None: nothing to watch)."""
         fileno = getattr(self.channel, "fileno", None)

@@ -16,12 +16,13 @@ from l4vctl.errors import (
     UnavailableError,
     UsageError,
 )
+from l4vctl.waiting import Spin
 
 if TYPE_CHECKING:
     from l4vctl._session.attachment import Attachment
     from l4vctl._session.pageview import PageView
 
-#: Seconds to poll the cmd word before sleeping between polls.
+#: Longest poll of the cmd word before sleeping between polls (see l4vctl.waiting).
 CMD_SPIN = 500e-6
 #: Transport features the session's driver implements (others are accepted only when asked for: "forced").
 SUPPORTED_TRANSPORT = {cat.INDIRECT_DESC_BIT, cat.EVENT_IDX_BIT, cat.VERSION_1_BIT}
@@ -53,6 +54,7 @@ class Negotiation:
         self.transitions: list[Transition] = []
         self.negotiated: set[int] = set()
         self.drove = False  # a status was written: the device is reset on the way out
+        self.spin = Spin(CMD_SPIN)  # how long send_cmd polls the cmd word before it sleeps
 
     def offered(self, view: PageView) -> set[int]:
         """Feature bits the device offers."""
@@ -91,19 +93,20 @@ class Negotiation:
         assert link.device_irq is not None
         link.device_irq.trigger()
         start = time.perf_counter()
-        spin_until = start + CMD_SPIN
+        spin = self.spin
+        spin.peer = link.peer_pid()
+        if spin.run(lambda: None if view.get("cmd") else True, start):
+            return
         deadline = start + self.timeout
         delay = 50e-6
         hangup = None
         while view.get("cmd"):
             now = time.perf_counter()
-            if now < spin_until:
-                continue
             if now > deadline:
                 link.broken = True
                 raise TimeoutExpired(f"the device did not consume cmd {word:#010x} within {self.timeout:g} s")
             if delay < 0.001:
-                time.sleep(delay)
+                spin.rest(delay)
                 delay *= 2
                 continue
             if hangup is None:  # from here on, sleep on the connection: a device that dies ends the wait
@@ -113,6 +116,7 @@ class Negotiation:
             elif hangup.poll(1):
                 link.broken = True
                 raise UnavailableError(f"{link.url}: the device went away before it consumed cmd {word:#010x}")
+        spin.observe(time.perf_counter() - start)
 
     @staticmethod
     def fail_check(view: PageView, after: str) -> None:

@@ -168,6 +168,7 @@ class QueueSet:
             index=index,
             check=check,
             watch=link.watch_fd(),
+            peer=link.peer_pid(),
             dma=self.shadow if self._shadowed else None,
             ring_addrs=(setup.desc, setup.avail, setup.used),
         )

@@ -136,7 +136,7 @@ class EmuBackend(Backend):
         theirs.close()
         device.close()  # the child holds its own copies
         try:
-            return SocketChannel(ours, self.url, role, timeout, self._why_dead)
+            return SocketChannel(ours, self.url, role, timeout, self._why_dead, peer=pid)
         except BaseException:
             ours.close()
             self.close()

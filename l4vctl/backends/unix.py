@@ -16,6 +16,7 @@ from l4vctl.backends import connect_unix
 from l4vctl.backends.base import Backend, Channel, Response
 from l4vctl.errors import ProtocolError, TimeoutExpired, UnavailableError
 from l4vctl.formats.fast import codec
+from l4vctl.waiting import Spin, peer_pid
 
 if TYPE_CHECKING:
     from l4vctl.wire import Cap
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 __all__ = ["OPEN_CHANNELS", "Response", "SocketChannel", "TooManyClients", "UnixBackend", "describe_op"]
 
 ROLE_CODES = {"driver": cat.ROLE_DRIVER, "monitor": cat.ROLE_MONITOR}
-#: Seconds to poll for a reply before sleeping (replies usually take tens of microseconds).
+#: Longest spin for a reply before sleeping (replies usually take tens of microseconds; see l4vctl.waiting).
 REPLY_SPIN = 200e-6
 #: poll() events that mean the peer closed its end (POLLIN is left out: a stale reply is not a hang-up).
 
@@ -61,13 +62,16 @@ class SocketChannel(Channel):
     """One connection to an emulator: HELLO, then request/reply calls (memory: local mappings)."""
 
     def __init__(self, sock: socket.socket, name: str, role: str, timeout: float,
-                 exit_status: Callable[[], str | None] | None = None):  # fmt: skip
+                 exit_status: Callable[[], str | None] | None = None, peer: int | None = None):  # fmt: skip
         self.sock: socket.socket | None = sock  # None once closed
         OPEN_CHANNELS.add(sock)
         self.name = name
         self.timeout = timeout
         self.seq = 0
         self._exit_status = exit_status  # callable giving why the peer ended, if known
+        #: The device's process (given by whoever started it, else the socket's peer), None if not known.
+        self.peer_pid = peer if peer is not None else peer_pid(sock)
+        self._reply_spin = Spin(REPLY_SPIN, self.peer_pid)
         self._hello(sock, ROLE_CODES[role])
 
     def _dead(self, what: str) -> UnavailableError:
@@ -80,7 +84,7 @@ class SocketChannel(Channel):
         try:
             set_send_timeout(sock, self.timeout)  # a peer that stops reading must not hang a send
             wire.send(sock, data)
-            frame = wire.recv(sock, self.timeout, any_version=True)
+            frame = wire.recv(sock, self.timeout, any_version=True, spin=self._reply_spin)
         except wire.Closed:
             raise self._dead("during HELLO") from None
         except TimeoutError:
@@ -128,7 +132,7 @@ class SocketChannel(Channel):
         while True:
             left = deadline - time.monotonic()
             try:
-                frame = wire.recv(sock, max(left, 0), spin=REPLY_SPIN)
+                frame = wire.recv(sock, max(left, 0), spin=self._reply_spin)
             except TimeoutError:
                 raise TimeoutExpired(
                     f"{self.name}: no reply to {describe_op(label, opcode)} within {timeout:g} s"

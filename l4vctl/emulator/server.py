@@ -27,11 +27,12 @@ from l4vctl.caps import close_fds
 from l4vctl.emulator import log
 from l4vctl.emulator.device import EMSGTOOSHORT
 from l4vctl.emulator.dispatch import EBADPROTO, NO_REPLY, Dispatcher, Reply
+from l4vctl.waiting import Spin, peer_pid
 
 EBUSY = -cat.L4_EBUSY
 EAGAIN = -cat.L4_EAGAIN
 EMSGTOOLONG = -cat.L4_EMSGTOOLONG
-#: Seconds to keep polling a client for its next request before sleeping.
+#: Longest poll for the driver's next request before sleeping (see l4vctl.waiting).
 REQUEST_SPIN = 200e-6
 #: Longest stretch of polling one driver's rings before the event loop looks at everyone else.
 POLL_SLICE = 5e-3
@@ -219,21 +220,37 @@ class Server:
                 self.driver.last = time.monotonic()  # a driver doing ring I/O is not idle
         self._poll()
 
+    #: How long _poll waits for more work (made on first use), the driver whose process it was told
+    #: (by client id) and when _poll last found work (0: never).
+    _spin: Spin | None = None
+    _spin_for = 0
+    _busy_at = 0.0
+
     def _poll(self) -> None:
         """Keep serving the driver, its kicks and the rings without sleeping for a while.
 
-        Waking a sleeping process on another CPU costs tens of microseconds;
-        while the driver is busy, polling is cheaper.  Drivers are told that
-        kicks are not needed meanwhile (NO_NOTIFY or avail_event); before the
-        server sleeps again it says otherwise and looks at the rings once more,
-        so nothing published in between is missed.
+        Waking a sleeping process costs tens of microseconds; while the driver
+        is busy, polling is cheaper, as long as the driver answers within the
+        spin and runs on another CPU (:class:`l4vctl.waiting.Spin` decides).
+        Drivers are told that kicks are not needed meanwhile (NO_NOTIFY or
+        avail_event); before the server sleeps again it says otherwise and
+        looks at the rings once more, so nothing published in between is missed.
         """
         dev = self.device
-        dev.poll_mode(True)
+        spin = self._spin
+        if spin is None:
+            spin = self._spin = Spin(REQUEST_SPIN)
+        driver = self.driver
+        if driver is not None and driver.id != self._spin_for:
+            self._spin_for = driver.id
+            spin.peer = peer_pid(driver.sock)
         now = time.perf_counter()
-        end = now + REQUEST_SPIN
+        if self._busy_at:  # the wait for this work, which came after the server went to sleep
+            spin.observe(now - self._busy_at)
+        dev.poll_mode(True)
         limit = now + POLL_SLICE  # then let other clients and events in, busy or not
-        while time.perf_counter() < end:
+
+        def one_pass() -> bool | None:
             busy = False
             if dev.kick_irq.drain():
                 dev.kicks += 1
@@ -243,8 +260,13 @@ class Server:
             driver = self.driver
             if driver is not None and self._handle_one(driver, 0):
                 busy = True
-            if busy:
-                end = min(time.perf_counter() + REQUEST_SPIN, limit)
+            return True if busy else None
+
+        while spin.run(one_pass):  # work came within the spin: wait for more
+            now = time.perf_counter()
+            if now >= limit:
+                break
+        self._busy_at = now
         # say "kick me" again, then make sure nothing slipped in meanwhile
         dev.poll_mode(False)
         full_barrier()
