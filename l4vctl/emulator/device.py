@@ -481,9 +481,8 @@ class Device:
                 return region
         return None
 
-    def region_of(self, addr: int, length: int) -> Region | None:
-        """The region that holds all of [addr, addr + length) (the one found last, else the first), or None."""
-        return self._region(addr, length)
+    #: The region that holds all of [addr, addr + length) (the one found last, else the first), or None.
+    region_of = _region
 
     def last_region(self) -> Region | None:
         """The region the last lookup found (the ring walker tries it first)."""

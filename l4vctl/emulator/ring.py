@@ -123,17 +123,18 @@ class DeviceRing:
         table = self.desc
         size = self.num
         unpack = _DESC.unpack_from
+        region = None
         addr, length, flags, nxt = unpack(table, head * DESC_SIZE)
         if flags & INDIRECT:
-            if not dev.negotiated_bit(cat.INDIRECT_DESC_BIT):
+            if cat.INDIRECT_DESC_BIT not in dev.negotiated:
                 raise BadChain(f"queue {q.index}: indirect descriptor at {head} but INDIRECT_DESC was not negotiated")
             if flags & WRITE:
                 raise BadChain(f"queue {q.index}: indirect descriptor at {head} has the WRITE flag")
             entries = length // DESC_SIZE
             if entries == 0:
                 raise BadChain(f"queue {q.index}: indirect table of {length} bytes holds no descriptor")
-            view = dev.translate(addr, entries * DESC_SIZE)
-            if view is None:
+            region = dev.region_of(addr, entries * DESC_SIZE)
+            if region is None:
                 raise BadChain(
                     f"queue {q.index}: indirect table {addr:#x}+{length:#x} is not inside one registered region"
                 )
@@ -141,7 +142,8 @@ class DeviceRing:
                 log.info(
                     "queue %d: indirect table length %d is not a multiple of 16 (remainder ignored)", q.index, length
                 )
-            table = view
+            start = addr - region.base
+            table = region.view[start : start + entries * DESC_SIZE]
             size = entries
             addr, length, flags, nxt = unpack(table, 0)
             if flags & INDIRECT:
@@ -149,8 +151,10 @@ class DeviceRing:
         views: list[memoryview] = []
         kinds: list[int] = []
         count = 0
-        # the region of the last buffer first: the buffers of a request usually share it
-        region = dev.last_region()
+        # the region found last first (the indirect table's, or the last buffer's): the buffers
+        # of a request usually share it
+        if region is None:
+            region = dev.last_region()
         base = end = rw = 0
         if region is not None:
             base = region.base
