@@ -137,7 +137,9 @@ def bench(url: str, args: list[str], seconds: float, cpus: set[int] | None, seen
             seen.sample(*device)
         if child:
             for kid in children_of(proc.pid):
-                kids.add(kid)
+                if kid not in kids:  # inherited the placement at fork; made sure of, by pid
+                    kids.add(kid)
+                    pin(cpus, kid)
                 seen.sample(child, kid)
     out, err = proc.communicate()
     wall = time.perf_counter() - t0
