@@ -117,6 +117,16 @@ class Rig:
             self.vq.add(bufs, req)
         return req
 
+    def raw(self, rtype: int, sector: int, data: list[tuple[int, int, bool]]) -> Request:
+        """Offer a request whose data buffers are given as (device address, length, WRITE flag)."""
+        hdr, hdr_addr = self.alloc(16)
+        struct.pack_into("<IIQ", hdr, 0, rtype, 0, sector)
+        status, status_addr = self.alloc(1)
+        status[0] = 0xFF
+        req = Request(rtype, sector, [], hdr, status)
+        self.vq.add([(hdr_addr, 16, False), *data, (status_addr, 1, True)], req)
+        return req
+
     def serve(self) -> list[Request]:
         """Publish what was offered, let the device serve it in one call, reap the completions."""
         self.vq.kick()
@@ -346,6 +356,19 @@ def test_a_bad_chain_ends_the_batch_after_serving_the_requests_before_it(rig):
         assert rig.image(r.sector * SECTOR, 512) == r.data  # served before the device stopped
 
 
+def test_a_bad_head_index_ends_the_batch_after_serving_the_heads_before_it(rig):
+    good = [rig.request(OUT, i, [512], bytes([i + 1]) * 512) for i in range(3)]
+    vq = rig.vq
+    vq.views.avail_ring[vq.avail_idx % vq.num] = vq.num + 5  # not a head of this queue
+    vq.avail_idx += 1
+    vq.kick()
+    rig.dev.service()
+    assert rig.dev.status & cat.STATUS_DEVICE_NEEDS_RESET
+    assert f"head index {vq.num + 5} is not below the queue size" in rig.dev.last_error
+    for r in good:
+        assert rig.image(r.sector * SECTOR, 512) == r.data
+
+
 def test_a_short_image_reads_zeros_past_its_end(rig, calls):
     reqs = [rig.request(IN, 2040 + i, [512]) for i in range(8)]  # the last 8 sectors
     expect = rig.image(0, IMAGE)
@@ -356,6 +379,51 @@ def test_a_short_image_reads_zeros_past_its_end(rig, calls):
         assert r.data == expect[r.sector * SECTOR : r.sector * SECTOR + 512]
     for r in reqs[4:]:
         assert r.data == bytes(512)
+
+
+# -- the rules every request is checked against ---------------------------------------------------
+
+
+def test_reading_into_read_only_memory_needs_a_reset(rig):
+    ro = Dataspace.create("ro", 4096)
+    try:
+        assert rig.dev.register_ds(ro.fd, cat.CAP_RIGHT_R, 0x4000000, 0, 4096) == 0
+        rig.raw(IN, 0, [(0x4000000, 512, True)])
+        rig.serve()
+        assert rig.dev.status & cat.STATUS_DEVICE_NEEDS_RESET
+        assert "read-only memory" in rig.dev.last_error
+    finally:
+        ro.close()
+
+
+def test_reading_into_a_buffer_without_the_write_flag_is_tolerated(rig):
+    view, addr = rig.alloc(512)
+    r = rig.raw(IN, 3, [(addr, 512, False)])
+    assert rig.serve() == [r]
+    assert r.status[0] == cat.BLK_S_OK and bytes(view) == rig.image(3 * SECTOR, 512)
+    assert rig.dev.status == 0x0F
+
+
+@pytest.mark.parametrize(
+    "opts,pieces,why",
+    [
+        ({"size_max": "4096"}, [8192], "exceeds size_max"),
+        ({"seg_max": "2"}, [512, 512, 512], "exceed seg_max"),
+        ({}, [700], "not a multiple of 512"),
+        ({}, [1024, 100], "not a multiple of 512"),
+    ],
+)
+def test_requests_outside_the_limits_get_ioerr(tmp_path, opts, pieces, why, capfd):
+    rig = Rig(tmp_path / "disk.img", **opts)
+    try:
+        bad = rig.request(IN, 0, pieces)
+        good = rig.request(IN, 16, [512])
+        assert rig.serve() == [bad, good]
+        assert (bad.status[0], good.status[0]) == (cat.BLK_S_IOERR, cat.BLK_S_OK)
+        assert why in capfd.readouterr().err
+        assert rig.dev.status == 0x0F
+    finally:
+        rig.close()
 
 
 # -- interrupts --------------------------------------------------------------------------------------
