@@ -506,3 +506,28 @@ def test_io_threads_serve_a_batch_as_if_in_order(tmp_path):
         assert rig.image(0, IMAGE) == bytes(model)
     finally:
         rig.close()
+
+
+# -- the driver's early kicks ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_early_kicks_publish_only_while_the_device_polls(tmp_path, event_idx):
+    from l4vctl.drivers.blk import BlkDriver
+
+    rig = Rig(tmp_path / "disk.img", event_idx=event_idx)
+    try:
+        driver = type("D", (), {"vq": rig.vq})()  # kick_if_polled needs nothing but the queue
+        rig.dev.poll_mode(True)  # the device polls: it asks for no kicks
+        rig.request(IN, 0, [512])
+        BlkDriver.kick_if_polled(driver)
+        assert rig.vq.views.avail_idx[0] == 1 and rig.dev.kick_irq.drain() == 0  # published, not kicked
+        rig.dev.service()
+        rig.dev.poll_mode(False)  # the device sleeps: it wants a kick
+        rig.request(IN, 1, [512])
+        BlkDriver.kick_if_polled(driver)
+        assert rig.vq.views.avail_idx[0] == 1  # left for the kick that comes with the whole batch
+        rig.vq.kick()
+        assert rig.vq.views.avail_idx[0] == 2 and rig.dev.kick_irq.drain() == 1
+    finally:
+        rig.close()

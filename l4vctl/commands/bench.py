@@ -133,7 +133,7 @@ def bench(ctx, device, device_opt, abi, mode, timeout, json_mode, workload, bs, 
                 if submitting:
                     drv.submit(slot, rtype, next_sector(), size)
                     if k % 8 == 0:
-                        drv.kick()  # publish early: the device may be polling already
+                        drv.kick_if_polled()  # publish early if the device polls: it can start at once
             done += len(completed)
             if submitting:
                 drv.kick()

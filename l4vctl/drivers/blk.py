@@ -19,6 +19,7 @@ from l4vctl import catalog as cat
 from l4vctl.drivers.base import Driver
 from l4vctl.errors import DeviceStateError, UsageError
 from l4vctl.formats.fast import codec
+from l4vctl.virtqueue import need_event
 
 if TYPE_CHECKING:
     from l4vctl.session import Session
@@ -143,6 +144,19 @@ class BlkDriver(Driver):
     def kick(self) -> None:
         """Publish the requests submitted so far and notify the device if it wants."""
         self.vq.kick()
+
+    def kick_if_polled(self) -> None:
+        """Publish the requests submitted so far if the device polls the ring (it wants no
+        notification: publishing costs a store).  A device that sleeps is left to the next
+        :meth:`kick`, so that it wakes to a whole batch rather than to the first few requests
+        (on a shared CPU, waking it early hands it the CPU before the batch is complete)."""
+        vq = self.vq
+        if vq.event_idx:
+            wanted = need_event(vq.avail_event[0], vq.avail_idx, vq.kicked_idx)
+        else:
+            wanted = not vq.views.used_flags[0] & cat.VRING_USED_F_NO_NOTIFY
+        if not wanted:
+            vq.kick()
 
     def wait(self, timeout: float | None = None) -> list[Slot]:
         """Completed requests (at least one); each slot's ``status`` is set."""
