@@ -2,7 +2,8 @@
 
 Data moves straight between the file and the driver's shared buffers
 (``os.preadv``/``os.pwritev`` on memoryviews of the mapped regions), never
-through temporary bytes.  An OUT request is completed only after its data
+through temporary bytes; adjacent requests of a batch that continue each
+other move with one call.  An OUT request is completed only after its data
 is in the file; FLUSH is ``fdatasync``.  Request parsing follows L4Re's block
 server: the first buffer holds the 16-byte header (data may follow in the
 same buffer), the status byte is the last byte of the last buffer; a request
