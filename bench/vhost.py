@@ -1,12 +1,25 @@
 """The same l4vctl bench workloads against our emulator and qemu-storage-daemon, in one run.
 
-Both serve a block device backed by an image file of the same size on the
-same file system; the driver side (l4vctl's session, virtqueue and blk
-driver) is identical, so the ratio compares the devices.  Printed as
-emulator / qemu-storage-daemon; goal (issue 5): at least 1.0x on the QD32
-workloads.
+Both devices run as long-lived processes (``l4vctl emulate blk`` on a Unix
+socket, qemu-storage-daemon exporting vhost-user-blk), each on an image file
+of the same size on the same file system, written with the same random data
+first so that reads return real data from the page cache.  The driver side
+(l4vctl's session, virtqueue and blk driver, one ``l4vctl bench`` process per
+sample) is identical, so the ratio compares the devices.
 
-    python bench/vhost.py [--time 5]
+Each workload is warmed up on both devices, then measured in ``--pairs``
+pairs; the pairs alternate which device runs first.  Every case runs twice by
+default: unpinned, and with every process (this one, the bench driver, the
+emulator and every thread of qemu-storage-daemon) on CPU 0.  Printed:
+min / median / max of each device's figure and of the pairwise ratio
+emulator / qemu-storage-daemon, the CPU time each device process used per
+second of the run, and the CPUs each process may run on and was seen on.
+
+Goals (issue 11): emulator / qemu-storage-daemon >= 1.0x median for 4 KiB
+randread QD1 and QD32 and 64 KiB seqread QD32, unpinned and on one CPU;
+64 KiB seqread >= 2 GB/s.
+
+    python bench/vhost.py [--pairs 5] [--time 2] [--cpus all|0] [--size 256]
 """
 
 from __future__ import annotations
@@ -15,69 +28,274 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _util import PY, machine
+from _util import PY, add_placement_args, cpus_of, describe, interleave, machine, mmm, place, placements, ratios
 
-SIZE = 256 << 20
+#: (name, l4vctl bench arguments, figure) of the compared workloads.
+CASES = [
+    ("4 KiB randread QD1", ["--workload", "randread", "--bs", "4k", "--qd", "1"], "iops"),
+    ("4 KiB randread QD32", ["--workload", "randread", "--bs", "4k", "--qd", "32"], "iops"),
+    ("64 KiB seqread QD32", ["--workload", "seqread", "--bs", "64k", "--qd", "32"], "mb_per_s"),
+]
+UNITS = {"iops": "req/s", "mb_per_s": "MB/s"}
+#: Seconds of the warm-up run of each device before a workload's pairs.
+WARM_UP = 0.5
+#: Seconds between looks at the CPUs the processes run on while a sample runs.
+SAMPLE_EVERY = 0.1
 
 
-def bench(url: str, args: list[str]) -> dict:
-    out = subprocess.run([PY, "-m", "l4vctl", "bench", url, *args, "--json"], capture_output=True, text=True,
-                         check=True)  # fmt: skip
-    return json.loads(out.stdout)["result"]
+# -- processes and the CPUs they run on -------------------------------------------------------
+
+
+def threads_of(pid: int) -> list[int]:
+    """The thread ids of a process (just ``pid`` if they cannot be listed)."""
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return [pid]
+
+
+def children_of(pid: int) -> list[int]:
+    """The child processes of ``pid`` (e.g. the emulator an ``emu:`` bench forked)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def pin(cpus: set[int] | None, pid: int) -> None:
+    """Place every thread of process ``pid`` (see ``_util.place``)."""
+    for tid in threads_of(pid):
+        try:
+            place(cpus, tid)
+        except OSError:
+            pass  # the thread ended meanwhile
+
+
+def _stat(path: str) -> list[str] | None:
+    try:
+        with open(path) as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time process ``pid`` has used so far (all its threads)."""
+    fields = _stat(f"/proc/{pid}/stat")
+    if fields is None:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Seen:
+    """The CPUs processes (every thread of them) were seen running on."""
+
+    def __init__(self) -> None:
+        self.cpus: dict[str, set[int]] = {}
+
+    def sample(self, name: str, pid: int) -> None:
+        for tid in threads_of(pid):
+            fields = _stat(f"/proc/{pid}/task/{tid}/stat")
+            if fields is not None and len(fields) > 36:
+                self.cpus.setdefault(name, set()).add(int(fields[36]))
+
+    def ran_on(self, name: str) -> str:
+        return ",".join(map(str, sorted(self.cpus.get(name, ())))) or "?"
+
+
+def bench(url: str, args: list[str], seconds: float, cpus: set[int] | None, seen: Seen,
+          device: tuple[str, int] | None = None, child: str | None = None) -> dict:  # fmt: skip
+    """One ``l4vctl bench`` run (a process of its own, placed on ``cpus``); its JSON result.
+
+    While it runs, the CPUs of the driver, of ``device`` (name, pid) and of
+    the bench's own children (named ``child``: an ``emu:`` emulator) are
+    sampled; ``result["device_cpu"]`` is the CPU time the device process used
+    per second of the run.
+    """
+    cmd = [PY, "-m", "l4vctl", "bench", url, *args, "--time", f"{seconds}s", "--json"]
+    before = cpu_seconds(device[1]) if device else 0.0
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pin(cpus, proc.pid)  # it inherited this process's placement already; made sure of
+    kids: set[int] = set()
+    while True:
+        try:
+            proc.wait(SAMPLE_EVERY)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+        seen.sample("driver", proc.pid)
+        if device:
+            seen.sample(*device)
+        if child:
+            for kid in children_of(proc.pid):
+                if kid not in kids:  # inherited the placement at fork; made sure of, by pid
+                    kids.add(kid)
+                    pin(cpus, kid)
+                seen.sample(child, kid)
+    out, err = proc.communicate()
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err.strip()}")
+    result = json.loads(out)["result"]
+    if device:
+        result["device_cpu"] = (cpu_seconds(device[1]) - before) / wall
+    return result
+
+
+# -- the devices ----------------------------------------------------------------------------------
+
+
+def write_images(paths: list[str], size: int) -> None:
+    """Fill each image with the same random data (so reads move real bytes)."""
+    files = [open(p, "wb") for p in paths]  # noqa: SIM115 - closed below
+    try:
+        chunk = 1 << 20
+        for _ in range(size // chunk):
+            data = os.urandom(chunk)
+            for f in files:
+                f.write(data)
+    finally:
+        for f in files:
+            f.close()
+
+
+def qsd_command(binary: str, image: str, sock: str) -> list[str]:
+    """qemu-storage-daemon exporting ``image`` as vhost-user-blk at ``sock`` (its defaults otherwise)."""
+    export = f"type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={sock},writable=on"
+    return [binary, "--blockdev", f"driver=file,node-name=f0,filename={image}",
+            "--blockdev", "driver=raw,node-name=d0,file=f0", "--export", export]  # fmt: skip
+
+
+def start_qsd(binary: str, image: str, sock: str, cpus: set[int] | None) -> subprocess.Popen:
+    """Start qemu-storage-daemon, wait for its socket, place all its threads."""
+    proc = subprocess.Popen(qsd_command(binary, image, sock), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    while not os.path.exists(sock):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            raise RuntimeError(f"qemu-storage-daemon did not start: {err.strip()}")
+        time.sleep(0.02)
+    pin(cpus, proc.pid)
+    return proc
+
+
+def start_emulator(image: str, sock: str, cpus: set[int] | None) -> subprocess.Popen:
+    """Start ``l4vctl emulate blk`` on ``image``, wait until it is ready, place it."""
+    proc = subprocess.Popen([PY, "-m", "l4vctl", "emulate", "blk", "--socket", sock, "--image", image, "-q"],
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout is not None
+    proc.stdout.readline()  # the URL: ready
+    pin(cpus, proc.pid)
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def report(name: str, figure: str, subj: list[dict], base: list[dict], subj_name: str, base_name: str) -> float:
+    """Print one workload's figures; returns the median ratio."""
+    unit = UNITS[figure]
+    s = [r[figure] for r in subj]
+    b = [r[figure] for r in base]
+    ratio = ratios(s, b)
+    fmt = ",.0f"
+    print(f"{name}")
+    print(f"  {subj_name:22s} {unit:6s} {mmm(s, 1.0, fmt)}")
+    print(f"  {base_name:22s} {unit:6s} {mmm(b, 1.0, fmt)}")
+    print(f"  {'ratio':22s} {'x':6s} {mmm(ratio, 1.0, '.2f')}")
+    p50s = statistics.median(r["latency_us"]["p50"] for r in subj)
+    p50b = statistics.median(r["latency_us"]["p50"] for r in base)
+    print(f"  p50 latency (median of the samples): {subj_name} {p50s:.1f} us, {base_name} {p50b:.1f} us")
+    if "device_cpu" in subj[0] and "device_cpu" in base[0]:
+        cs = statistics.median(r["device_cpu"] for r in subj)
+        cb = statistics.median(r["device_cpu"] for r in base)
+        print(f"  device CPU per second of run (median): {subj_name} {cs:.2f} s, {base_name} {cb:.2f} s")
+    return statistics.median(ratio)
+
+
+def run_placement(cpus: set[int] | None, args, qsd_bin: str, emu_img: str, qsd_img: str, tmp: str) -> dict:
+    place(cpus)  # this process first: everything it starts inherits the placement
+    emu_sock, qsd_sock = os.path.join(tmp, "emu.sock"), os.path.join(tmp, "qsd.sock")
+    emu = start_emulator(emu_img, emu_sock, cpus)
+    qsd = start_qsd(qsd_bin, qsd_img, qsd_sock, cpus)
+    seen = Seen()
+    results = {}
+    try:
+        allowed = f"bench driver {cpus_of(0)}, emulator {cpus_of(emu.pid)}, qemu-storage-daemon " + "/".join(
+            sorted({cpus_of(t) for t in threads_of(qsd.pid)})
+        )
+        print(f"\n## {describe(cpus)}; {args.pairs} pairs of {args.time:g} s per workload; min / median / max")
+        print(f"CPUs allowed: {allowed}")
+        for name, cargs, figure in CASES:
+
+            def subject(seconds=args.time, cargs=cargs):
+                return bench(f"unix:{emu_sock}", cargs, seconds, cpus, seen, ("emulator", emu.pid))
+
+            def baseline(seconds=args.time, cargs=cargs):
+                return bench(f"vhost-user:{qsd_sock}?type=blk", cargs, seconds, cpus, seen,
+                             ("qemu-storage-daemon", qsd.pid))  # fmt: skip
+
+            baseline(WARM_UP)  # warm up both (page cache, code paths), in the other order than the first pair
+            subject(WARM_UP)
+            subj, base = interleave(subject, baseline, args.pairs)
+            results[name] = (report(name, figure, subj, base, "emulator", "qemu-storage-daemon"), subj, figure)
+        ran = ", ".join(f"{n} {seen.ran_on(n)}" for n in ("driver", "emulator", "qemu-storage-daemon"))
+        print(f"CPUs seen: {ran}")
+    finally:
+        stop(emu)
+        stop(qsd)
+        place(None)
+    return results
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--time", type=float, default=5.0)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_placement_args(ap)
+    ap.add_argument("--time", type=float, default=2.0, help="seconds per sample")
+    ap.add_argument("--size", type=int, default=256, help="image size in MiB")
+    ap.add_argument("--dir", default=None, help="where the images go (default: a temporary directory)")
     args = ap.parse_args()
+    if args.pairs < 5:
+        ap.error("--pairs: at least 5 pairs make a comparison")
     qsd_bin = shutil.which("qemu-storage-daemon")
     if not qsd_bin:
         sys.exit("qemu-storage-daemon is not installed (apt-get install qemu-system-common)")
-    tmp = tempfile.mkdtemp()
+    tmp = tempfile.mkdtemp(dir=args.dir)
     emu_img, qsd_img = os.path.join(tmp, "emu.img"), os.path.join(tmp, "qsd.img")
-    for path in (emu_img, qsd_img):
-        with open(path, "wb") as f:
-            f.truncate(SIZE)
-    emu_sock, qsd_sock = os.path.join(tmp, "emu.sock"), os.path.join(tmp, "qsd.sock")
-    emu = subprocess.Popen([PY, "-m", "l4vctl", "emulate", "blk", "--socket", emu_sock, "--image", emu_img, "-q"],
-                           stdout=subprocess.PIPE, text=True)  # fmt: skip
-    qsd = subprocess.Popen([qsd_bin, "--blockdev", f"driver=file,node-name=f0,filename={qsd_img}",
-                            "--blockdev", "driver=raw,node-name=d0,file=f0", "--export",
-                            f"type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={qsd_sock},writable=on"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"# emulator vs qemu-storage-daemon: {machine()}; load average {load}")
+    print(f"# images: {args.size} MiB of random data each in {tmp}; {' '.join(qsd_command(qsd_bin, qsd_img, 'SOCK'))}")
+    goals = []
     try:
-        emu.stdout.readline()
-        deadline = time.monotonic() + 20
-        while not os.path.exists(qsd_sock) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        t = f"{args.time}s"
-        cases = [
-            ("4 KiB randread QD1", ["--workload", "randread", "--bs", "4k", "--qd", "1"]),
-            ("4 KiB randread QD32", ["--workload", "randread", "--bs", "4k", "--qd", "32"]),
-            ("64 KiB seqread QD32", ["--workload", "seqread", "--bs", "64k", "--qd", "32"]),
-        ]
-        print(f"# {machine()}; image files of {SIZE >> 20} MiB in {tmp}")
-        print(f"{'workload':24s} {'emulator':>14s} {'qemu-storage-daemon':>22s} {'ratio':>7s}")
-        for name, cargs in cases:
-            e = bench(f"unix:{emu_sock}", [*cargs, "--time", t])
-            q = bench(f"vhost-user:{qsd_sock}?type=blk", [*cargs, "--time", t])
-            unit, ev, qv = (
-                ("MB/s", e["mb_per_s"], q["mb_per_s"]) if "64 KiB" in name else ("req/s", e["iops"], q["iops"])
-            )
-            print(f"{name:24s} {ev:9,.0f} {unit:5s} {qv:14,.0f} {unit:5s}   {ev / qv:5.2f}x   "
-                  f"(p50 {e['latency_us']['p50']:.0f} vs {q['latency_us']['p50']:.0f} us)")  # fmt: skip
+        write_images([emu_img, qsd_img], args.size << 20)
+        for cpus in placements(args.cpus):
+            results = run_placement(cpus, args, qsd_bin, emu_img, qsd_img, tmp)
+            for name, (ratio, subj, figure) in results.items():
+                goals.append((f"{describe(cpus)}: {name} emulator / qsd >= 1.0x median", ratio >= 1.0, f"{ratio:.2f}x"))
+                if figure == "mb_per_s":
+                    mbs = statistics.median(r[figure] for r in subj)
+                    goals.append((f"{describe(cpus)}: {name} >= 2,000 MB/s median", mbs >= 2000, f"{mbs:,.0f} MB/s"))
     finally:
-        emu.terminate()
-        qsd.terminate()
-        emu.wait(10)
-        qsd.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"\n# goals (load average now {load})")
+    for what, met, value in goals:
+        print(f"{'met    ' if met else 'NOT met'} {what} ({value})")
 
 
 if __name__ == "__main__":

@@ -104,13 +104,14 @@ def bench(ctx, device, device_opt, abi, mode, timeout, json_mode, workload, bs, 
                 slot.data[:size] = fill
         sequential = workload.startswith("seq")
         state = {"next": 0}
+        uniform = rng.random  # int(random() * n): uniform over n < 2**53 positions, cheaper than randrange
 
         def next_sector() -> int:
             if sequential:
                 pos = state["next"]
                 state["next"] = (pos + 1) % positions
                 return pos * span
-            return rng.randrange(positions) * span
+            return int(uniform() * positions) * span
 
         lat = array("Q")
         done = 0
@@ -133,7 +134,7 @@ def bench(ctx, device, device_opt, abi, mode, timeout, json_mode, workload, bs, 
                 if submitting:
                     drv.submit(slot, rtype, next_sector(), size)
                     if k % 8 == 0:
-                        drv.kick()  # publish early: the device may be polling already
+                        drv.kick_if_polled()  # publish early if the device polls: it can start at once
             done += len(completed)
             if submitting:
                 drv.kick()

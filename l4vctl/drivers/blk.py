@@ -19,6 +19,7 @@ from l4vctl import catalog as cat
 from l4vctl.drivers.base import Driver
 from l4vctl.errors import DeviceStateError, UsageError
 from l4vctl.formats.fast import codec
+from l4vctl.virtqueue import need_event
 
 if TYPE_CHECKING:
     from l4vctl.session import Session
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 _HDR = codec("l4virtio_block_header_t").struct
 _SEG = codec("virtio_blk_discard_write_zeroes").struct
 SECTOR = cat.BLK_SECTOR_SIZE
+_NO_TABLE = memoryview(b"")
 
 
 class BlkIOError(DeviceStateError):
@@ -49,6 +51,10 @@ class Slot:
     used: int = 0
     t0: int = 0
     user: Callable[[Slot], Any] | None = None
+    table: memoryview = _NO_TABLE  # the indirect table, in ``ctrl`` (set when the slot is made)
+    #: the buffers of the last request made with this slot, and what they depend on: (length, device writes)
+    bufs: list[tuple[int, int, bool]] | None = None
+    shape: tuple[int, bool] = (-1, False)
 
 
 class BlkDriver(Driver):
@@ -96,6 +102,8 @@ class BlkDriver(Driver):
             )
             for i in range(self.depth)
         ]
+        for slot in self.slots:
+            slot.table = slot.ctrl[32:]
         self.free = list(reversed(self.slots))
 
     # -- the asynchronous interface ---------------------------------------------------------
@@ -105,9 +113,22 @@ class BlkDriver(Driver):
         if nbytes > self.max_io:
             raise UsageError(f"a request of {nbytes} bytes exceeds {self.max_io}")
         slot.type, slot.sector, slot.nbytes, slot.status = rtype, sector, nbytes, None
-        _HDR.pack_into(slot.ctrl, 0, rtype, 0, sector)
-        slot.ctrl[16] = 0xFF  # the device overwrites this
-        device_writes = rtype in (cat.BLK_T_IN, cat.BLK_T_GET_ID)
+        ctrl = slot.ctrl
+        _HDR.pack_into(ctrl, 0, rtype, 0, sector)
+        ctrl[16] = 0xFF  # the device overwrites this
+        shape = (nbytes, rtype == cat.BLK_T_IN or rtype == cat.BLK_T_GET_ID)
+        bufs = slot.bufs
+        if bufs is None or slot.shape != shape:
+            bufs = slot.bufs = self._buffers(slot, *shape)
+            slot.shape = shape
+        slot.t0 = time.perf_counter_ns()
+        if self.indirect:
+            self.vq.add_indirect(slot.table, slot.ctrl_addr + 32, bufs, slot)
+        else:
+            self.vq.add(bufs, slot)
+
+    def _buffers(self, slot: Slot, nbytes: int, device_writes: bool) -> list[tuple[int, int, bool]]:
+        """A request's chain: header (device reads), the data in up to ``segments`` buffers, status."""
         bufs = [(slot.ctrl_addr, 16, False)]
         if nbytes:
             n = min(self.segments, max(1, nbytes // SECTOR))
@@ -118,15 +139,24 @@ class BlkDriver(Driver):
                 bufs.append((slot.data_addr + pos, length, device_writes))
                 pos += length
         bufs.append((slot.ctrl_addr + 16, 1, True))
-        slot.t0 = time.perf_counter_ns()
-        if self.indirect:
-            self.vq.add_indirect(slot.ctrl[32:], slot.ctrl_addr + 32, bufs, slot)
-        else:
-            self.vq.add(bufs, slot)
+        return bufs
 
     def kick(self) -> None:
         """Publish the requests submitted so far and notify the device if it wants."""
         self.vq.kick()
+
+    def kick_if_polled(self) -> None:
+        """Publish the requests submitted so far if the device polls the ring (it wants no
+        notification: publishing costs a store).  A device that sleeps is left to the next
+        :meth:`kick`, so that it wakes to a whole batch rather than to the first few requests
+        (on a shared CPU, waking it early hands it the CPU before the batch is complete)."""
+        vq = self.vq
+        if vq.event_idx:
+            wanted = need_event(vq.avail_event[0], vq.avail_idx, vq.kicked_idx)
+        else:
+            wanted = not vq.views.used_flags[0] & cat.VRING_USED_F_NO_NOTIFY
+        if not wanted:
+            vq.kick()
 
     def wait(self, timeout: float | None = None) -> list[Slot]:
         """Completed requests (at least one); each slot's ``status`` is set."""

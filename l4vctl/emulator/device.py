@@ -481,6 +481,13 @@ class Device:
                 return region
         return None
 
+    #: The region that holds all of [addr, addr + length) (the one found last, else the first), or None.
+    region_of = _region
+
+    def last_region(self) -> Region | None:
+        """The region the last lookup found (the ring walker tries it first)."""
+        return self._last_region
+
     def translate(self, addr: int, length: int, write: bool = False) -> memoryview | None:
         """The bytes at device address ``addr``, if one region holds them all
         (and, with ``write``, the region is writable)."""
@@ -586,8 +593,8 @@ class Device:
                 before = q.next_avail
                 if ring.available():
                     self.model.process(q, ring)
-                if ring.pending:
-                    ring.publish()
+                if ring.pending or ring.unsignalled is not None:
+                    ring.publish()  # one interrupt decision for the whole batch
                     busy = True
                 elif q.next_avail != before:
                     busy = True

@@ -31,6 +31,8 @@ DESC_SIZE = _DESC.size
 NEXT = cat.VRING_DESC_F_NEXT
 WRITE = cat.VRING_DESC_F_WRITE
 INDIRECT = cat.VRING_DESC_F_INDIRECT
+#: In what :meth:`DeviceRing.walk` says of a buffer (beside its WRITE flag): it lies in memory the device may write.
+MAY_WRITE = 0x10000
 
 
 class BadChain(Exception):
@@ -69,6 +71,9 @@ class DeviceRing:
         self.q = queue
         self.num = queue.num
         self.pending: list[tuple[int, int]] = []  # completions not yet published
+        #: used.idx before the first completion published without an interrupt decision (None: none)
+        self.unsignalled: int | None = None
+        self.published = 0  # used.idx as this device last stored it
         views = queue.views
         self.desc = views.desc
         self.avail_flags = views.avail_flags
@@ -106,21 +111,30 @@ class DeviceRing:
 
     def chain(self, head: int) -> list[Segment]:
         """The buffers of the chain starting at ``head``, every bound checked."""
+        views, kinds = self.walk(head)
+        return [Segment(v, bool(k & WRITE), bool(k & MAY_WRITE)) for v, k in zip(views, kinds)]
+
+    def walk(self, head: int) -> tuple[list[memoryview], list[int]]:
+        """The chain starting at ``head`` with every bound checked, in the form the data path wants:
+        the views of its buffers, and for each buffer its descriptor's WRITE flag ored with
+        MAY_WRITE if it lies in a region the device may write."""
         q = self.q
         dev = self.device
         table = self.desc
         size = self.num
-        addr, length, flags, nxt = _DESC.unpack_from(table, head * DESC_SIZE)
+        unpack = _DESC.unpack_from
+        region = None
+        addr, length, flags, nxt = unpack(table, head * DESC_SIZE)
         if flags & INDIRECT:
-            if not dev.negotiated_bit(cat.INDIRECT_DESC_BIT):
+            if cat.INDIRECT_DESC_BIT not in dev.negotiated:
                 raise BadChain(f"queue {q.index}: indirect descriptor at {head} but INDIRECT_DESC was not negotiated")
             if flags & WRITE:
                 raise BadChain(f"queue {q.index}: indirect descriptor at {head} has the WRITE flag")
             entries = length // DESC_SIZE
             if entries == 0:
                 raise BadChain(f"queue {q.index}: indirect table of {length} bytes holds no descriptor")
-            view = dev.translate(addr, entries * DESC_SIZE)
-            if view is None:
+            region = dev.region_of(addr, entries * DESC_SIZE)
+            if region is None:
                 raise BadChain(
                     f"queue {q.index}: indirect table {addr:#x}+{length:#x} is not inside one registered region"
                 )
@@ -128,30 +142,46 @@ class DeviceRing:
                 log.info(
                     "queue %d: indirect table length %d is not a multiple of 16 (remainder ignored)", q.index, length
                 )
-            table = view
+            start = addr - region.base
+            table = region.view[start : start + entries * DESC_SIZE]
             size = entries
-            addr, length, flags, nxt = _DESC.unpack_from(table, 0)
+            addr, length, flags, nxt = unpack(table, 0)
             if flags & INDIRECT:
                 raise BadChain(f"queue {q.index}: indirect table contains another indirect descriptor")
-        segments = []
+        views: list[memoryview] = []
+        kinds: list[int] = []
         count = 0
+        # the region found last first (the indirect table's, or the last buffer's): the buffers
+        # of a request usually share it
+        if region is None:
+            region = dev.last_region()
+        base = end = rw = 0
+        if region is not None:
+            base = region.base
+            end = base + region.size
+            rw = MAY_WRITE if region.writable else 0
         while True:
             count += 1
             if count > size:
                 raise BadChain(f"queue {q.index}: chain from head {head} is longer than its table ({size}): a loop?")
-            write_flag = bool(flags & WRITE)
-            region_view, writable = dev.translate_any(addr, length)
-            if region_view is None:
-                raise BadChain(
-                    f"queue {q.index}: buffer {addr:#x}+{length:#x} of the chain from head {head} "
-                    f"is not inside one registered region"
-                )
-            segments.append(Segment(region_view, write_flag, writable))
+            if region is None or not (base <= addr and addr + length <= end):
+                region = dev.region_of(addr, length)
+                if region is None:
+                    raise BadChain(
+                        f"queue {q.index}: buffer {addr:#x}+{length:#x} of the chain from head {head} "
+                        f"is not inside one registered region"
+                    )
+                base = region.base
+                end = base + region.size
+                rw = MAY_WRITE if region.writable else 0
+            start = addr - base
+            views.append(region.view[start : start + length])
+            kinds.append((flags & WRITE) | rw)
             if not flags & NEXT:
-                return segments
+                return views, kinds
             if nxt >= size:
                 raise BadChain(f"queue {q.index}: next index {nxt} is outside its table ({size} descriptors)")
-            addr, length, flags, nxt = _DESC.unpack_from(table, nxt * DESC_SIZE)
+            addr, length, flags, nxt = unpack(table, nxt * DESC_SIZE)
             if flags & INDIRECT:
                 raise BadChain(f"queue {q.index}: indirect flag inside a chain (only a head may be indirect)")
 
@@ -165,34 +195,46 @@ class DeviceRing:
         """Queue the completion of ``head`` with ``written`` bytes; :meth:`publish` makes it visible."""
         self.pending.append((head, written))
 
-    def publish(self) -> bool:
-        """Write pending used elements, then used.idx once; notify the driver if it wants.
+    def publish(self, notify: bool = True) -> bool:
+        """Write pending used elements, then used.idx once; with ``notify``, interrupt the driver if it wants.
 
-        Returns True if the driver was interrupted.
+        ``notify=False`` makes completions visible to a driver that polls
+        without deciding about an interrupt yet: the next ``publish()`` with
+        ``notify`` decides for everything published since the last decision,
+        so a batch of requests costs at most one interrupt however often its
+        completions were published.  Returns True if the driver was interrupted.
         """
-        if not self.pending:
+        pending = self.pending
+        if pending:
+            q = self.q
+            ids = self.used_id
+            lens = self.used_len
+            num = self.num
+            old = self.used_idx[0]
+            idx = old
+            for head, written in pending:
+                slot = idx % num
+                ids[slot] = head
+                lens[slot] = written
+                idx = (idx + 1) & 0xFFFF
+            q.completed += len(pending)
+            pending.clear()
+            self.used_idx[0] = idx  # one store publishes them
+            self.published = idx
+            if self.unsignalled is None:
+                self.unsignalled = old
+        if not notify or self.unsignalled is None:
             return False
-        q = self.q
-        ids = self.used_id
-        lens = self.used_len
-        num = self.num
-        old = self.used_idx[0]
-        idx = old
-        for head, written in self.pending:
-            slot = idx % num
-            ids[slot] = head
-            lens[slot] = written
-            idx = (idx + 1) & 0xFFFF
-        q.completed += len(self.pending)
-        self.pending.clear()
-        self.used_idx[0] = idx  # one store publishes the batch
-        full_barrier()  # the driver's used_event / NO_INTERRUPT is read after it
+        old = self.unsignalled
+        self.unsignalled = None
+        idx = self.published
+        full_barrier()  # the driver's used_event / NO_INTERRUPT is read after used.idx was stored
         if self.device.negotiated_bit(cat.EVENT_IDX_BIT):
             wanted = need_event(self.used_event[0], idx, old)
         else:
             wanted = not self.avail_flags[0] & cat.VRING_AVAIL_F_NO_INTERRUPT
         if wanted:
-            q.notified += 1
+            self.q.notified += 1
             self.device.notify(cat.IRQ_STATUS_VRING)
         return wanted
 

@@ -2,7 +2,8 @@
 
 Data moves straight between the file and the driver's shared buffers
 (``os.preadv``/``os.pwritev`` on memoryviews of the mapped regions), never
-through temporary bytes.  An OUT request is completed only after its data
+through temporary bytes; adjacent requests of a batch that continue each
+other move with one call.  An OUT request is completed only after its data
 is in the file; FLUSH is ``fdatasync``.  Request parsing follows L4Re's block
 server: the first buffer holds the 16-byte header (data may follow in the
 same buffer), the status byte is the last byte of the last buffer; a request
@@ -16,20 +17,21 @@ import ctypes
 import errno
 import fcntl
 import os
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from l4vctl import catalog as cat
 from l4vctl.emulator import log
 from l4vctl.emulator.models import Option, Profile
 from l4vctl.emulator.models.base import Model
-from l4vctl.emulator.ring import BadChain
+from l4vctl.emulator.ring import MAY_WRITE, WRITE, BadChain
 from l4vctl.formats.fast import codec
 from l4vctl.parsing import parse_bool, parse_int, parse_size
 
-if TYPE_CHECKING:
-    from concurrent.futures import ThreadPoolExecutor
-
 _HDR = codec("l4virtio_block_header_t").struct
+_HDR_UNPACK = _HDR.unpack_from
+#: What the ring walker says of a buffer the device writes as it should: WRITE flag, writable memory.
+_DEVICE_WRITES = WRITE | MAY_WRITE
+_IN, _OUT = cat.BLK_T_IN, cat.BLK_T_OUT
 _SEG = codec("virtio_blk_discard_write_zeroes").struct
 SECTOR = cat.BLK_SECTOR_SIZE
 _ZEROS = bytes(1 << 20)
@@ -39,6 +41,10 @@ _FALLOC_KEEP_SIZE, _FALLOC_PUNCH_HOLE, _FALLOC_ZERO_RANGE = 0x01, 0x02, 0x10
 _PUNCH = _FALLOC_PUNCH_HOLE | _FALLOC_KEEP_SIZE
 #: Completions published at a time while a batch of requests is served.
 PUBLISH_EVERY = 8
+#: Buffers one preadv/pwritev takes at most (IOV_MAX).
+IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
+#: Bytes adjacent requests move in one transfer at most.
+GROUP_BYTES = 1 << 20
 
 #: What L4Re's block servers offer besides the bits their options imply.
 _L4RE_BLK = frozenset({cat.INDIRECT_DESC_BIT, cat.BLK_F_FLUSH, cat.BLK_F_CONFIG_WCE})
@@ -89,7 +95,9 @@ class BlkModel(Model):
         self.id_bytes = self._serial().encode()[: cat.BLK_ID_BYTES]
         self._warned_flags = False
         self.workers = max(1, min(4, options["io_threads"]))
-        self._executor: ThreadPoolExecutor | None = None
+        self._threads: _Threads | None = None
+        self._seg_max = options["seg_max"]
+        self._size_max = options["size_max"]
         self._falloc_unsupported: set[int] = set()
 
     def _open_image(self) -> None:
@@ -169,9 +177,10 @@ class BlkModel(Model):
 
     def close(self) -> None:
         """Wait for the I/O threads, then close the image."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        if self._threads is not None:
+            self._threads.settle()
+            self._threads.shutdown()
+            self._threads = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -179,136 +188,239 @@ class BlkModel(Model):
     # -- requests -------------------------------------------------------------------------
 
     def process(self, queue, ring) -> None:
-        """Serve every available request.  Completions are published in small
-        batches, so the driver can work on the first ones while the device
-        serves the rest."""
-        parallel = self.workers > 1 and ring.available() > 1
-        if parallel:
-            self._process_parallel(queue, ring)
+        """Serve every available request, in the order the driver offered them.
+
+        Adjacent requests that continue each other (IN after IN, or OUT after
+        OUT, each starting where the one before ended) move their data with
+        one ``preadv``/``pwritev``; a request is completed only after its
+        data moved (an OUT's data is in the file).  Completions are made
+        visible in small batches, so a driver that polls can work on the
+        first ones while the device serves the rest; whether to interrupt the
+        driver is decided once, for the whole batch (see ``DeviceRing.publish``).
+        """
+        count = ring.available()
+        qi = queue.index
+        pending = ring.pending
+        pop = ring.pop
+        walk = ring.walk
+        parse = self._parse
+        threads = self._pool() if self.workers > 1 and count > 1 else None
+        run = self._run_group if threads is None else threads.run
+        group: list = []  # the requests whose data moves at once: (head, status view, written, job)
+        iov: list = []
+        reading = False
+        start = end = 0
+        fast = self._fast_limits()
+        try:
+            for _ in range(count):
+                head = pop()
+                views, kinds = walk(head)
+                # The usual request (a 16-byte header, one data buffer, a status byte; IN into memory
+                # the device may write with the WRITE flag, or OUT; within every limit) is taken as it
+                # is; anything else goes through the parser, which checks and explains it all.
+                job: tuple | None = None
+                if len(views) == 3:
+                    hdr, piece, status_view = views
+                    if len(hdr) == 16 and len(status_view) == 1 and kinds[2] & MAY_WRITE:
+                        rtype, _prio, sector = _HDR_UNPACK(hdr, 0)
+                        total = len(piece)
+                        offset = sector * SECTOR
+                        if (
+                            0 < total <= fast[0]
+                            and not total % SECTOR
+                            and offset + total <= fast[1]
+                            and ((rtype == _IN and kinds[1] == _DEVICE_WRITES) or (rtype == _OUT and fast[2]))
+                        ):
+                            is_read = rtype == _IN
+                            data = [piece]
+                            written = total if is_read else 0
+                            job = (is_read, offset, data, total)
+                if job is None:
+                    status_view, status, written, job = parse(views, kinds, qi)
+                if job is not None and job[0] is not None:
+                    is_read, offset, data, total = job
+                    if group and (
+                        is_read is not reading
+                        or offset != end
+                        or len(iov) + len(data) > IOV_MAX
+                        or end + total - start > GROUP_BYTES
+                    ):
+                        run(reading, start, iov, end - start, group, pending, qi)
+                        group, iov = [], []
+                    if not group:
+                        reading = is_read
+                        start = offset
+                    group.append((head, status_view, written, job))
+                    iov += data
+                    end = offset + total
+                else:
+                    # anything else is served after the transfers before it, in order
+                    if group:
+                        run(reading, start, iov, end - start, group, pending, qi)
+                        group, iov = [], []
+                    if threads is not None:
+                        threads.settle()
+                    if job is not None:
+                        _none, rtype, sector, data = job
+                        status, written = self._serve_other(rtype, sector, data, qi)
+                    status_view[0] = status
+                    pending.append((head, written + 1))
+                if len(pending) >= PUBLISH_EVERY:
+                    ring.publish(notify=False)
+        finally:  # also when a bad chain ends the batch: the requests taken before it are served
+            if group:
+                run(reading, start, iov, end - start, group, pending, qi)
+            if threads is not None:
+                threads.settle()
+
+    def _fast_limits(self) -> tuple[int, int, bool]:
+        """What a request taken without the parser must keep to: the largest data buffer (size_max,
+        and only if seg_max allows one), the capacity in bytes, and whether OUT is allowed."""
+        seg_max = self._seg_max
+        largest = (self._size_max or 1 << 64) if not seg_max or seg_max >= 1 else 0
+        return largest, self.capacity_bytes, not self.options["ro"]
+
+    def _run_group(self, is_read: bool, offset: int, iov: list, total: int, group: list, pending: list,
+                   qi: int) -> None:  # fmt: skip
+        """Move the data of a group of adjacent requests at once, then set their status bytes and
+        queue their completions."""
+        if is_read and len(group) == 1:  # the most common case, with no call it does not need
+            try:
+                done = os.preadv(self.fd, iov, offset)
+            except OSError:
+                done = -1
+            if done == total:
+                head, status_view, written, _job = group[0]
+                status_view[0] = cat.BLK_S_OK
+                pending.append((head, written + 1))
+                return
+        self._finish(_transfer(is_read, self.fd, offset, iov, total), group, pending, qi)
+
+    def _finish(self, error: str | None, group: list, pending: list, qi: int) -> None:
+        """Status bytes and completions of a group whose transfer ended with ``error`` (None: done).
+        After a failed transfer each request of the group is tried on its own, so only those whose
+        own data cannot be moved fail."""
+        if error is None:
+            for head, status_view, written, _job in group:
+                status_view[0] = cat.BLK_S_OK
+                pending.append((head, written + 1))
             return
-        for _ in range(ring.available()):
-            head = ring.pop()
-            status_view, status, written, job = self.request(ring.chain(head), queue.index)
-            if job is not None:
-                error = _transfer(job)
-                if error is not None:
-                    status, written = self._failed(queue.index, job, error)
+        fd = self.fd
+        for head, status_view, written, job in group:
+            alone = error if len(group) == 1 else _transfer(job[0], fd, job[1], job[2], job[3])
+            status = cat.BLK_S_OK
+            if alone is not None:
+                log.warning("queue %d: %s at offset %d failed: %s: IOERR", qi, "read" if job[0] else "write", job[1],
+                            alone)  # fmt: skip
+                status, written = cat.BLK_S_IOERR, 0
             status_view[0] = status
-            ring.complete(head, written + 1)
-            if len(ring.pending) >= PUBLISH_EVERY:
-                ring.publish()
+            pending.append((head, written + 1))
 
-    def _process_parallel(self, queue, ring) -> None:
-        done = []
-        jobs = []
-        for _ in range(ring.available()):
-            head = ring.pop()
-            status_view, status, written, job = self.request(ring.chain(head), queue.index)
-            done.append((head, status_view, status, written, job))
-            if job is not None:
-                jobs.append(job)
-        outcome = iter(self._pool().map(_transfer, jobs))
-        for head, status_view, status, written, job in done:
-            if job is not None:
-                error = next(outcome)
-                if error is not None:
-                    status, written = self._failed(queue.index, job, error)
-            status_view[0] = status
-            ring.complete(head, written + 1)
+    def _pool(self) -> _Threads:
+        if self._threads is None:
+            self._threads = _Threads(self, self.workers)
+        return self._threads
 
-    @staticmethod
-    def _failed(qi: int, job, error: str) -> tuple[int, int]:
-        log.warning("queue %d: %s at offset %d failed: %s: IOERR", qi, "read" if job[0] else "write", job[2], error)
-        return cat.BLK_S_IOERR, 0
-
-    def _pool(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="l4vctl-blk-io")
-        return self._executor
-
-    def request(self, segs, qi: int):
-        """Parse one request: (status byte view, status, bytes written, transfer job or None)."""
-        first = segs[0]
-        if len(first) < 16:
-            raise BadChain(f"queue {qi}: block request header is {len(first)} bytes, not 16")
-        rtype, _prio, sector = _HDR.unpack_from(first.view, 0)
-        last = segs[-1]
-        if len(last) == 0 or not last.writable:
+    def _parse(self, views: list, kinds: list, qi: int):
+        """One request from its chain (see ``DeviceRing.walk``): (status byte view, status, data bytes
+        written, job).  The job is None when the status is final already, ``(is_read, offset, data
+        views, total)`` for IN and OUT, and ``(None, type, sector, data views)`` for any other type
+        (see :meth:`_serve_other`)."""
+        n = len(views)
+        first = views[0]
+        size = len(first)
+        if size < 16:
+            raise BadChain(f"queue {qi}: block request header is {size} bytes, not 16")
+        rtype, _prio, sector = _HDR_UNPACK(first, 0)
+        last = views[-1]
+        if not len(last) or not kinds[-1] & MAY_WRITE:
             raise BadChain(f"queue {qi}: the status byte (last byte of the chain) is not writable device memory")
-        if len(segs) == 1 and len(first) == 16:
-            raise BadChain(f"queue {qi}: the header buffer has no room for the status byte")
-        parts = [(first.view[16:], first)] if len(first) > 16 else []
-        parts += [(s.view, s) for s in segs[1:]]
-        view, seg = parts[-1]
-        status_view = view[-1:]
-        parts[-1] = (view[:-1], seg)
-        parts = [(v, s) for v, s in parts if len(v)]
-        status, written, job = self._serve(rtype, sector, parts, qi)
-        return status_view, status, written, job
-
-    def _serve(self, rtype: int, sector: int, parts, qi: int):
-        """Status, data bytes written and the data transfer (or None) of a request."""
-        data = [v for v, _s in parts]
-        o = self.options
-        if rtype in (cat.BLK_T_IN, cat.BLK_T_OUT):
-            total = sum(len(d) for d in data)
+        # the data: what follows the header in the first buffer, the buffers between, the last
+        # buffer but its final byte (the status); empty pieces are left out.  ``used``: what the
+        # ring walker says of the buffer each piece lies in.
+        if n == 3 and size == 16 and len(last) == 1:  # header, one data buffer, status: the usual shape
+            piece = views[1]
+            data = [piece] if len(piece) else []
+            used = [kinds[1]] if data else []
+        else:
+            if n == 1:
+                if size == 16:
+                    raise BadChain(f"queue {qi}: the header buffer has no room for the status byte")
+                pieces = [first[16:-1]]
+            else:
+                pieces = [first[16:], *views[1:-1], last[:-1]]
+            data = []
+            used = []
+            for piece, kind in zip(pieces, kinds):
+                if len(piece):
+                    data.append(piece)
+                    used.append(kind)
+        status_view = last[-1:]
+        if rtype == cat.BLK_T_IN or rtype == cat.BLK_T_OUT:
+            total = len(data[0]) if len(data) == 1 else sum(map(len, data))
             if total % SECTOR:
                 log.warning("queue %d: %s of %d bytes is not a multiple of 512: IOERR", qi,
                             cat.BLK_REQUEST_TYPES[rtype], total)  # fmt: skip
-                return cat.BLK_S_IOERR, 0, None
-            if o["seg_max"] and len(data) > o["seg_max"]:
-                log.warning("queue %d: %d data segments exceed seg_max %d: IOERR", qi, len(data), o["seg_max"])
-                return cat.BLK_S_IOERR, 0, None
-            if o["size_max"] and any(len(d) > o["size_max"] for d in data):
-                log.warning("queue %d: a segment exceeds size_max %d: IOERR", qi, o["size_max"])
-                return cat.BLK_S_IOERR, 0, None
+                return status_view, cat.BLK_S_IOERR, 0, None
+            if self._seg_max and len(data) > self._seg_max:
+                log.warning("queue %d: %d data segments exceed seg_max %d: IOERR", qi, len(data), self._seg_max)
+                return status_view, cat.BLK_S_IOERR, 0, None
+            size_max = self._size_max
+            if size_max and total > size_max and any(len(d) > size_max for d in data):
+                log.warning("queue %d: a segment exceeds size_max %d: IOERR", qi, size_max)
+                return status_view, cat.BLK_S_IOERR, 0, None
             offset = sector * SECTOR
-            if sector > self.capacity_bytes // SECTOR or offset + total > self.capacity_bytes:
+            if offset + total > self.capacity_bytes:
                 log.warning("queue %d: %s sector %d + %d bytes beyond capacity %d sectors: IOERR", qi,
                             cat.BLK_REQUEST_TYPES[rtype], sector, total, self.capacity_bytes // SECTOR)  # fmt: skip
-                return cat.BLK_S_IOERR, 0, None
+                return status_view, cat.BLK_S_IOERR, 0, None
             if rtype == cat.BLK_T_IN:
-                self._check_writable(parts, qi)
-                return cat.BLK_S_OK, total, (True, self.fd, offset, data, total)
-            if o["ro"]:
+                if used.count(_DEVICE_WRITES) != len(used):
+                    self._check_writable(used, qi)
+                return status_view, cat.BLK_S_OK, total, (True, offset, data, total)
+            if self.options["ro"]:
                 log.warning("queue %d: OUT on a read-only device: IOERR", qi)
-                return cat.BLK_S_IOERR, 0, None
-            return cat.BLK_S_OK, 0, (False, self.fd, offset, data, total)
+                return status_view, cat.BLK_S_IOERR, 0, None
+            return status_view, cat.BLK_S_OK, 0, (False, offset, data, total)
+        if rtype == cat.BLK_T_GET_ID:
+            self._check_writable(used, qi)
+        return status_view, cat.BLK_S_OK, 0, (None, rtype, sector, data)
+
+    def _serve_other(self, rtype: int, sector: int, data: list, qi: int) -> tuple[int, int]:
+        """Status and data bytes written of a request that is neither IN nor OUT (served in its turn)."""
+        o = self.options
         if rtype == cat.BLK_T_FLUSH:
             try:
                 os.fdatasync(self.fd)
             except OSError as exc:
                 log.warning("queue %d: FLUSH failed: %s: IOERR", qi, exc.strerror)
-                return cat.BLK_S_IOERR, 0, None
-            return cat.BLK_S_OK, 0, None
+                return cat.BLK_S_IOERR, 0
+            return cat.BLK_S_OK, 0
         if rtype == cat.BLK_T_GET_ID:
             if not data:
-                return cat.BLK_S_IOERR, 0, None
-            self._check_writable(parts, qi)
+                return cat.BLK_S_IOERR, 0
             view = data[0]
             n = min(len(view), cat.BLK_ID_BYTES)
             view[:n] = self.id_bytes.ljust(cat.BLK_ID_BYTES, b"\0")[:n]
-            return cat.BLK_S_OK, n, None
+            return cat.BLK_S_OK, n
         if rtype in (cat.BLK_T_DISCARD, cat.BLK_T_WRITE_ZEROES):
             if o["ro"]:
-                return cat.BLK_S_IOERR, 0, None
+                return cat.BLK_S_IOERR, 0
             bit = cat.BLK_F_DISCARD if rtype == cat.BLK_T_DISCARD else cat.BLK_F_WRITE_ZEROES
             if self.device is not None and bit not in self.device.offered:  # e.g. a profile without it
                 log.info("queue %d: %s is not offered: UNSUPP", qi, cat.BLK_REQUEST_TYPES[rtype])
-                return cat.BLK_S_UNSUPP, 0, None
+                return cat.BLK_S_UNSUPP, 0
             # The payload length is checked before a byte of it is read: descriptors
             # may name hundreds of MiB, the request holds MAX_ZERO_SEGS segments at most.
             total = sum(len(d) for d in data)
             name = cat.BLK_REQUEST_TYPES[rtype]
             if not total or total % _SEG.size:
                 log.warning("queue %d: %s payload of %d bytes is not whole 16-byte segments: IOERR", qi, name, total)
-                return cat.BLK_S_IOERR, 0, None
+                return cat.BLK_S_IOERR, 0
             if total > MAX_ZERO_SEGS * _SEG.size:
                 log.warning("queue %d: %s with %d segments, more than the %d the device allows: IOERR", qi, name,
                             total // _SEG.size, MAX_ZERO_SEGS)  # fmt: skip
-                return cat.BLK_S_IOERR, 0, None
+                return cat.BLK_S_IOERR, 0
             raw = bytearray(total)
             pos = 0
             for d in data:
@@ -319,26 +431,28 @@ class BlkModel(Model):
                 if (start + count) * SECTOR > self.capacity_bytes:
                     log.warning("queue %d: %s of sectors %d+%d beyond capacity %d sectors: IOERR", qi, name, start,
                                 count, self.capacity_bytes // SECTOR)  # fmt: skip
-                    return cat.BLK_S_IOERR, 0, None
+                    return cat.BLK_S_IOERR, 0
             try:
                 for start, count, _flags in ranges:
                     self._zero(start * SECTOR, count * SECTOR, rtype == cat.BLK_T_DISCARD)
             except OSError as exc:
                 log.warning("queue %d: %s failed: %s: IOERR", qi, cat.BLK_REQUEST_TYPES[rtype], exc.strerror)
-                return cat.BLK_S_IOERR, 0, None
-            return cat.BLK_S_OK, 0, None
+                return cat.BLK_S_IOERR, 0
+            return cat.BLK_S_OK, 0
         log.info("queue %d: request type %d is not supported: UNSUPP", qi, rtype)
-        return cat.BLK_S_UNSUPP, 0, None
+        return cat.BLK_S_UNSUPP, 0
 
-    def _check_writable(self, parts, qi: int) -> None:
-        for _view, s in parts:
-            if not s.writable:
+    def _check_writable(self, used: list, qi: int) -> None:
+        """The device is about to write data pieces that lie in buffers ``used`` describes (see
+        ``DeviceRing.walk``): each must lie in writable memory."""
+        for kind in used:
+            if not kind & MAY_WRITE:
                 raise BadChain(f"queue {qi}: the device must write into a buffer in read-only memory")
-            if not s.write_flag and not self._warned_flags:
-                # The native L4Re block client sets WRITE the other way round on data
-                # descriptors; L4Re servers do not look, so the emulator only says so.
-                log.info("queue %d: device writes a buffer without the WRITE flag (tolerated, as L4Re does)", qi)
-                self._warned_flags = True
+        if not self._warned_flags and any(not kind & WRITE for kind in used):
+            # The native L4Re block client sets WRITE the other way round on data
+            # descriptors; L4Re servers do not look, so the emulator only says so.
+            log.info("queue %d: device writes a buffer without the WRITE flag (tolerated, as L4Re does)", qi)
+            self._warned_flags = True
 
     def _zero(self, offset: int, length: int, discard: bool) -> None:
         """Zero a byte range of the image: the file system does it (punching a
@@ -390,18 +504,26 @@ def _zero_tail(views, done: int) -> None:
         done = 0
 
 
-def _transfer(job) -> str | None:
-    """Move a request's data between the image and the shared buffers; None or the error."""
-    is_read, fd, offset, data, total = job
+def _transfer(is_read: bool, fd: int, offset: int, data: list, total: int) -> str | None:
+    """Move ``total`` bytes between the image at ``offset`` and the buffers ``data``; None or the error."""
+    if not total:
+        return None
     try:
         if is_read:
-            done = os.preadv(fd, data, offset) if data else 0
-            if done < total:  # a short image: the rest reads as zeros
-                _zero_tail(data, done)
+            done = os.preadv(fd, data, offset)
+            while done < total:  # short: the rest, until the end of the file
+                more = os.preadv(fd, _skip(data, done), offset + done)
+                if more <= 0:  # a short image: the rest reads as zeros
+                    _zero_tail(data, done)
+                    break
+                done += more
         else:
-            done = 0
+            done = os.pwritev(fd, data, offset)
             while done < total:  # pwritev may be short: finish before completing
-                done += os.pwritev(fd, _skip(data, done), offset + done)
+                more = os.pwritev(fd, _skip(data, done), offset + done)
+                if more <= 0:
+                    return "the write made no progress"
+                done += more
     except OSError as exc:
         return exc.strerror or str(exc)
     return None
@@ -417,3 +539,38 @@ def _skip(views, n: int) -> list:
         out.append(v[n:])
         n = 0
     return out
+
+
+class _Threads:
+    """The transfers of a batch spread over threads (``io_threads`` above 1).
+
+    A transfer whose byte range meets one still running (and one of the two
+    writes) waits for the running ones first, and :meth:`settle` (before any
+    request that is not IN or OUT, and at the end of a batch) waits for all:
+    the outcome is that of serving the requests in order.
+    """
+
+    def __init__(self, model: BlkModel, workers: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.model = model
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="l4vctl-blk-io")
+        self.running: list = []  # (future, is_read, start, end, group, pending, queue index)
+
+    def run(self, is_read: bool, offset: int, iov: list, total: int, group: list, pending: list, qi: int) -> None:
+        """Start the transfer of a group (as :meth:`BlkModel._run_group` does it at once)."""
+        end = offset + total
+        if any(s < end and offset < e and not (r and is_read) for _f, r, s, e, *_rest in self.running):
+            self.settle()
+        future = self.pool.submit(_transfer, is_read, self.model.fd, offset, iov, total)
+        self.running.append((future, is_read, offset, end, group, pending, qi))
+
+    def settle(self) -> None:
+        """Wait for every running transfer; set the status bytes and queue the completions."""
+        for future, _r, _s, _e, group, pending, qi in self.running:
+            self.model._finish(future.result(), group, pending, qi)
+        self.running.clear()
+
+    def shutdown(self) -> None:
+        """Wait for the threads to end."""
+        self.pool.shutdown(wait=True)
