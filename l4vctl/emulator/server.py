@@ -65,7 +65,32 @@ class Client:
         self.refused = refused  # over the connection cap: answer HELLO with -L4_EAGAIN, then close
 
 
-class Server:
+class _Loop:
+    """What a serving loop and the hub of several share: ``running``, a wake-up pipe, signals."""
+
+    running: bool
+    _wake_w: int
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT end the loop cleanly (the socket files are removed)."""
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        log.info("signal %d: shutting down", signum)
+        self.running = False
+
+    def stop(self) -> None:
+        """End the loop, also from another thread: the loop is woken to see it."""
+        self.running = False
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:
+            pass
+
+
+class Server(_Loop):
     """Serve one device over Unix sockets (several share a process through a :class:`Hub`)."""
 
     def __init__(self, device, *, listener: socket.socket | None = None, path: str | None = None,
@@ -111,24 +136,6 @@ class Server:
                 log.info("input fd %d cannot be watched (%s): no input from it", fd, exc.strerror)
 
     # -- life cycle -------------------------------------------------------------------
-
-    def install_signal_handlers(self) -> None:
-        """SIGTERM and SIGINT end the loop cleanly (the socket file is removed)."""
-        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
-
-    def _on_signal(self, signum, frame) -> None:
-        log.info("signal %d: shutting down", signum)
-        self.running = False
-
-    def stop(self) -> None:
-        """End :meth:`serve`, also from another thread: the loop is woken to see it."""
-        self.running = False
-        try:
-            os.write(self._wake_w, b"\0")
-        except OSError:
-            pass
 
     def serve(self) -> None:
         """Serve until stopped (a signal, :meth:`stop`, or the one connection closing)."""
@@ -522,7 +529,7 @@ class Server:
         return self.dispatcher.handle(f, client.role, self.driver is not None)
 
 
-class Hub:
+class Hub(_Loop):
     """One event loop for several servers in one process, one server per device.
 
     Each server keeps what is its own: its listener and socket file, its
@@ -548,24 +555,6 @@ class Hub:
         self.selector.register(server.selector.fileno(), selectors.EVENT_READ, server)
         self.servers.append(server)
         self.names[server] = name
-
-    def install_signal_handlers(self) -> None:
-        """SIGTERM and SIGINT end the loop cleanly (every socket file is removed)."""
-        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
-
-    def _on_signal(self, signum, frame) -> None:
-        log.info("signal %d: shutting down", signum)
-        self.running = False
-
-    def stop(self) -> None:
-        """End :meth:`serve`, also from another thread: the loop is woken to see it."""
-        self.running = False
-        try:
-            os.write(self._wake_w, b"\0")
-        except OSError:
-            pass
 
     def serve(self) -> None:
         """Serve every device until stopped (a signal or :meth:`stop`)."""
