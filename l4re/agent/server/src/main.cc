@@ -665,17 +665,33 @@ void scratch_init()
   scratch = (uint8_t *)a;
 }
 
-void do_read(In const &f)
+// The dataspace and the ranges a READ or WRITE names (words 1..: offset,
+// length); nullptr after answering the error when they do not hold.
+Obj *ranges_of(In const &f, size_t *total)
 {
   Obj *o = find(f.flags, Cap_ds);
   out = Out();
-  size_t total;
+  long err = 0;
   if (!o || f.nwords < 1)
-    return reply_error(f.seq, E_noent);
-  if (!o->addr && o->owned)
-    return reply_error(f.seq, E_nomem);
-  if (!check_ranges(f, *o, 1, &total))
-    return reply_error(f.seq, E_range);
+    err = E_noent;
+  else if (!o->addr && o->owned)
+    err = E_nomem;
+  else if (!check_ranges(f, *o, 1, total))
+    err = E_range;
+  if (err)
+    {
+      reply_error(f.seq, err);
+      return nullptr;
+    }
+  return o;
+}
+
+void do_read(In const &f)
+{
+  size_t total;
+  Obj *o = ranges_of(f, &total);
+  if (!o)
+    return;
   size_t at = 0;
   for (unsigned i = 1; i < f.nwords; i += 2)
     {
@@ -703,15 +719,10 @@ void do_read(In const &f)
 
 void do_write(In const &f)
 {
-  Obj *o = find(f.flags, Cap_ds);
-  out = Out();
   size_t total;
-  if (!o || f.nwords < 1)
-    return reply_error(f.seq, E_noent);
-  if (!o->addr && o->owned)
-    return reply_error(f.seq, E_nomem);
-  if (!check_ranges(f, *o, 1, &total))
-    return reply_error(f.seq, E_range);
+  Obj *o = ranges_of(f, &total);
+  if (!o)
+    return;
   if (f.w(0) == 1)
     {
       if (!zr_decode(f.data, f.ndata, expand, total))
