@@ -181,24 +181,7 @@ class AgentLink:
         seq = self._next_seq()
         frame = self._frame(kind, seq, label, opcode, words, caps, flags, data)
         wait = (self.timeout if timeout is None else timeout) + (len(frame) + expect) / SLOWEST_RATE
-        with self._cond:
-            self._waiting.add(seq)
-        try:
-            self._send(frame, wait)
-            deadline = time.monotonic() + wait
-            with self._cond:
-                while seq not in self._replies:
-                    if self.dead is not None:
-                        raise UnavailableError(f"{self.name}: {self.dead}")
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise TimeoutExpired(self._silence(kind, wait))
-                    self._cond.wait(left)
-                return self._replies.pop(seq)
-        finally:
-            with self._cond:
-                self._waiting.discard(seq)
-                self._replies.pop(seq, None)
+        return self._exchange(frame, [seq], wait, kind)[0]
 
     def pipeline(self, frames: Sequence[tuple[int, int, Sequence[int], bytes, int]], label: int = 0,
                  opcode: int = 0) -> list[RemoteFrame]:  # fmt: skip
@@ -212,6 +195,10 @@ class AgentLink:
         out = b"".join(self._frame(kind, seq, label, opcode, words, (), flags, data)
                        for seq, (kind, flags, words, data, _e) in zip(seqs, frames, strict=True))  # fmt: skip
         wait = self.timeout + (len(out) + sum(f[4] for f in frames)) / SLOWEST_RATE
+        return self._exchange(out, seqs, wait, frames[0][0])
+
+    def _exchange(self, out: bytes, seqs: list[int], wait: float, kind: int) -> list[RemoteFrame]:
+        """Send ``out`` (frames numbered ``seqs``) and collect their replies, in order, within ``wait`` s."""
         with self._cond:
             self._waiting.update(seqs)
         try:
@@ -223,7 +210,7 @@ class AgentLink:
                         raise UnavailableError(f"{self.name}: {self.dead}")
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        raise TimeoutExpired(self._silence(frames[0][0], wait))
+                        raise TimeoutExpired(self._silence(kind, wait))
                     self._cond.wait(left)
                 return [self._replies.pop(seq) for seq in seqs]
         finally:
