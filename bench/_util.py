@@ -113,3 +113,11 @@ def mmm(values: list[float], scale: float = 1.0, fmt: str = ".3g") -> str:
 def ratios(subject: list[float], baseline: list[float]) -> list[float]:
     """subject/baseline pair by pair."""
     return [s / b for s, b in zip(subject, baseline, strict=True) if b]
+
+
+def print_goals(goals: list[tuple[str, bool, str]]) -> None:
+    """Each ``(what, met, value)`` goal as a line, after the load average."""
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"\n# goals (load average now {load})")
+    for what, met, value in goals:
+        print(f"{'met    ' if met else 'NOT met'} {what} ({value})")

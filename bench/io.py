@@ -35,7 +35,19 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _util import PY, add_placement_args, cpus_of, describe, interleave, machine, mmm, place, placements, ratios
+from _util import (
+    PY,
+    add_placement_args,
+    cpus_of,
+    describe,
+    interleave,
+    machine,
+    mmm,
+    place,
+    placements,
+    print_goals,
+    ratios,
+)
 from vhost import CASES, WARM_UP, Seen, bench, qsd_command, report, start_qsd, stop, threads_of, write_images
 
 #: The workloads: vhost.py's, and random writes.
@@ -163,10 +175,7 @@ def main() -> None:
             goals += run_placement(cpus, args, qsd_bin, emu_img, qsd_img, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"\n# goals (load average now {load})")
-    for what, met, value in goals:
-        print(f"{'met    ' if met else 'NOT met'} {what} ({value})")
+    print_goals(goals)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,19 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _util import PY, add_placement_args, cpus_of, describe, interleave, machine, mmm, place, placements, ratios
+from _util import (
+    PY,
+    add_placement_args,
+    cpus_of,
+    describe,
+    interleave,
+    machine,
+    mmm,
+    place,
+    placements,
+    print_goals,
+    ratios,
+)
 
 #: (name, l4vctl bench arguments, figure) of the compared workloads.
 CASES = [
@@ -292,10 +304,7 @@ def main() -> None:
                     goals.append((f"{describe(cpus)}: {name} >= 2,000 MB/s median", mbs >= 2000, f"{mbs:,.0f} MB/s"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"\n# goals (load average now {load})")
-    for what, met, value in goals:
-        print(f"{'met    ' if met else 'NOT met'} {what} ({value})")
+    print_goals(goals)
 
 
 if __name__ == "__main__":

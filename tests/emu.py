@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import socket
 import subprocess
 import sys
 import time
 
 from l4vctl import catalog as cat
+from l4vctl import wire
 from l4vctl.caps import Dataspace, Irq
 from l4vctl.session import Session
 from l4vctl.wire import Cap
@@ -165,3 +167,16 @@ def open_fds() -> set[int]:
 
 
 __all__ = ["Cap", "Dataspace", "Irq", "Session"]
+
+
+def raw_connect(url: str) -> socket.socket:
+    """A bare SEQPACKET connection to a unix: URL (5 s timeout), for frames made by hand."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.settimeout(5)
+    s.connect(url[5:])
+    return s
+
+
+def hello(role: int = cat.ROLE_DRIVER, seq: int = 1) -> bytes:
+    """A HELLO frame of the fd profile."""
+    return wire.encode(cat.KIND_HELLO, seq, 0, 0, [cat.WIRE_VERSION, cat.WIRE_VERSION, role, cat.PROFILE_FD])

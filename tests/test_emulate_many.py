@@ -23,21 +23,10 @@ import pytest
 from l4vctl import catalog as cat
 from l4vctl import wire
 from l4vctl.errors import TimeoutExpired, UnavailableError, UsageError
-from tests.emu import Session, emulator, emulators, ready_lines, reap, wait_for
+from tests.emu import Session, emulator, emulators, hello, raw_connect, ready_lines, reap, wait_for
 
 EMULATE = [sys.executable, "-m", "l4vctl", "emulate"]
 DEVICE_IDS = {"blk": 2, "net": 1, "console": 3, "rng": 4}
-
-
-def raw_connect(url: str) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    s.settimeout(5)
-    s.connect(url[5:])
-    return s
-
-
-def hello(role: int = cat.ROLE_DRIVER, seq: int = 1) -> bytes:
-    return wire.encode(cat.KIND_HELLO, seq, 0, 0, [cat.WIRE_VERSION, cat.WIRE_VERSION, role, cat.PROFILE_FD])
 
 
 def device_id(url: str, timeout: float = 5.0) -> int:

@@ -24,21 +24,10 @@ import pytest
 from l4vctl import catalog as cat
 from l4vctl import wire
 from l4vctl.errors import TimeoutExpired, UnavailableError
-from tests.emu import Session, emulator, wait_for
+from tests.emu import Session, emulator, hello, raw_connect, wait_for
 
 EMULATE = [sys.executable, "-m", "l4vctl", "emulate"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def raw_connect(url: str) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    s.settimeout(5)
-    s.connect(url[5:])
-    return s
-
-
-def hello(role: int = cat.ROLE_DRIVER, seq: int = 1) -> bytes:
-    return wire.encode(cat.KIND_HELLO, seq, 0, 0, [cat.WIRE_VERSION, cat.WIRE_VERSION, role, cat.PROFILE_FD])
 
 
 def attach_ok(url: str, timeout: float = 5.0) -> None:
