@@ -282,7 +282,11 @@ LAYOUTS = {'l4virtio_config_hdr_t@classic': (('magic', 'L', None, None),
                  ('version', 'B', None, None),
                  ('length', 'L', None, None),
                  ('payload_crc', 'L', None, None),
-                 ('header_check', 'H', None, None))}
+                 ('header_check', 'H', None, None)),
+ 'archive_header': (('magic', '8s', None, None),
+                    ('version', 'H', None, None),
+                    ('flags', 'H', None, None),
+                    ('manifest_size', 'L', None, None))}
 
 DEVICE_CONFIG_KEYS = {'net': {'classic': 'l4virtio_net_config_t', 'current': 'l4virtio_net_config_t'},
  'blk': {'classic': 'l4virtio_block_config_t@classic',

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from l4vctl.catalog import ABIS, QUEUE_ENTRY_STRIDE, QUEUE_ENTRY_STRIDE_I386
-from l4vctl.formats import cmd, devcfg, header, host, link, ring, vhost_user, wire
+from l4vctl.formats import archive, cmd, devcfg, header, host, link, ring, vhost_user, wire
 
 
 def fixed_schemas() -> dict:
@@ -36,6 +36,7 @@ def fixed_schemas() -> dict:
     out.update(vhost_user.FIXED)
     out["timeval"] = host.timeval
     out["link_header"] = link.link_header
+    out["archive_header"] = archive.archive_header
     return out
 
 
