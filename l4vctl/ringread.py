@@ -296,6 +296,57 @@ class QueueState:
             out.append((idx, idx % num, ring[idx % num]))
         return out, found
 
+    def outstanding(self) -> tuple[list[tuple[int, int, int, str]], list[Finding]]:
+        """``(avail index, slot, head, state)`` of every chain offered and not yet used, and findings.
+
+        The window runs from used.idx to avail.idx (in the order a device that
+        completes in order uses them).  ``state`` is "in-device" for a chain the
+        device has taken (below next_avail), "pending" for one it has not,
+        "offered" when next_avail is unknown.  A window longer than ``num`` is
+        index corruption: reported, and only ``num`` are listed.
+        """
+        found: list[Finding] = []
+        if self.used_idx is None or self.avail_idx is None or self.avail_ring is None:
+            return [], found
+        start = self.used_idx
+        count = (self.avail_idx - start) & 0xFFFF
+        if count > self.num:
+            msg = (
+                f"queue {self.index}: avail.idx {self.avail_idx} is {count} ahead of used.idx {start}, "
+                f"more than the {self.num} entries of the queue"
+            )
+            found.append(Finding("index-corruption", msg))
+            count = self.num
+        taken = None
+        if self.next_avail is not None:
+            taken = (self.next_avail - start) & 0xFFFF
+            if taken > count:
+                taken = None  # next_avail outside the window: the device and the rings disagree
+        num, ring = self.num, self.avail_ring
+        out = []
+        for k in range(count):
+            idx = (start + k) & 0xFFFF
+            state = "offered" if taken is None else ("in-device" if k < taken else "pending")
+            out.append((idx, idx % num, ring[idx % num], state))
+        return out, found
+
+    def used_lengths(self, completions: int | None = None) -> dict[int, int]:
+        """Head -> length of the latest completion of it still in the used ring.
+
+        ``completions`` (the device's completed counter, if known) tells whether
+        the ring has wrapped; else used.idx does (slots never written are skipped).
+        """
+        if self.used_ring is None or self.used_idx is None:
+            return {}
+        num = self.num
+        valid = num if (completions or 0) >= num or self.used_idx >= num else self.used_idx
+        out: dict[int, int] = {}
+        ring = self.used_ring
+        for k in range(valid):
+            head, length = ring[(self.used_idx - 1 - k) % num]
+            out.setdefault(head, length)
+        return out
+
     # -- chains ----------------------------------------------------------------------------
 
     def walk(self, head: int, avail_index: int | None = None) -> Chain:

@@ -214,7 +214,17 @@ class Snapshot:
             for addr, size in batch:
                 self.regions.append(Region(addr, size, data[pos : pos + size], self._writable(addr)))
                 pos += size
-        self.regions.sort(key=lambda r: r.base)
+        self._tidy()
+
+    def _tidy(self) -> None:
+        """Sort the regions and drop those another region covers (a later, larger read)."""
+        regions = sorted(self.regions, key=lambda r: (r.base, -r.size))
+        kept: list[Region] = []
+        for r in regions:
+            if kept and kept[-1].contains(r.base, r.size):
+                continue
+            kept.append(r)
+        self.regions = kept
         self._last = None
 
     def _writable(self, addr: int) -> bool:
