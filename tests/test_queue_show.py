@@ -144,7 +144,7 @@ def test_console_bytes_escaped_and_truncated(tmp_path, cli, abi):
         short = show(cli, url, "--queue", "1", "--bytes", "5")["chains"][0]["payload"]
         assert short["text"] == "hello" and short["truncated"]
         text = cli("queue-show", url, "--queue", "1")
-        assert "\x1b" not in text.stdout and 'hello\\x1b[2Jok' in text.stdout
+        assert "\x1b" not in text.stdout and "hello\\x1b[2Jok" in text.stdout
         (r,) = show(cli, url, "--queue", "0")["chains"]
         assert r["payload"]["kind"] == "console-rx" and r["payload"]["buffer_len"] == 256
         assert r["payload"]["text"] is None
