@@ -16,7 +16,10 @@ chain.  Nothing a hostile driver writes makes a walk raise or run forever.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import struct
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from l4vctl import catalog as cat
@@ -197,6 +200,7 @@ class QueueState:
         #: The device's next avail index (monitor STATS; None offline without saved STATS).
         self.next_avail = next_avail
         self.findings: list[Finding] = []
+        self._reg_hit = (0, 0)  # the registered region a buffer was last found in: [start, end)
         self.table: DescTable | None = None
         self.avail_flags: int | None = None
         self.avail_idx: int | None = None
@@ -205,7 +209,9 @@ class QueueState:
         self.used_idx: int | None = None
         self.avail_event: int | None = None
         self.avail_ring: list[int] | None = None
-        self.used_ring: list[tuple[int, int]] | None = None
+        #: the used ring's elements: ids (heads) and lengths, slot by slot
+        self.used_ids: list[int] | None = None
+        self.used_lens: list[int] | None = None
         num = self.num
         if not valid_num(num):
             self.findings.append(Finding("no-table", f"queue {self.index}: num {num} is not a valid queue size"))
@@ -235,9 +241,8 @@ class QueueState:
             area = used[off["used.ring"] : off["used.ring"] + esize * num]
             elems = area.cast(native_format(g.used_elem_word))  # type: ignore[call-overload]
             stride = g.used_stride
-            self.used_ring = list(
-                zip(elems[g.used_id_at :: stride].tolist(), elems[g.used_len_at :: stride].tolist(), strict=True)
-            )
+            self.used_ids = elems[g.used_id_at :: stride].tolist()
+            self.used_lens = elems[g.used_len_at :: stride].tolist()
 
     def _area(self, what: str, addr: int, size: int) -> memoryview | None:
         snap = self.snap
@@ -323,11 +328,14 @@ class QueueState:
             if taken > count:
                 taken = None  # next_avail outside the window: the device and the rings disagree
         num, ring = self.num, self.avail_ring
-        out = []
-        for k in range(count):
-            idx = (start + k) & 0xFFFF
-            state = "offered" if taken is None else ("in-device" if k < taken else "pending")
-            out.append((idx, idx % num, ring[idx % num], state))
+        cut = count if taken is None else taken
+        first = "offered" if taken is None else "in-device"
+        with gc_paused():
+            out = [(idx, idx % num, ring[idx % num], first) for idx in ((start + k) & 0xFFFF for k in range(cut))]
+            out += [
+                (idx, idx % num, ring[idx % num], "pending")
+                for idx in ((start + k) & 0xFFFF for k in range(cut, count))
+            ]
         return out, found
 
     def used_lengths(self, completions: int | None = None) -> dict[int, int]:
@@ -336,16 +344,23 @@ class QueueState:
         ``completions`` (the device's completed counter, if known) tells whether
         the ring has wrapped; else used.idx does (slots never written are skipped).
         """
-        if self.used_ring is None or self.used_idx is None:
+        ids, lens = self.used_ids, self.used_lens
+        if ids is None or lens is None or self.used_idx is None:
             return {}
         num = self.num
         valid = num if (completions or 0) >= num or self.used_idx >= num else self.used_idx
         out: dict[int, int] = {}
-        ring = self.used_ring
         for k in range(valid):
-            head, length = ring[(self.used_idx - 1 - k) % num]
-            out.setdefault(head, length)
+            slot = (self.used_idx - 1 - k) % num
+            out.setdefault(ids[slot], lens[slot])
         return out
+
+    @property
+    def used_ring(self) -> list[tuple[int, int]] | None:
+        """The used ring's elements as ``(id, len)`` pairs, slot by slot (None: not captured)."""
+        if self.used_ids is None or self.used_lens is None:
+            return None
+        return list(zip(self.used_ids, self.used_lens, strict=True))
 
     # -- chains ----------------------------------------------------------------------------
 
@@ -361,30 +376,114 @@ class QueueState:
             chain.findings.append(Finding("head-out-of-range", f"head {head} is not below the queue size {self.num}"))
             return chain
         try:
-            self._walk(chain, table, head)
+            if not self._plain(chain, table, head):
+                chain.buffers = []
+                # a whole chain, indirect entries included, has at most num descriptors
+                self._walk_table(chain, table, head, 0, None, [self.num])
         except Exception as exc:  # a walk must report, never raise: an unforeseen case is a finding too
             chain.findings.append(Finding("walk-error", f"the walk stopped: {exc}"))
         return chain
 
-    def _walk(self, chain: Chain, table: DescTable, head: int) -> None:
-        # a whole chain, indirect entries included, has at most num descriptors
-        self._walk_table(chain, table, head, 0, None, [self.num])
+    def walk_many(self, items: Iterable[tuple[int, int | None]]) -> list[Chain]:
+        """:meth:`walk` of every ``(head, avail index)``, the common case without per-chain method calls.
+
+        The cyclic garbage collector is paused meanwhile: tens of thousands of
+        new chains (none of them in a cycle) would otherwise set off full
+        collections that cost more than the walks.
+        """
+        with gc_paused():
+            return self._walk_many(items)
+
+    def _walk_many(self, items: Iterable[tuple[int, int | None]]) -> list[Chain]:
+        table = self.table
+        if table is None:
+            return [self.walk(head, idx) for head, idx in items]
+        addrs, lens, flags_, nexts = table.addr, table.len, table.flags, table.next
+        num = self.num
+        new_chain, new_buffer = Chain, tuple.__new__
+        out = []
+        for head, idx in items:
+            chain = new_chain(head, None if idx is None else idx % num, idx)
+            out.append(chain)
+            if not 0 <= head < num:
+                chain.findings.append(Finding("head-out-of-range", f"head {head} is not below the queue size {num}"))
+                continue
+            lo, hi = self._reg_hit
+            bufs = chain.buffers
+            i = head
+            flags = flags_[i]
+            length = lens[i]
+            addr = addrs[i]
+            if flags & (F_INDIRECT | F_NEXT) or (length and not (lo <= addr and addr + length <= hi)):
+                out[-1] = self.walk(head, idx)  # anything but one plain buffer in known memory
+                continue
+            bufs.append(new_buffer(Buffer, (i, addr, length, flags, nexts[i], 0, None)))
+        return out
+
+    def _plain(self, chain: Chain, table: DescTable, head: int) -> bool:
+        """The common case fast: a chain in the queue's table with nothing to report.
+
+        False as soon as anything is unusual (an INDIRECT descriptor, a next
+        index out of range, more than ``num`` descriptors — a loop among them
+        —, readable after writable, memory outside the registered regions);
+        the full walk then goes over the chain again and says what it is.
+        """
+        addrs, lens, flags_, nexts = table.addr, table.len, table.flags, table.next
+        lo, hi = self._reg_hit
+        bufs = chain.buffers
+        num = self.num
+        i = head
+        count = 0
+        wrote = False
+        while True:
+            flags = flags_[i]
+            if flags & F_INDIRECT:
+                return False
+            addr, length = addrs[i], lens[i]
+            if length and not (lo <= addr and addr + length <= hi):
+                if not self._registered(addr, length):
+                    return False
+                lo, hi = self._reg_hit
+            if flags & F_WRITE:
+                wrote = True
+            elif wrote:
+                return False
+            bufs.append(tuple.__new__(Buffer, (i, addr, length, flags, nexts[i], 0, None)))
+            if not flags & F_NEXT:
+                return True
+            count += 1
+            i = nexts[i]
+            if count >= num or i >= num:
+                return False
+
+    def _registered(self, addr: int, length: int) -> bool:
+        """Whether registered memory holds the range; remembers the region that did (all of it when unknown)."""
+        registered = self.snap.registered
+        if registered is None:
+            self._reg_hit = (0, 1 << 65)
+            return True
+        for base, size, _w in registered:
+            if base <= addr and addr + length <= base + size:
+                self._reg_hit = (base, base + size)
+                return True
+        return False
 
     def _walk_table(self, chain: Chain, table: DescTable, start: int, level: int, where: int | None,
                     budget: list[int]) -> None:  # fmt: skip
         """Walk one table from ``start``; ``budget[0]`` counts down the descriptors a chain may still use."""
         addrs, lens, flags_, nexts = table.addr, table.len, table.flags, table.next
         size = table.size
-        seen = bytearray(size)
+        seen: set[int] = set()
         i = start
-        wrote = any(b.write for b in chain.buffers)
+        wrote = level > 0 and any(b.write for b in chain.buffers)
         snap = self.snap
         check = snap.registered is not None
+        in_registered = snap.in_registered
         while True:
-            if seen[i]:
+            if i in seen:
                 chain.findings.append(Finding("loop", f"descriptor {i}{_in(where)} is reached twice: a loop"))
                 return
-            seen[i] = 1
+            seen.add(i)
             budget[0] -= 1
             if budget[0] < 0:
                 chain.findings.append(
@@ -395,7 +494,7 @@ class QueueState:
             if flags & F_INDIRECT:
                 self._indirect(chain, i, addr, length, flags, level, where, budget)
                 return
-            if length and check and not snap.in_registered(addr, length):
+            if length and check and not in_registered(addr, length):
                 msg = f"buffer {addr:#x}+{length:#x} of descriptor {i}{_in(where)} is outside the registered memory"
                 chain.findings.append(Finding("outside-memory", msg))
             if flags & F_WRITE:
@@ -462,26 +561,37 @@ class QueueState:
         }
 
 
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while bulk work makes many acyclic objects."""
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if paused:
+            gc.enable()
+
+
 def _in(where: int | None) -> str:
     return "" if where is None else f" of the indirect table at {where:#x}"
 
 
 def queue_states(snap: Snapshot) -> list[QueueState]:
     """A QueueState for every ready queue of the snapshot's page."""
-    out = []
-    stats = snap.device_side["queues"] if snap.device_side else []
-    for entry in snap.decoded.get("queues", []):
-        if not entry.get("ready") or not entry.get("num"):
-            continue
-        i = entry["index"]
-        next_avail = stats[i]["next_avail"] if i < len(stats) and stats[i].get("enabled") else None
-        out.append(QueueState(snap, entry, next_avail))
-    return out
+    return [_state(snap, entry) for entry in snap.decoded.get("queues", []) if entry.get("ready") and entry.get("num")]
 
 
 def queue_state(snap: Snapshot, index: int) -> QueueState | None:
-    """The QueueState of queue ``index``, None if it is not ready."""
-    for q in queue_states(snap):
-        if q.index == index:
-            return q
+    """The QueueState of queue ``index``, None if it is not ready (or does not exist)."""
+    for entry in snap.decoded.get("queues", []):
+        if entry.get("index") == index:
+            return _state(snap, entry) if entry.get("ready") and entry.get("num") else None
     return None
+
+
+def _state(snap: Snapshot, entry: dict[str, Any]) -> QueueState:
+    stats = snap.device_side["queues"] if snap.device_side else []
+    i = entry["index"]
+    next_avail = stats[i]["next_avail"] if i < len(stats) and stats[i].get("enabled") else None
+    return QueueState(snap, entry, next_avail)

@@ -80,13 +80,23 @@ class Snapshot:
         self.abi = abi
         self.decoded = decoded
         self.regions: list[Region] = sorted(regions or [], key=lambda r: r.base)
-        self.registered = registered
+        self.registered = registered  # a property: setting it also forgets the last lookup
         self.device_side = device_side
         self.memory_note = memory_note
         self.taken = time.time() if taken is None else taken
         self.source = source
         self.live = live
         self._last: Region | None = None
+
+    @property
+    def registered(self) -> list[tuple[int, int, bool]] | None:
+        """``(base, size, writable)`` of the memory the driver registered; None when unknown."""
+        return self._registered
+
+    @registered.setter
+    def registered(self, value: list[tuple[int, int, bool]] | None) -> None:
+        self._registered = value
+        self._reg_last = (0, 0)  # the registered region found last (base, size)
 
     # -- memory ------------------------------------------------------------------------------
 
@@ -116,7 +126,14 @@ class Snapshot:
         """Whether one region the driver registered holds all of the range (True when that is unknown)."""
         if self.registered is None:
             return True
-        return any(b <= addr and addr + size <= b + n for b, n, _w in self.registered)
+        b, n = self._reg_last
+        if b <= addr and addr + size <= b + n:
+            return True
+        for b, n, _w in self.registered:
+            if b <= addr and addr + size <= b + n:
+                self._reg_last = (b, n)
+                return True
+        return False
 
     @property
     def negotiated(self) -> set[int]:

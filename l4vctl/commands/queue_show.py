@@ -86,6 +86,7 @@ def queue_show(ctx, device, device_opt, abi, queue, avail_index, head, show_all,
     """
     from l4vctl.catalog import Role
     from l4vctl.errors import UsageError
+    from l4vctl.ringread import gc_paused
     from l4vctl.session import Session
 
     picked = [name for name, on in (("--index", avail_index is not None), ("--head", head is not None),
@@ -97,7 +98,8 @@ def queue_show(ctx, device, device_opt, abi, queue, avail_index, head, show_all,
     out.device = url
     with Session(url, abi=abi, timeout=timeout, role=Role.MONITOR, check=False) as s:
         out.abi = s.abi
-        result = show(s, queue, avail_index=avail_index, head=head, show_all=show_all, max_bytes=max_bytes)
+        with gc_paused():  # thousands of chains and dicts, none in a cycle
+            result = show(s, queue, avail_index=avail_index, head=head, show_all=show_all, max_bytes=max_bytes)
     out.emit(result, lambda: _text(result))
 
 
@@ -136,10 +138,10 @@ def show(s, queue: int, *, avail_index: int | None = None, head: int | None = No
         picks = [(idx, h) for idx, _slot, h, _state in window]
         mode, value = "outstanding", None
     states = _states(q)
-    chains = [q.walk(h, idx) for idx, h in picks if h is not None]
+    chains = q.walk_many((h, idx) for idx, h in picks if h is not None)
     if s.live and chains:
         _fetch_payloads(s, snap, q, chains, max_bytes)
-        chains = [q.walk(c.head, c.avail_index) for c in chains]
+        chains = q.walk_many((c.head, c.avail_index) for c in chains)
     completions = None
     if snap.device_side and queue < len(snap.device_side.get("queues", [])):
         completions = snap.device_side["queues"][queue].get("completed")
@@ -190,7 +192,7 @@ def _fetch_payloads(s, snap, q, chains, max_bytes: int) -> None:
     tables = [(a, n) for c in chains for _i, a, n in c.tables if n and n % 16 == 0]
     if tables:
         snap.fetch(s, tables)
-        chains = [q.walk(c.head, c.avail_index) for c in chains]
+        chains = q.walk_many((c.head, c.avail_index) for c in chains)
     want = max(max_bytes, 64)
     ranges = []
     for c in chains:
