@@ -30,6 +30,20 @@ JSON result keys:
               payload {kind: blk-request|net-tx|net-rx|net-ctrl|console-tx|
               console-rx|console-control|rng|unknown, ...}
   findings    queue-level findings [{kind, message}]
+Payload keys by kind (every kind also has notes):
+  blk-request      type, type_name, barrier, ioprio, sector, data_len,
+                   data_buffers, direction (in|out|mixed), status, status_name,
+                   completed, used_len
+  net-tx, net-rx   header_size (10|12), header {flags, flag_names, gso_type,
+                   gso_name, hdr_len, gso_size, csum_start, csum_offset,
+                   num_buffers (12-byte header only)}, frame_len, frame,
+                   buffer_len, completed, used_len
+  net-ctrl         class, class_name, cmd, cmd_name, data_len, ack, ack_name,
+                   completed
+  console-tx/rx    bytes, text (escaped, --bytes at most), truncated,
+                   buffer_len, completed
+  console-control  id, event, event_name, value, completed
+  rng              buffers (lengths), requested, produced, completed
   memory      {source: live|archive, regions, bytes, note}
 Finding kinds: head-out-of-range, next-out-of-range, loop, chain-too-long,
 indirect-size, nested-indirect, indirect-with-next, indirect-not-negotiated,
