@@ -472,30 +472,7 @@ class Session:
         limit = qoff if nq and cat.HEADER_SIZE <= qoff <= len(page) else len(page)
         return pg.device_config_fields(page, self.get("device"), self.abi, limit)[0]
 
-    # -- monitor ------------------------------------------------------------------------------------
-
-    def stats(self) -> dict[str, Any] | None:
-        """Device-side queue state from the emulator's monitor interface, if it has one."""
-        if not self.live:
-            return None
-        r = self._call(cat.L4VCTL_PROTO_MONITOR, cat.MONITOR_OP_STATS)
-        r.close()
-        if r.result < 0:
-            return None
-        words = r.words
-        ng = len(cat.STATS_GLOBAL)
-        nq_words = len(cat.STATS_QUEUE)
-        if len(words) < ng or words[0] != cat.STATS_VERSION:
-            raise ProtocolError("monitor STATS reply has an unknown layout")
-        out = dict(zip(cat.STATS_GLOBAL, words[:ng]))
-        queues = []
-        for i in range(out["num_queues"]):
-            chunk = words[ng + i * nq_words : ng + (i + 1) * nq_words]
-            if len(chunk) != nq_words:
-                raise ProtocolError("monitor STATS reply is truncated")
-            queues.append(dict(zip(cat.STATS_QUEUE, chunk)))
-        out["queues"] = queues
-        return out
+    # -- the driver's memory, as a monitor reads it --------------------------------------
 
     def regions(self) -> list[tuple[int, int, bool]] | None:
         """The driver's registered memory as the device sees it: ``(base, size, writable)`` each.
@@ -520,6 +497,31 @@ class Session:
         from l4vctl._session.memory import read
 
         return read(self._live(), self.url, list(ranges))
+
+    # -- monitor ------------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any] | None:
+        """Device-side queue state from the emulator's monitor interface, if it has one."""
+        if not self.live:
+            return None
+        r = self._call(cat.L4VCTL_PROTO_MONITOR, cat.MONITOR_OP_STATS)
+        r.close()
+        if r.result < 0:
+            return None
+        words = r.words
+        ng = len(cat.STATS_GLOBAL)
+        nq_words = len(cat.STATS_QUEUE)
+        if len(words) < ng or words[0] != cat.STATS_VERSION:
+            raise ProtocolError("monitor STATS reply has an unknown layout")
+        out = dict(zip(cat.STATS_GLOBAL, words[:ng]))
+        queues = []
+        for i in range(out["num_queues"]):
+            chunk = words[ng + i * nq_words : ng + (i + 1) * nq_words]
+            if len(chunk) != nq_words:
+                raise ProtocolError("monitor STATS reply is truncated")
+            queues.append(dict(zip(cat.STATS_QUEUE, chunk)))
+        out["queues"] = queues
+        return out
 
     # -- teardown -------------------------------------------------------------------------------------
 
