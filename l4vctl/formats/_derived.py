@@ -3,7 +3,11 @@
 Layouts derived from the Construct schemas in l4vctl.formats; a test
 fails when this file no longer matches them."""
 
-LAYOUTS = {'l4virtio_config_hdr_t@classic': (('magic', 'L', None, None),
+LAYOUTS = {'archive_header': (('magic', '8s', None, None),
+                    ('version', 'H', None, None),
+                    ('flags', 'H', None, None),
+                    ('manifest_size', 'L', None, None)),
+ 'l4virtio_config_hdr_t@classic': (('magic', 'L', None, None),
                                    ('version', 'L', None, None),
                                    ('device', 'L', None, None),
                                    ('vendor', 'L', None, None),
@@ -282,11 +286,7 @@ LAYOUTS = {'l4virtio_config_hdr_t@classic': (('magic', 'L', None, None),
                  ('version', 'B', None, None),
                  ('length', 'L', None, None),
                  ('payload_crc', 'L', None, None),
-                 ('header_check', 'H', None, None)),
- 'archive_header': (('magic', '8s', None, None),
-                    ('version', 'H', None, None),
-                    ('flags', 'H', None, None),
-                    ('manifest_size', 'L', None, None))}
+                 ('header_check', 'H', None, None))}
 
 DEVICE_CONFIG_KEYS = {'net': {'classic': 'l4virtio_net_config_t', 'current': 'l4virtio_net_config_t'},
  'blk': {'classic': 'l4virtio_block_config_t@classic',

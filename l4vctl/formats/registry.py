@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from l4vctl.catalog import ABIS, QUEUE_ENTRY_STRIDE, QUEUE_ENTRY_STRIDE_I386
-from l4vctl.formats import archive, cmd, devcfg, header, host, link, ring, vhost_user, wire
+from l4vctl.formats import cmd, devcfg, header, host, link, ring, vhost_user, wire
 
 
 def fixed_schemas() -> dict:
@@ -12,7 +12,9 @@ def fixed_schemas() -> dict:
     A key is the C name, with ``@abi`` where the layout differs between the
     eras and ``@i386`` for the 36-byte queue-config entry.
     """
-    out = {}
+    from l4vctl.formats.archive import archive_header
+
+    out = {"archive_header": archive_header}
     for abi in ABIS:
         out[f"l4virtio_config_hdr_t@{abi}"] = header.CONFIG_HDR[abi]
     out["l4virtio_config_queue_t"] = header.l4virtio_config_queue(QUEUE_ENTRY_STRIDE)
@@ -36,7 +38,6 @@ def fixed_schemas() -> dict:
     out.update(vhost_user.FIXED)
     out["timeval"] = host.timeval
     out["link_header"] = link.link_header
-    out["archive_header"] = archive.archive_header
     return out
 
 
