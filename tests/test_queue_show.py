@@ -12,7 +12,9 @@ from l4vctl.drivers.blk import BlkDriver
 from l4vctl.formats.fast import codec
 from l4vctl.formats.fast import ring as geometry
 from l4vctl.session import Session
+from tests.conftest import run_cli as cli_run
 from tests.emu import emulator
+from tests.test_vhost_user import StorageDaemon
 
 BLK_HDR = codec("l4virtio_block_header_t")
 NET_HDR = codec("l4virtio_net_header_t")
@@ -383,3 +385,48 @@ def test_usage_errors(tmp_path, cli):
     r = cli("queue-show", "emu:rng", "--queue", "9")
     assert r.code == 2 and "does not exist" in r.stderr
     assert cli("dump-config", "emu:rng", "--with-memory", "--raw", "-o", tmp_path / "x").code == 2
+
+
+@pytest.fixture
+def qsd(tmp_path):
+    d = StorageDaemon(tmp_path)  # fails (never skips) without qemu-storage-daemon, as its own tests do
+    yield d
+    d.stop()
+
+
+def test_vhost_user_has_no_memory_view(qsd):
+    """A vhost-user back-end's rings live in its own process: exit 3, saying so."""
+    for cmd in (("queue-show", qsd.url, "--queue", "0"), ("dump-config", qsd.url, "--with-memory", "-o", "/dev/null")):
+        r = cli_run(*cmd)
+        assert r.code == 3, (cmd, r.stderr)
+        assert "vhost-user: the back-end's ring memory is its own" in r.stderr
+
+
+def test_net_header_of_ten_bytes():
+    """Without VERSION_1 and MRG_RXBUF the net header has no num_buffers: 10 bytes."""
+    import struct
+
+    from l4vctl import decode
+    from l4vctl.ringread import QueueState
+    from l4vctl.snapshot import Region, Snapshot
+
+    base = 0x200000
+    table = struct.pack("<QIHH", base + 0x1000, 10 + 20, 0, 0).ljust(32, b"\0")
+    avail = struct.pack("<HH2HH", 0, 1, 0, 0, 0)
+    used = bytes(geometry().used_size(2))
+    frame = NET_HDR.pack({"flags": 2, "gso_type": 0, "hdr_len": 0, "gso_size": 0, "csum_start": 0, "csum_offset": 0,
+                          "num_buffers": 0})[:10] + b"F" * 20  # fmt: skip
+    regions = [Region(base, 32, table, True), Region(base + 0x100, len(avail), avail, True),
+               Region(base + 0x200, len(used), used, True), Region(base + 0x1000, 30, frame, True)]  # fmt: skip
+    for bits, size in (([], 10), ([cat.NET_F_MRG_RXBUF], 12), ([cat.VERSION_1_BIT], 12)):
+        decoded = {"queues": [{"index": i, "num": 2, "ready": 1, "desc_addr": base, "avail_addr": base + 0x100,
+                               "used_addr": base + 0x200} for i in (0, 1)],
+                   "features": {"accepted": {"bits": bits}}, "device": {"class": "net"}}  # fmt: skip
+        snap = Snapshot(b"", "current", decoded, regions, registered=[(base, 0x2000, True)])
+        q = QueueState(snap, decoded["queues"][1])
+        p = decode.payload(snap, q.walk(0), 1)
+        assert p["kind"] == "net-tx" and p["header_size"] == size
+        assert p["frame_len"] == 30 - size
+        if size == 10:
+            assert "num_buffers" not in p["header"] and p["header"]["flag_names"] == ["DATA_VALID"]
+            assert p["frame"] == "F" * 20
