@@ -107,7 +107,7 @@ def dump_config(ctx, source, abi, timeout, fmt, offset, queue_stride, force, as_
     if sum(map(bool, (as_hex, as_raw, with_memory))) > 1:
         raise UsageError("--hex, --raw and --with-memory exclude each other")
     if output and not (as_hex or as_raw or with_memory):
-        raise UsageError("-o/--output needs --hex, --raw or --with-memory")
+        raise UsageError("-o/--output needs --hex or --raw (or --with-memory)")
     if with_memory and not output and json_mode:
         raise UsageError("--with-memory --json needs -o FILE (the archive and the JSON cannot share stdout)")
     if with_memory and not output and sys.stdout.isatty():
