@@ -105,7 +105,7 @@ def parse(data: bytes | bytearray | memoryview, name: str = "archive") -> Archiv
         raise FormatError(f"{name}: truncated memory archive (the manifest needs {msize} bytes)")
     try:
         manifest = json.loads(bytes(view[hc.size : start]).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nesting too deep
         raise FormatError(f"{name}: memory archive manifest is not JSON ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise FormatError(f"{name}: memory archive manifest is not an {FORMAT_NAME} manifest")

@@ -223,3 +223,64 @@ def test_hostile_table_written_by_a_real_driver(tmp_path):
         chains = [q.walk(h, i) for i, _slot, h, _st in q.outstanding()[0]]
         assert [[f.kind for f in c.findings] for c in chains] == [["loop"]] * 4
         assert all(len(c.buffers) == 4 for c in chains)
+
+
+# -- the archive parser on hostile input ---------------------------------------------------------
+
+
+def _small_archive() -> bytes:
+    from l4vctl import archive
+
+    page = bytes(range(256)) * 16
+    regions = [(0x200000, 64, True, b"a" * 64), (0x300000, 32, False, b"b" * 32)]
+    meta = {"source": "test", "taken": 1.5, "abi": "current", "registered": None, "device_side": None,
+            "memory_note": None}  # fmt: skip
+    return b"".join(bytes(p) for p in archive.build(page, regions, meta))
+
+
+def test_archive_parse_round_trip():
+    from l4vctl import archive
+
+    a = archive.parse(_small_archive())
+    assert bytes(a.page) == bytes(range(256)) * 16
+    assert [(b, n, w, bytes(d)) for b, n, w, d in a.regions] == [
+        (0x200000, 64, True, b"a" * 64),
+        (0x300000, 32, False, b"b" * 32),
+    ]
+    assert a.manifest["source"] == "test"
+
+
+@given(st.binary(max_size=300))
+def test_archive_parser_refuses_random_bytes(tail):
+    from l4vctl import archive
+
+    with pytest.raises(FormatError):
+        archive.parse(archive.MAGIC + tail)
+
+
+@given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=8), st.integers(0, 4500))
+def test_archive_parser_on_damaged_archives(edits, cut):
+    """Flipped bytes and cut files: a FormatError or a consistent archive, nothing else."""
+    from l4vctl import archive
+
+    data = bytearray(_small_archive())
+    for pos, value in edits:
+        data[pos % len(data)] = value
+    data = data[: len(data) - cut] if cut < len(data) else data
+    try:
+        a = archive.parse(bytes(data))
+    except FormatError:
+        return
+    assert len(a.page) >= 256
+    for base, size, _w, blob in a.regions:
+        assert len(blob) == size and base + size <= 1 << 64
+
+
+def test_archive_manifest_nested_too_deep():
+    from l4vctl import archive
+    from l4vctl.formats.fast import codec
+
+    text = b"[" * 100_000 + b"]" * 100_000
+    hdr = codec("archive_header").pack({"magic": archive.MAGIC, "version": 1, "flags": 0, "manifest_size": len(text)})
+    with pytest.raises(FormatError, match="not JSON"):
+        archive.parse(hdr + text)
