@@ -157,6 +157,15 @@ def parse(data: bytes | bytearray | memoryview, name: str = "archive") -> Archiv
     for key in ("registered", "device_side"):
         if manifest.get(key) is not None and not isinstance(manifest[key], (list, dict)):
             raise FormatError(f"{name}: memory archive {key} has the wrong type")
+    side = manifest.get("device_side")
+    if side is not None:
+        queues = side.get("queues", []) if isinstance(side, dict) else None
+        if not isinstance(queues, list) or not all(
+            isinstance(q, dict) and all(type(v) in (int, bool) for v in q.values()) for q in queues
+        ):
+            raise FormatError(f"{name}: memory archive device_side queues must be objects of numbers")
+    if not isinstance(manifest.get("memory_note"), (str, type(None))):
+        raise FormatError(f"{name}: memory archive memory_note must be text or null")
     registered = manifest.get("registered")
     if registered is not None:
         if not isinstance(registered, list) or len(registered) > MAX_REGIONS:

@@ -591,7 +591,8 @@ def queue_state(snap: Snapshot, index: int) -> QueueState | None:
 
 
 def _state(snap: Snapshot, entry: dict[str, Any]) -> QueueState:
-    stats = snap.device_side["queues"] if snap.device_side else []
+    stats = (snap.device_side or {}).get("queues") or []
     i = entry["index"]
-    next_avail = stats[i]["next_avail"] if i < len(stats) and stats[i].get("enabled") else None
+    q = stats[i] if i < len(stats) and isinstance(stats[i], dict) else {}
+    next_avail = q.get("next_avail") if q.get("enabled") and isinstance(q.get("next_avail"), int) else None
     return QueueState(snap, entry, next_avail)

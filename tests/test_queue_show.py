@@ -333,6 +333,9 @@ def test_hostile_archives_are_refused(tmp_path, cli):
         "past 2^64": _rebuild(good, lambda m: regions(m)[0].update(base=(1 << 64) - 16)),
         "page size": _rebuild(good, lambda m: m["page"].update(size=10)),
         "registered": _rebuild(good, lambda m: m.update(registered=[{"base": "x"}])),
+        "device_side queues": _rebuild(good, lambda m: m["device_side"].update(queues="x")),
+        "device_side queue": _rebuild(good, lambda m: m["device_side"]["queues"][0].update(next_avail="7")),
+        "memory_note": _rebuild(good, lambda m: m.update(memory_note=5)),
     }
     for what, data in cases.items():
         path = _write(tmp_path, data)
