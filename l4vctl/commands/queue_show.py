@@ -157,8 +157,9 @@ def show(s, queue: int, *, avail_index: int | None = None, head: int | None = No
         _fetch_payloads(s, snap, q, chains, max_bytes)
         chains = _rewalk(q, chains)
     completions = None
-    if snap.device_side and queue < len(snap.device_side.get("queues", [])):
-        completions = snap.device_side["queues"][queue].get("completed")
+    side_queues = (snap.device_side or {}).get("queues") or []
+    if queue < len(side_queues) and isinstance(side_queues[queue].get("completed"), int):
+        completions = side_queues[queue]["completed"]
     used = q.used_lengths(completions)
     role = decode.queue_role(snap.device_class, queue, len(queues), snap.negotiated)
     shown = []
