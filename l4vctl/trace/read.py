@@ -206,13 +206,27 @@ def describe(ev: dict[str, Any], ctx: dict[str, Any] | None = None) -> str:
                 f"used {ev['used']:#x}" + (", event idx" if ev.get("event_idx") else "")
                 + (", indirect" if ev.get("indirect") else ""))  # fmt: skip
     if kind == "request":
-        s = ev.get("summary") or {}
+        s = ev.get("summary") or (_posted_summary(ev, ctx) if ev["phase"] == "posted" else {})
         what = _summary_text(s)
         if ev["phase"] == "posted":
             sizes = f"out {ev.get('out_len', 0)} in {ev.get('in_len', 0)}"
             return f"queue {ev['queue']} post head {ev['head']}: {sizes}" + (f" {what}" if what else "")
         return f"queue {ev['queue']} done head {ev['head']}: used {ev.get('used')}" + (f" {what}" if what else "")
     return kind
+
+
+def _posted_summary(ev: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
+    """The summary of a posted request, decoded from the bytes it gave the device (recorded without one)."""
+    import base64
+
+    from l4vctl.trace.record import summarize
+
+    device = ctx.get("device")
+    try:
+        out = base64.b64decode(ev.get("out_b64", ""), validate=True)
+        return summarize(cat.device_class(device) if isinstance(device, int) else None, ev["queue"], out, None, 0)
+    except (ValueError, TypeError):
+        return {}
 
 
 def _summary_text(s: dict[str, Any]) -> str:
