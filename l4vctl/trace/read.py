@@ -98,7 +98,17 @@ def _check(rec: Any, first: bool) -> str | None:
     for key in _REQUIRED.get(kind, ()):
         if key not in rec:
             return f"{kind} record without {key!r}"
+    for key in ("words", "reply"):
+        if kind == "ipc" and key in rec and not _words(rec[key]):
+            return f"ipc record: {key!r} is not a list of 64-bit words"
     return None
+
+
+def _words(value: Any) -> bool:
+    """Whether ``value`` is a list of message words (integers 0 .. 2^64-1)."""
+    return isinstance(value, list) and all(
+        isinstance(w, int) and not isinstance(w, bool) and 0 <= w < 1 << 64 for w in value
+    )
 
 
 _REQUIRED: dict[str, tuple[str, ...]] = {

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import struct
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,10 @@ if TYPE_CHECKING:
     from l4vctl.virtqueue import Virtqueue
 
 
+#: What a record with the right keys but values no driver could have made raises in a step.
+_MALFORMED = (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError, struct.error)
+#: Most memory one lent dataspace of a replay may take.
+MAX_LEND = 1 << 30
 #: Device classes whose data differs every run (entropy): their requests are compared by length only.
 RANDOM_DATA = frozenset({"rng"})
 
@@ -127,7 +132,17 @@ class Replay:
         """Replay every step; the number of steps (Divergence at the first that differs)."""
         try:
             for ev in self.trace.events:
-                self.step(ev)
+                try:
+                    self.step(ev)
+                except FormatError as exc:
+                    where = f"{self.trace.path}:{ev.get('line')}: "
+                    if exc.message.startswith(self.trace.path + ":"):
+                        raise
+                    raise FormatError(where + exc.message) from None
+                except _MALFORMED as exc:
+                    # a record that has the right keys but values no driver could have made
+                    raise FormatError(f"{self.trace.path}:{ev.get('line')}: malformed {ev.get('kind')} record "
+                                      f"({type(exc).__name__}: {exc})") from None  # fmt: skip
                 self.steps += 1
         finally:
             self.close()
@@ -211,6 +226,8 @@ class Replay:
         for c in ev.get("caps", []):
             if c.get("type") == "dataspace":
                 size = c.get("size") or (words[2] if len(words) > 2 else 4096)
+                if not isinstance(size, int) or not 0 < size <= MAX_LEND:
+                    raise FormatError(f"{self.trace.path}:{ev['line']}: lends {size!r} bytes (at most {MAX_LEND})")
                 new_lent = ch.lend(size, ev.get("lend") or "l4vctl-replay")
                 caps.append(new_lent.cap)
                 fds += new_lent.fds
