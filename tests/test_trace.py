@@ -491,3 +491,23 @@ def test_replay_of_hostile_records(tmp_path):
         r = run_cli("trace", "replay", str(path), "--timeout", "1")
         assert r.code == 4, (change.__name__, r.code, r.stdout, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and f"{path}:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_trace_and_replay_on_qemu_storage_daemon(tmp_path):
+    from tests.test_vhost_user import StorageDaemon
+
+    qsd = StorageDaemon(tmp_path)
+    try:
+        path = tmp_path / "qsd.jsonl"
+        ok("blk", "write", f"trace+{qsd.url}&trace={path}", "--sector", "2", "--count", "8", "--pattern", "5a")
+        assert qsd.image_bytes(2, 4096) == b"\x5a" * 4096
+        done = events(path, "request", phase="completed")
+        assert done and done[0]["summary"]["status_name"] == "OK"
+        assert events(path, "queue")[0]["event_idx"] is True  # negotiated with this device
+        # a real, independent device answers the replay the same (it takes one front-end at a time)
+        assert ok("trace", "replay", str(path))["same"] is True
+        # our emulator is another device: its config page differs from qemu-storage-daemon's
+        r = run_cli("trace", "replay", str(path), "emu:blk?size=16M", "--json")
+        assert r.code == 6 and r.json()["result"]["divergence"]["kind"] == "page"
+    finally:
+        qsd.stop()
