@@ -265,6 +265,8 @@ def test_show_json_and_filters(tmp_path):
     assert any(e["text"].endswith("-> OK") for e in only if e["phase"] == "completed")
     st = ok("trace", "show", str(path), "--kind", "status", "--kind", "kick")["events"]
     assert {e["kind"] for e in st} == {"status", "kick"}
+    assert {e["s"] for e in ok("trace", "show", str(path), "--session", "1")["events"]} == {1}
+    assert ok("trace", "show", str(path), "--session", "2")["events"] == []
     none = run_cli("trace", "show", str(path), "--queue", "5")
     assert none.code == 0 and none.stdout == "no steps match\n"
 
@@ -304,6 +306,25 @@ def test_show_refuses_malformed_traces(tmp_path, lines, line, message):
         assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
         if line is not None:
             assert f"{path}:{line}:" in err
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"t": 1, "s": 1, "kind": "ipc", "label": 0, "opcode": 0, "words": [], "caps": 5, "result": 0},
+        {"t": 1, "s": 1, "kind": "cmd", "op": "cleared", "word": 1, "after": "later"},
+        {"t": 1, "s": 1, "kind": "page", "op": "write", "field": 7, "new": 1},
+        {"t": 1, "s": 1, "kind": "request", "phase": "posted", "queue": 0, "head": 0, "out_b64": 3},
+    ],
+)
+def test_show_and_replay_refuse_records_of_the_wrong_shape(tmp_path, record):
+    path = tmp_path / "shape.jsonl"
+    _write_trace(path, [HEADER, {"t": 0, "s": 1, "kind": "session", "url": "emu:blk"}, record])
+    for command in (["trace", "show", str(path)], ["trace", "replay", str(path)]):
+        r = run_cli(*command)
+        assert r.code == 4, (command, r.stdout, r.stderr)
+        assert f"{path}:3: malformed" in r.stderr or f"{path}:3:" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 
 def test_truncated_last_line_is_a_warning(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from l4vctl.commands._common import Group, begin, examples, json_option, timeout_option
-from l4vctl.errors import DeviceStateError
+from l4vctl.errors import DeviceStateError, FormatError
 from l4vctl.trace import KINDS
 
 
@@ -74,7 +74,10 @@ def show(ctx, file, queue, kinds, session, json_mode):
     ctx_info: dict = {}
     shown = []
     for ev in tr.events:
-        line = describe(ev, ctx_info)  # every step, so that later ones know the ABI and device
+        try:
+            line = describe(ev, ctx_info)  # every step, so that later ones know the ABI and device
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError):
+            raise FormatError(f"{file}:{ev['line']}: malformed {ev['kind']} record") from None
         if kinds and ev["kind"] not in kinds:
             continue
         if queue is not None and ev.get("queue") != queue:

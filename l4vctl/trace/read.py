@@ -101,7 +101,32 @@ def _check(rec: Any, first: bool) -> str | None:
     for key in ("words", "reply"):
         if kind == "ipc" and key in rec and not _words(rec[key]):
             return f"ipc record: {key!r} is not a list of 64-bit words"
+    for key in _STR_KEYS:
+        if key in rec and not isinstance(rec[key], str) and not (key in _MAYBE_NULL and rec[key] is None):
+            return f"{kind} record: {key!r} is not a string"
+    for key in ("caps", "reply_caps"):
+        if key in rec and not (isinstance(rec[key], list) and all(isinstance(c, dict) for c in rec[key])):
+            return f"{kind} record: {key!r} is not a list of capability items"
+    if "bufs" in rec and not (isinstance(rec["bufs"], list) and all(_buffer(b) for b in rec["bufs"])):
+        return f"{kind} record: 'bufs' is not a list of [address, length, device writes]"
+    if "after" in rec and (not isinstance(rec["after"], (int, float)) or isinstance(rec["after"], bool)):
+        return f"{kind} record: 'after' is not a number"
     return None
+
+
+#: Keys whose values are strings wherever they appear (the ones in _MAYBE_NULL may also be null).
+_STR_KEYS = ("op", "phase", "url", "role", "out_b64", "field", "cmd", "abi", "lend", "result_name", "cause")
+_MAYBE_NULL = ("field",)
+
+
+def _buffer(value: Any) -> bool:
+    """Whether ``value`` is ``[device address, length, device writes]``."""
+    return (
+        isinstance(value, list)
+        and len(value) == 3
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value[:2])
+        and isinstance(value[2], bool)
+    )
 
 
 def _words(value: Any) -> bool:
