@@ -532,3 +532,33 @@ def test_trace_and_replay_on_qemu_storage_daemon(tmp_path):
         assert r.code == 6 and r.json()["result"]["divergence"]["kind"] == "page"
     finally:
         qsd.stop()
+
+
+def test_an_untraced_session_runs_the_code_it_always_ran():
+    from l4vctl.session import Session
+    from l4vctl.virtqueue import Virtqueue
+
+    with Session("emu:blk") as s:
+        s.handshake()
+        assert type(s.virtqueue(0)) is Virtqueue  # not the recording subclass
+        assert s.page is not None  # the page is a local mapping, stored to directly
+        assert type(s.channel).__name__ == "SocketChannel"
+        assert type(s.device_irq).__name__ == "Irq"
+
+
+def test_a_library_session_on_a_trace_url(tmp_path):
+    from l4vctl.drivers.blk import BlkDriver
+    from l4vctl.session import Session
+    from l4vctl.trace.record import TracedVirtqueue
+
+    path = tmp_path / "lib.jsonl"
+    with Session(f"trace+emu:blk?size=1M&trace={path}", mode="ipc") as s:
+        s.handshake()
+        assert s.page is None  # every page access goes through the recorder
+        drv = BlkDriver(s)
+        assert isinstance(drv.vq, TracedVirtqueue)
+        drv.write(0, b"\x11" * 512)
+        assert bytes(drv.read(0, 512)) == b"\x11" * 512
+    done = events(path, "request", phase="completed")
+    assert [d["summary"]["type_name"] for d in done] == ["OUT", "IN"]
+    assert [d["out_len"] for d in done] == [16 + 512, 16] and [d["in_len"] for d in done] == [1, 513]

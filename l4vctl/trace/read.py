@@ -233,6 +233,8 @@ def describe(ev: dict[str, Any], ctx: dict[str, Any] | None = None) -> str:
             text += f" avail.idx={ev['avail_idx']}"
         if ev.get("notified") is False:
             text += " suppressed: the device asked for no notification"
+        elif ev.get("delivered") is False:
+            text += " not delivered: the IRQ's counter is full"
         return text
     if kind == "irq":
         return f"interrupt (index {ev.get('index')}) x{ev.get('count', 1)}"

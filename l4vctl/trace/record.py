@@ -541,7 +541,8 @@ class TracedVirtqueue(Virtqueue):
                 written = inbytes[:used] if used <= len(inbytes) else inbytes
                 last = inbytes[-1] if inbytes else None
                 self._tc.rec.emit("request", phase="completed", queue=self.index, head=head, used=used,
-                                  used_idx=(first + k + 1) & 0xFFFF, in_len=len(inbytes), last_byte=last,
+                                  used_idx=(first + k + 1) & 0xFFFF, out_len=len(out), in_len=len(inbytes),
+                                  last_byte=last,
                                   in_sha256=hashlib.sha256(written).hexdigest(),
                                   summary=summarize(self._tc.device_class, self.index, out, inbytes, used))  # fmt: skip
         return done
