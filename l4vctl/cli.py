@@ -196,6 +196,7 @@ def cli(ctx: click.Context, debug: bool, color: str, trace_file: str | None) -> 
         import l4vctl.backends
 
         l4vctl.backends.TRACE_FILE = trace_file
+        ctx.call_on_close(lambda: setattr(l4vctl.backends, "TRACE_FILE", None))  # for this command only
     if debug:  # let embedded emulators log what they do
         os.environ.setdefault("L4VCTL_EMU_LOG", "INFO")
 

@@ -534,9 +534,11 @@ def test_trace_and_replay_on_qemu_storage_daemon(tmp_path):
         qsd.stop()
 
 
-def test_an_untraced_session_runs_the_code_it_always_ran():
+def test_an_untraced_session_runs_the_code_it_always_ran(tmp_path):
     from l4vctl.session import Session
     from l4vctl.virtqueue import Virtqueue
+
+    ok("--trace", str(tmp_path / "before.jsonl"), "probe", "emu:blk")  # --trace ends with its command
 
     with Session("emu:blk") as s:
         s.handshake()
