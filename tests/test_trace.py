@@ -564,3 +564,39 @@ def test_a_library_session_on_a_trace_url(tmp_path):
     done = events(path, "request", phase="completed")
     assert [d["summary"]["type_name"] for d in done] == ["OUT", "IN"]
     assert [d["out_len"] for d in done] == [16 + 512, 16] and [d["in_len"] for d in done] == [1, 513]
+
+
+def test_replay_reports_a_cmd_word_left_in_place(tmp_path):
+    path = tmp_path / "cmd.jsonl"
+    ok("negotiate", f"trace+emu:blk?cmd-mode=1&trace={path}", "--mode", "cmd")
+    r = run_cli("trace", "replay", str(path), "emu:blk?cmd-mode=1&inject=never-clear-cmd", "--timeout", "0.3", "--json")
+    assert r.code == 6
+    d = r.json()["result"]["divergence"]
+    first_clear = events(path, "cmd", op="cleared")[0]
+    assert d["kind"] == "cmd" and d["line"] == first_clear["line"]
+    assert d["what"] == f"the device did not clear cmd {first_clear['word']:#010x}" and d["expected"] == "cleared"
+
+
+def test_replay_reports_a_device_that_needs_a_reset(tmp_path):
+    path = _record_blk(tmp_path)
+    r = run_cli("trace", "replay", str(path), "emu:blk?size=1M&inject=needs-reset-on-driver-ok", "--json")
+    assert r.code == 6
+    d = r.json()["result"]["divergence"]
+    assert d["kind"] == "status" and d["what"] == "the status read back differs"
+    assert d["expected"] == "0x0f ACKNOWLEDGE+DRIVER+FEATURES_OK+DRIVER_OK"
+    assert "DEVICE_NEEDS_RESET" in d["got"]
+
+
+def test_a_failing_session_is_recorded_up_to_its_failure(tmp_path):
+    path = tmp_path / "refused.jsonl"
+    r = run_cli("negotiate", f"trace+emu:blk?inject=refuse-features-ok&trace={path}")
+    assert r.code == 5
+    tr = load(str(path))
+    assert tr.events[-1]["kind"] == "end"
+    # FEATURES_OK did not stick (no new status to record), then the driver gave up
+    assert statuses(path)[:3] == [ACK, ACK | DRV, ACK | DRV | cat.STATUS_FAILED]
+    assert not [st for st in statuses(path) if st & FOK]
+    failed = [e for e in events(path, "ipc") if e["op"] == "SET_STATUS" and e["words"][0] & cat.STATUS_FAILED]
+    assert failed, "the driver told the device it gave up"
+    # replaying that trace on a device that refuses the same is the same
+    assert ok("trace", "replay", str(path))["same"] is True
