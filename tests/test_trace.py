@@ -600,3 +600,44 @@ def test_a_failing_session_is_recorded_up_to_its_failure(tmp_path):
     assert failed, "the driver told the device it gave up"
     # replaying that trace on a device that refuses the same is the same
     assert ok("trace", "replay", str(path))["same"] is True
+
+
+def test_a_session_whose_memory_is_not_mapped_here(tmp_path):
+    """Memory reached only through ranges (as over the L4Re bridge): requests are recorded from the shadows."""
+    from l4vctl.drivers.blk import BlkDriver
+    from l4vctl.session import Session
+    from tests.test_remote_memory import FarMemory
+
+    path = tmp_path / "far.jsonl"
+    s = Session(f"trace+emu:blk?size=1M&trace={path}", mode="ipc")
+    inner = s.backend.inner
+    real_connect = inner.connect
+
+    def connect(role="driver", timeout=5.0):
+        ch = real_connect(role, timeout)
+        real_map, real_lend = ch.map_config, ch.lend
+
+        def lend(size, name):
+            lent = real_lend(size, name)
+            lent.memory = FarMemory(lent.memory)
+            return lent
+
+        ch.map_config = lambda fd, size, offset, writable: FarMemory(real_map(fd, size, offset, writable))
+        ch.lend = lend
+        return ch
+
+    inner.connect = connect
+    data = bytes(range(256)) * 8
+    with s:
+        s.handshake(want=["flush", "indirect_desc", "event_idx"])
+        drv = BlkDriver(s)
+        drv.write(2, data)
+        assert drv.read(2, len(data)) == data
+    import base64
+    import hashlib
+
+    posted = events(path, "request", phase="posted")
+    assert base64.b64decode(posted[0]["out_b64"])[16:] == data  # the bytes pushed at the kick, not stale ones
+    done = events(path, "request", phase="completed")
+    assert done[1]["in_sha256"] == hashlib.sha256(data + b"\0").hexdigest()
+    assert ok("trace", "replay", str(path))["same"] is True

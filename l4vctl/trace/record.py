@@ -504,10 +504,28 @@ class TracedVirtqueue(Virtqueue):
         self._trace_posted(head, bufs, table_addr)
         return head
 
+    def _trace_bytes(self, chain: list[tuple[int, int, bool]], written: bool) -> bytes:
+        """The bytes of the chain's device-readable (or, ``written``, device-written) buffers, as the driver sees them.
+
+        Memory that is not mapped here is read from its local shadow: it is
+        what the driver wrote (pushed at the next kick) or what the last reap
+        pulled, without a round trip of its own.
+        """
+        dma = self._dma
+        if dma is None:
+            read = self._tc.read_device
+            return b"".join(read(a, n) for a, n, w in chain if w == written)
+        out = []
+        for a, n, w in chain:
+            if w != written:
+                continue
+            region = next((r for r in dma.regions if r.base <= a and a + n <= r.end), None)
+            out.append(bytes(region.shadow[a - region.base : a - region.base + n]) if region is not None else b"")
+        return b"".join(out)
+
     def _trace_posted(self, head: int, bufs: Sequence[tuple[int, int, bool]], table: int | None) -> None:
-        read = self._tc.read_device
         chain = [(a, n, bool(w)) for a, n, w in bufs]
-        out = b"".join(read(a, n) for a, n, w in chain if not w)
+        out = self._trace_bytes(chain, False)
         self._posted[head] = (chain, out)
         self._tc.rec.emit("request", phase="posted", queue=self.index, head=head, avail_idx=self.avail_idx,
                           bufs=[list(b) for b in chain], table=table, out_len=sum(n for _a, n, w in chain if not w),
@@ -532,12 +550,11 @@ class TracedVirtqueue(Virtqueue):
         first = self.last_used
         done = super().reap()
         if done:
-            read = self._tc.read_device
             for k, (_token, used) in enumerate(done):
                 slot = (first + k) % self.num
                 head = self._used_id[slot]
                 chain, out = self._posted.pop(head, ([], b""))
-                inbytes = b"".join(read(a, n) for a, n, w in chain if w)
+                inbytes = self._trace_bytes(chain, True)
                 written = inbytes[:used] if used <= len(inbytes) else inbytes
                 last = inbytes[-1] if inbytes else None
                 self._tc.rec.emit("request", phase="completed", queue=self.index, head=head, used=used,
