@@ -283,7 +283,8 @@ HEADER = {"t": 0, "kind": "trace", "format": 1}
 @pytest.mark.parametrize(
     ("lines", "line", "message"),
     [
-        ([], None, "empty"),
+        ([], None, "no complete first line"),
+        ([b'{"t": 0, "kind": "tra'], None, "no complete first line"),
         ([{"kind": "session"}], 1, "not a trace file"),
         ([{**HEADER, "format": 99}], 1, "format 99 is not supported"),
         ([HEADER, b"{not json\n", {"t": 1, "s": 1, "kind": "end"}], 2, "not a JSON line"),

@@ -69,7 +69,7 @@ def load(path: str) -> Trace:
         rec["line"] = number
         events.append(rec)
     if header is None:
-        raise FormatError(f"{path}: empty: not a trace file")
+        raise FormatError(f"{path}: no complete first line (empty, or cut short): not a trace file")
     return Trace(path, header, events, truncated)
 
 
