@@ -642,3 +642,16 @@ def test_a_session_whose_memory_is_not_mapped_here(tmp_path):
     done = events(path, "request", phase="completed")
     assert done[1]["in_sha256"] == hashlib.sha256(data + b"\0").hexdigest()
     assert ok("trace", "replay", str(path))["same"] is True
+
+
+def test_replay_refuses_too_many_sessions_at_once(tmp_path):
+    path = tmp_path / "many.jsonl"
+    records = [HEADER] + [
+        {"t": 0, "s": i, "kind": "session", "url": "emu:rng", "role": "monitor"} for i in range(1, 20)
+    ]
+    _write_trace(path, records)
+    r = run_cli("trace", "replay", str(path))
+    assert r.code == 4 and f"{path}:18: more than 16 sessions open at once" in r.stderr
+    _write_trace(path, [HEADER, *records[1:2], *records[1:2]])
+    r = run_cli("trace", "replay", str(path))
+    assert r.code == 4 and "session 1 starts twice" in r.stderr

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 
 #: What a record with the right keys but values no driver could have made raises in a step.
 _MALFORMED = (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError, struct.error)
+#: Most sessions a replay keeps open at once (each may start an emulator).
+MAX_SESSIONS = 16
 #: Most memory one lent dataspace of a replay may take.
 MAX_LEND = 1 << 30
 #: Device classes whose data differs every run (entropy): their requests are compared by length only.
@@ -204,6 +206,10 @@ class Replay:
     def _open(self, ev: dict[str, Any]) -> None:
         from l4vctl.backends import open_backend
 
+        if ev["s"] in self.sessions:
+            raise FormatError(f"session {ev['s']} starts twice")
+        if len(self.sessions) >= MAX_SESSIONS:
+            raise FormatError(f"more than {MAX_SESSIONS} sessions open at once")
         url = self.devices.get(ev["s"], ev["url"])
         backend = open_backend(url, traced=False)
         try:
