@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from l4vctl import __version__
-from l4vctl.commands._common import Group
+from l4vctl.commands._common import Group, OutputFile
 from l4vctl.errors import EXIT_CODES, EXIT_INTERRUPTED, L4vError
 
 #: name -> (module, attribute, one-line help).  The help text lives here so
@@ -85,6 +85,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "l4vctl.commands.rng",
         "rng",
         "Read entropy from an rng device.",
+    ),
+    "trace": (
+        "l4vctl.commands.trace",
+        "trace",
+        "Show a recorded session (trace+URL, --trace) as a timeline, or replay it against a device.",
     ),
     "layout": (
         "l4vctl.commands.layout",
@@ -159,8 +164,17 @@ class Settings:
     show_default=True,
     help="Colour in text output; auto = only on a terminal and without NO_COLOR.",
 )
+@click.option(
+    "--trace",
+    "trace_file",
+    type=OutputFile(),
+    envvar="L4VCTL_TRACE",
+    metavar="FILE",
+    help="Record every transport step of the command's device sessions in FILE (JSON lines; "
+    "see 'l4vctl trace'). The same as giving each device as trace+URL?trace=FILE.",
+)
 @click.pass_context
-def cli(ctx: click.Context, debug: bool, color: str) -> None:
+def cli(ctx: click.Context, debug: bool, color: str, trace_file: str | None) -> None:
     """Inspect and drive L4-VIRTIO devices.
 
     L4-VIRTIO is the virtio transport of the L4Re microkernel runtime: the
@@ -176,11 +190,18 @@ def cli(ctx: click.Context, debug: bool, color: str) -> None:
       vhost-user:PATH[?type=blk]  a vhost-user back-end (qemu-storage-daemon);
                                   its device type is unknown without ?type=
       dump:FILE, or a plain FILE  a saved config page (read-only)
+      trace+URL[?trace=FILE]      any live URL above, every transport step
+                                  recorded (l4vctl trace show/replay)
 
     Run 'l4vctl COMMAND --help' for the options and examples of a command,
     'l4vctl backends' for the schemes that work here.
     """
     ctx.obj = Settings(debug=debug, color=color)
+    if trace_file:
+        import l4vctl.backends
+
+        l4vctl.backends.TRACE_FILE = trace_file
+        ctx.call_on_close(lambda: setattr(l4vctl.backends, "TRACE_FILE", None))  # for this command only
     if debug:  # let embedded emulators log what they do
         os.environ.setdefault("L4VCTL_EMU_LOG", "INFO")
 
@@ -225,6 +246,9 @@ def _run(argv: list[str] | None) -> int:
     from l4vctl.commands import _common
 
     _common.reset()
+    backends: Any = sys.modules.get("l4vctl.backends")
+    if backends is not None:
+        backends.TRACE_FILE = None  # --trace applies to one run
     args = list(sys.argv[1:] if argv is None else argv)
     json_mode, debug, command = _scan(args)
     out = output.Output(command or "l4vctl", json_mode=json_mode)

@@ -240,6 +240,9 @@ class Session:
             raise
         if self.check or self.role == "driver":
             self._check_identity()
+        describe = getattr(memory, "describe_layout", None)  # a traced page names the fields it sees written
+        if describe is not None:
+            describe(self._view.abi, self.stride)
 
     def _check_identity(self) -> None:
         magic = self.get("magic")

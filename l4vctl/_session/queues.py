@@ -172,6 +172,9 @@ class QueueSet:
             dma=self.shadow if self._shadowed else None,
             ring_addrs=(setup.desc, setup.avail, setup.used),
         )
+        observe = getattr(link.channel, "observe_virtqueue", None)  # a traced session records its requests
+        if observe is not None:
+            observe(vq, setup)
         self._vqs[index] = vq
         return vq
 

@@ -51,6 +51,12 @@ SCHEMES: dict[str, tuple[str, str, str, str]] = {
         "l4re:LINK?dev=NAME",
         "a real L4-VIRTIO device in L4Re through l4vagent (LINK: unix:PATH, tcp:HOST:PORT, serial:DEV)",
     ),
+    "trace": (
+        "l4vctl.backends.trace",
+        "TraceBackend",
+        "trace+URL[?trace=FILE]",
+        "any live device URL with every transport step recorded as JSON lines (l4vctl trace show/replay)",
+    ),
     "dump": (
         "l4vctl.backends.dump",
         "DumpBackend",
@@ -90,6 +96,8 @@ def split_url(url: str) -> tuple[str, str]:
     m = _SCHEME.match(url)
     if m:
         scheme, rest = m.group(1), m.group(2)
+        if scheme.startswith("trace+") and len(scheme) > len("trace+"):
+            return "trace", url[len("trace+") :]
         if scheme in SCHEMES or scheme in _plugins():
             return scheme, rest
         if os.path.exists(url):
@@ -114,14 +122,27 @@ def backend_class(scheme: str) -> type[Backend]:
         raise UnavailableError(f"backend {scheme!r} ({plugin}) cannot be loaded: {exc}") from None
 
 
-def open_backend(url: str) -> Backend:
-    """The backend object for a device URL (not yet connected)."""
+#: Set by ``l4vctl --trace FILE`` (or $L4VCTL_TRACE): every live device opened is traced into this file.
+TRACE_FILE: str | None = None
+
+
+def open_backend(url: str, traced: bool = True) -> Backend:
+    """The backend object for a device URL (not yet connected).
+
+    With :data:`TRACE_FILE` set (and ``traced``), a live backend comes back
+    wrapped in a ``trace+`` one that records into that file.
+    """
     scheme, rest = split_url(url)
     cls = backend_class(scheme)
     ok, why = cls.available()
     if not ok:
         raise UnavailableError(f"{scheme}: backend not available here: {why}")
-    return cls(url, rest)
+    backend = cls(url, rest)
+    if traced and TRACE_FILE and scheme != "trace" and backend.live:
+        from l4vctl.backends.trace import TraceBackend
+
+        return TraceBackend.around(backend, TRACE_FILE)
+    return backend
 
 
 def list_backends() -> list[dict[str, object]]:

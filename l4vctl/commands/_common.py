@@ -214,7 +214,8 @@ DEVICE_HELP = (
     "unix:PATH (a running 'l4vctl emulate'), vhost-user:PATH[?type=blk] (a vhost-user back-end "
     "such as qemu-storage-daemon; without ?type= its device type is unknown), "
     "l4re:LINK?dev=NAME (a real device in L4Re through l4vagent; LINK: unix:PATH, tcp:HOST:PORT, serial:DEV), "
-    "dump:FILE or a plain file (a saved page). Default: $L4VCTL_DEVICE, else emu:blk."
+    "dump:FILE or a plain file (a saved page); trace+URL[?trace=FILE] records the session of any live URL "
+    "(l4vctl trace). Default: $L4VCTL_DEVICE, else emu:blk."
 )
 
 

@@ -10,6 +10,7 @@ import click
 from l4vctl.commands._common import (
     Driven,
     Group,
+    OutputFile,
     abi_option,
     attach_of,
     attach_option,
@@ -38,6 +39,18 @@ def net():
     the other receives.  Frames l4vctl makes use the local experimental
     ethertype 0x88b5 unless --type says otherwise.
     """
+
+
+def pcap_option(f):
+    """--pcap FILE: every frame sent and received, in a libpcap file for Wireshark and tcpdump."""
+    return click.option(
+        "--pcap",
+        "pcap_file",
+        type=OutputFile(),
+        metavar="FILE",
+        help="Write every frame sent and received to FILE in the classic libpcap format (Ethernet, "
+        "microsecond timestamps; without the virtio-net header), for Wireshark and 'tcpdump -r'.",
+    )(f)
 
 
 def _mac(text: str) -> bytes:
@@ -71,8 +84,9 @@ def _frame_json(data: bytes) -> dict:
 @click.option("--text", help="Payload as text.")
 @click.option("--hex", "hexdata", help="Payload as hex bytes.")
 @click.option("--count", type=click.IntRange(1, 1_000_000), default=1, show_default=True, help="Frames to send.")
+@pcap_option
 @click.pass_context
-def send(ctx, device, device_opt, abi, mode, timeout, json_mode, dst, ethertype, text, hexdata, count):
+def send(ctx, device, device_opt, abi, mode, timeout, json_mode, dst, ethertype, text, hexdata, count, pcap_file):
     """Send Ethernet frames from the device's MAC address."""
     from l4vctl.drivers.net import NetDriver, frame
     from l4vctl.parsing import mac_text
@@ -85,12 +99,15 @@ def send(ctx, device, device_opt, abi, mode, timeout, json_mode, dst, ethertype,
     except ValueError:
         raise UsageError("--hex and --type must be hex numbers") from None
     to = _mac(dst)
+    from l4vctl.pcap import capture
+
     run = Driven(ctx, "net send", json_mode, device, device_opt, abi, mode, timeout)
-    with run as s:
+    with capture(pcap_file) as cap, run as s:
         drv = NetDriver(s)
         data = frame(to, drv.mac, etype, payload)
         for _ in range(count):
             drv.send(data)
+            cap.frame(data)
         drv.flush()
         src = mac_text(drv.mac)
     plural = "s" if count > 1 else ""
@@ -107,22 +124,27 @@ def send(ctx, device, device_opt, abi, mode, timeout, json_mode, dst, ethertype,
 @click.option("--count", type=click.IntRange(min=1), default=1, show_default=True, help="Frames to wait for.")
 @click.option("--wait", type=click.FloatRange(min=0), default=5.0, show_default=True, metavar="SECONDS",
               help="Give up after this long without the frames (exit 7).")  # fmt: skip
+@pcap_option
 @click.pass_context
-def recv(ctx, device, device_opt, abi, mode, timeout, json_mode, count, wait):
+def recv(ctx, device, device_opt, abi, mode, timeout, json_mode, count, wait, pcap_file):
     """Receive frames and print them (source, destination, type, payload)."""
     from l4vctl.drivers.net import NetDriver
     from l4vctl.errors import TimeoutExpired
+    from l4vctl.pcap import capture
 
     run = Driven(ctx, "net recv", json_mode, device, device_opt, abi, mode, timeout)
     frames: list[bytes] = []
-    with run as s:
+    with capture(pcap_file) as cap, run as s:
         drv = NetDriver(s)
         deadline = time.monotonic() + wait
         while len(frames) < count:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            frames += drv.receive(left)
+            got = drv.receive(left)
+            for f in got:
+                cap.frame(f)
+            frames += got
     if len(frames) < count:
         raise TimeoutExpired(f"{len(frames)} of {count} frames arrived within {wait:g} s")
     rows = [_frame_json(f) for f in frames[:count]]
@@ -147,17 +169,20 @@ def recv(ctx, device, device_opt, abi, mode, timeout, json_mode, count, wait):
 @click.option("--count", type=click.IntRange(1, 100000), default=4, show_default=True, help="Echo requests.")
 @click.option("--size", type=click.IntRange(0, 1400), default=56, show_default=True, help="Payload bytes.")
 @timeout_option
+@pcap_option
 @json_option
 @click.pass_context
-def ping(ctx, device_a, device_b, abi, count, size, timeout, json_mode):
+def ping(ctx, device_a, device_b, abi, count, size, timeout, pcap_file, json_mode):
     """Echo frames from DEVICE_A to DEVICE_B and back; report round-trip times.
 
     l4vctl drives both devices: A sends a frame to B's MAC, B's driver
     answers it, A receives the answer.  The two devices must share a cable.
+    --pcap captures at DEVICE_A (the requests it sends, the answers it receives).
     """
     from l4vctl.drivers import require_class
     from l4vctl.drivers.net import ETHERTYPE, NetDriver, frame, parse_frame
     from l4vctl.parsing import mac_text
+    from l4vctl.pcap import capture
     from l4vctl.session import Session
 
     out = begin(ctx, "net ping", json_mode)
@@ -165,7 +190,7 @@ def ping(ctx, device_a, device_b, abi, count, size, timeout, json_mode):
     rtts: list[float] = []
     lost = 0
     attach = attach_of(ctx)
-    with Session(device_a, abi=abi, timeout=timeout, attach=attach) as a, \
+    with capture(pcap_file) as cap, Session(device_a, abi=abi, timeout=timeout, attach=attach) as a, \
             Session(device_b, abi=abi, timeout=timeout, attach=attach) as b:  # fmt: skip
         out.abi = a.abi
         require_class(a, "net", "'l4vctl net ping'")
@@ -178,7 +203,9 @@ def ping(ctx, device_a, device_b, abi, count, size, timeout, json_mode):
         for seq in range(count):
             payload = seq.to_bytes(4, "big") + bytes(size)
             t0 = time.perf_counter()
-            da.send(frame(db.mac, da.mac, ETHERTYPE, payload))
+            request = frame(db.mac, da.mac, ETHERTYPE, payload)
+            da.send(request)
+            cap.frame(request)
             answered = False
             got = db.receive(timeout)
             for f in got:
@@ -188,6 +215,7 @@ def ping(ctx, device_a, device_b, abi, count, size, timeout, json_mode):
             deadline = time.monotonic() + timeout
             while not answered and time.monotonic() < deadline and got:
                 for f in da.receive(max(0.0, deadline - time.monotonic())):
+                    cap.frame(f)
                     p = parse_frame(f)
                     if p["src"] == db.mac and p["payload"][:4] == seq.to_bytes(4, "big"):
                         answered = True

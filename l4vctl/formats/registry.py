@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from l4vctl.catalog import ABIS, QUEUE_ENTRY_STRIDE, QUEUE_ENTRY_STRIDE_I386
-from l4vctl.formats import cmd, devcfg, header, host, link, ring, vhost_user, wire
+from l4vctl.formats import cmd, devcfg, header, host, link, pcap, ring, vhost_user, wire
 
 
 def fixed_schemas() -> dict:
@@ -38,6 +38,8 @@ def fixed_schemas() -> dict:
     out.update(vhost_user.FIXED)
     out["timeval"] = host.timeval
     out["link_header"] = link.link_header
+    out["pcap_file_header"] = pcap.pcap_file_header
+    out["pcap_record_header"] = pcap.pcap_record_header
     return out
 
 
