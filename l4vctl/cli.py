@@ -26,6 +26,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "backends",
         "List the device URL schemes and whether each is available here.",
     ),
+    "check": (
+        "l4vctl.commands.check",
+        "check",
+        "Check a device server against the transport rules: good and hostile driver cases, with verdicts.",
+    ),
     "devices": (
         "l4vctl.commands.devices",
         "devices",
