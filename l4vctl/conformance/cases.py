@@ -323,8 +323,8 @@ def _register(t: Target, what: str, pages: int, base: int | None, offset: int, s
         lend = getattr(link.channel, "lend", None)
         from l4vctl.backends.base import lend_local
 
-        size = pages * 4096
-        lent = lend(size, "l4vctl-check-ds") if lend is not None else lend_local(size, "l4vctl-check-ds")
+        nbytes = pages * 4096
+        lent = lend(nbytes, "l4vctl-check-ds") if lend is not None else lend_local(nbytes, "l4vctl-check-ds")
         try:
             addr = link.next_address if base is None else base
             caps, fds = ([lent.cap], lent.fds) if cap else ([], [])
