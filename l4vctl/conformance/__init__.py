@@ -214,11 +214,14 @@ def _one(target: Target, case: Case, gone: str | None, failed_dep: dict[str, str
     except UnavailableError as exc:
         outcome = Outcome(Verdict.FAIL, f"the device went away: {exc}")
     except L4vError as exc:
+        if "REGISTER_DS" in str(exc) and "-L4_ENOMEM" in str(exc):
+            # §3.4: a full region table is a clean refusal; registrations outlive sessions and resets
+            return CaseResult(case, Verdict.NOT_RUN, f"not run: the device's region table is full ({exc})")
         outcome = Outcome(Verdict.FAIL, f"{type(exc).__name__}: {exc}")
     result = CaseResult(case, outcome.verdict, outcome.detail, time.monotonic() - t0)
     if case.name in ("handshake", "request") and outcome.verdict not in GOOD:
         failed_dep[case.name] = case.name
-    problem = target.recover(full="handshake" not in failed_dep)
+    problem = target.recover(full="handshake" not in failed_dep, request="request" not in failed_dep)
     if problem is not None:
         result.recovery = problem
         if result.verdict in GOOD:

@@ -119,6 +119,22 @@ def _good_request(t: Target) -> Outcome:
         return Outcome(Verdict.WEDGED, f"a good {req.cls} request did not complete within {t.timeout:g} s")
 
 
+def good_request_in(s: Session, cls: str, timeout: float) -> str | None:
+    """Post one good request of class ``cls`` on a session at DRIVER_OK: None if it completes
+    well, else what happened."""
+    req = Request(s, cls)
+    vq = s.virtqueue(DATA_QUEUE[cls])
+    vq.add(req.bufs(), 1)
+    vq.kick()
+    kind, what = wait_outcome(s, vq, timeout)
+    if kind == "completed":
+        ok, text = req.judge(what)
+        return None if ok else f"a good request afterwards: {text}"
+    if kind == "flagged":
+        return f"a good request afterwards was flagged: status {what:#04x} ({fail_bits(what)})"
+    return f"a good request afterwards did not complete within {timeout:g} s"
+
+
 # -- 2. status order and features (§5.1) --------------------------------------------------------------
 
 

@@ -150,8 +150,13 @@ class Target:
 
     def identify(self) -> dict[str, Any]:
         """Read the page once: class, features, queues (what decides which cases apply)."""
-        with self.open() as s:
+        with self.open(mode="ipc") as s:
             info = s.device_info()
+            if info["id"] is not None:
+                try:
+                    s.reset()  # block servers publish their features only on a reset (§5.2)
+                except L4vError:
+                    pass  # a device that refuses it meets the cases as it is
             self.device_id = info["id"]
             self.device_class = info["class"]
             self.offered = s.offered()
@@ -186,16 +191,25 @@ class Target:
 
     # -- recovery -------------------------------------------------------------------------------
 
-    def recover(self, full: bool = True) -> str | None:
+    def recover(self, full: bool = True, request: bool = True) -> str | None:
         """Reset the device and check it is usable again: a fresh session and, with ``full``,
-        a fresh handshake.  None if it is; else what went wrong (and :attr:`unusable` if the
-        device is gone or wedged)."""
+        a fresh handshake and (with ``request``, for a class the suite has requests for) a good
+        request.  None if it is; else what went wrong (and :attr:`unusable` if the device is gone
+        or wedged)."""
         try:
             with self.open() as s:
-                if full:
-                    s.handshake()
-                else:
+                if not full:
                     s.reset()
+                    return None
+                s.handshake()
+                if request and self.device_class in REQUEST_CLASSES:
+                    from l4vctl.conformance.cases import good_request_in
+
+                    problem = good_request_in(s, self.device_class, self.timeout)
+                    if problem is not None:
+                        self.unusable_kind = "wedged"
+                        self.unusable = f"not run: the device is wedged since case {self.current}"
+                        return problem
         except TimeoutExpired as exc:
             self.unusable_kind = "wedged"
             self.unusable = f"not run: the device is wedged since case {self.current}"
