@@ -542,7 +542,7 @@ def _hostile(t: Target, what: str, build: Callable[[Session, Virtqueue, Request]
             return Outcome(Verdict.FAIL, f"{what}: the device completed it wrongly: {exc}")
         except UnavailableError as exc:
             # a back-end may drop the driver's connection to refuse it; the recovery check tells a crash
-            return Outcome(Verdict.REJECT, f"{what}: the device dropped the connection ({exc})")
+            return Outcome(Verdict.REJECT, f"{what}: the device ended the connection ({exc})")
         if kind == "flagged":
             return Outcome(Verdict.REJECT, f"{what}: status {got:#04x} ({fail_bits(got)})")
         if kind == "silent":
