@@ -70,13 +70,20 @@ def run_check(url: str, *args: str, timeout: float = 240, on_line=None) -> tuple
 
     reader = threading.Thread(target=read_err, daemon=True)
     reader.start()
+    killer = threading.Timer(timeout, proc.kill)  # a hang ends the test, it does not wedge it
+    killer.start()
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        assert proc.stdout is not None
+        out = proc.stdout.read()  # stderr is the reader's alone
+        proc.wait()
     finally:
+        killer.cancel()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    reader.join(10)
+        reader.join(10)
+        proc.stdout.close()  # type: ignore[union-attr]
+        proc.stderr.close()  # type: ignore[union-attr]
     took = time.monotonic() - start
     stderr = "".join(err)
     assert "Traceback" not in stderr, stderr
@@ -94,10 +101,10 @@ def assert_dies_at_one_case(result: dict, allowed: set[str]) -> str:
     good, every case after it is not run because the device is gone; returns its name."""
     cases = result["cases"]
     bad = [i for i, c in enumerate(cases) if c["verdict"] in ("fail", "wedged")]
-    assert len(bad) == 1, [(c["name"], c["verdict"], c["detail"]) for c in cases]
+    assert len(bad) == 1, "\n".join(f"{c['name']} {c['verdict']} {c['detail'][:200]}" for c in cases)
     i = bad[0]
     name = cases[i]["name"]
-    assert name in allowed, (name, cases[i]["detail"])
+    assert name in allowed, "\n".join(f"{c['name']} {c['verdict']} {c['detail'][:200]}" for c in cases)
     assert all(c["verdict"] in GOOD for c in cases[:i]), [(c["name"], c["detail"]) for c in cases[:i]]
     for c in cases[i + 1 :]:
         assert c["verdict"] == "not-run", (c["name"], c["detail"])
@@ -129,7 +136,11 @@ def test_ahci_drv_dies_on_a_malformed_descriptor_and_the_rest_is_not_run(system)
 
 
 def test_cons_dies_when_starved_of_receive_buffers(system):
-    """Input typed into COM1 while the case has posted two receive buffers kills cons."""
+    """Input typed into COM1 while the case has posted two receive buffers kills cons.
+
+    (The hostile rings are left out: cons walks a looping chain for ever, printing it, and dies on a
+    head index out of range; either would end the test before the starvation.)
+    """
     typing = threading.Event()
 
     def on_line(line: str) -> None:
@@ -151,7 +162,7 @@ def test_cons_dies_when_starved_of_receive_buffers(system):
     # the healthy cases, then the deadly one and what comes after it
     code, result, _stderr, took = run_check(
         system.url("con0"), "--timeout", "3", "--case", "handshake", "--case", "request", "--case", "status-*",
-        "--case", "features-*", "--case", "queue-size-*", "--case", "desc-loop", "--case", "console-rx-starvation",
+        "--case", "features-*", "--case", "queue-size-*", "--case", "register-ds-*", "--case", "console-rx-starvation",
         "--case", "driver-vanishes", on_line=on_line)  # fmt: skip
     t.join(15)
     assert code == 6
