@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect  # click imports it already
+
 import click
 
 from l4vctl.commands._common import Command, attach_of, begin, examples, io_options, resolve_device
@@ -48,16 +50,16 @@ def check(ctx, device, device_opt, abi, mode, timeout, json_mode, patterns, list
     \b
       PASS            the device behaved as the rule says
       REJECT          it refused cleanly (an L4 error, FEATURES_OK dropped,
-                      DEVICE_NEEDS_RESET set, a connection dropped while
-                      the next driver is served)
+                      DEVICE_NEEDS_RESET set, an error status, or a
+                      connection ended while the next driver is served)
       WEDGED          it stopped answering within --timeout
       FAIL            it accepted what it must not, or crashed / went away
       NOT-RUN         not run: the device is gone or wedged since an earlier
                       case, or the good handshake/request it needs failed
       N/A             does not apply to this device or backend
 
-    After each case the device is reset and a fresh handshake must work
-    before the next case; a device that is gone or wedged leaves the
+    After each case the device is reset, and a fresh handshake and a good
+    request must work before the next case; a device that is gone or wedged leaves the
     remaining cases not run.  Cases known to kill real servers run last.
     emu: devices are served on a private socket for the run; vhost-user
     back-ends have no status handshake on the wire, so the cases about it
@@ -103,7 +105,7 @@ def check(ctx, device, device_opt, abi, mode, timeout, json_mode, patterns, list
         ctx.exit(conf.EXIT_NONCONFORMING)
 
 
-check.help = (check.help or "") + "\n\n" + JSON_KEYS
+check.help = inspect.cleandoc(check.help or "") + "\n\n" + JSON_KEYS
 
 LABELS = {"pass": "PASS", "reject": "REJECT", "wedged": "WEDGED", "fail": "FAIL", "not-run": "NOT-RUN",
           "not-applicable": "N/A"}  # fmt: skip
