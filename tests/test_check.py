@@ -253,3 +253,19 @@ def test_qemu_storage_daemon(qsd):
         assert verdicts[name] == "reject", (name, details[name])
         assert "ended the connection" in details[name]
     assert qsd.proc.poll() is None
+
+
+def test_a_saved_page_is_refused(tmp_path):
+    page = tmp_path / "page.bin"
+    assert run_cli("dump-config", "emu:blk", "--raw", "-o", str(page)).code == 0
+    r = run_cli("check", f"dump:{page}")
+    assert r.code == 3 and "saved page" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_a_device_of_unknown_class_runs_what_needs_no_request(qsd):
+    # vhost-user without ?type=: the class is unknown, so no request can be built
+    code, _res, verdicts, details = check(qsd.bare_url, "--timeout", "2")
+    assert code == 0, details
+    assert verdicts["handshake"] == "pass"
+    assert verdicts["request"] == "not-applicable" and "device class unknown" in details["request"]
+    assert verdicts["desc-loop"] == "not-applicable"

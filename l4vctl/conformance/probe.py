@@ -149,6 +149,9 @@ class Target:
     def identify(self) -> dict[str, Any]:
         """Read the page once: class, features, queues (what decides which cases apply)."""
         with self.open(mode="ipc") as s:
+            if not s.live:
+                raise UnavailableError(f"{self.shown} is a saved page: check needs a live device (emu:, unix:, "
+                                       "vhost-user:, l4re:)")  # fmt: skip
             info = s.device_info()
             if info["id"] is not None:
                 try:
