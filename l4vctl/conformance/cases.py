@@ -16,8 +16,10 @@ from l4vctl.conformance import Case, CaseSkipped, Outcome, Verdict
 from l4vctl.conformance.probe import (
     DATA_QUEUE,
     REQUEST_CLASSES,
+    close_session,
     config_queue,
     fail_bits,
+    keep_view,
     queue_enabled,
     status_steps,
     up_to_features_ok,
@@ -470,8 +472,9 @@ def _request_memory(s: Session, cls: str) -> tuple[memoryview, int]:
         start = (lay["total"] + 15) & ~15
         if -(-lay["total"] // 4096) * 4096 - start >= REQ_BYTES:
             at = q.offset + start
-            return s.ring_memory[at : at + REQ_BYTES], q.desc - lay["desc"] + start
-    return s.alloc(4096, "l4vctl-check-req")
+            return keep_view(s, s.ring_memory[at : at + REQ_BYTES]), q.desc - lay["desc"] + start
+    mem, addr = s.alloc(4096, "l4vctl-check-req")
+    return keep_view(s, mem[:REQ_BYTES]), addr
 
 
 class Request:
@@ -731,7 +734,7 @@ def _driver_vanishes(t: Target) -> Outcome:
         vq.add(req.bufs(), 1)
         vq.kick()
     finally:
-        s.close(reset=False)  # gone, without a reset
+        close_session(s, reset=False)  # gone, without a reset
     with t.open() as s2:
         s2.handshake()
         req = Request(s2, t.device_class)  # type: ignore[arg-type]

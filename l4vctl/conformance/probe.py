@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -144,7 +145,7 @@ class Target:
         try:
             yield s
         finally:
-            s.close()
+            close_session(s)
 
     def identify(self) -> dict[str, Any]:
         """Read the page once: class, features, queues (what decides which cases apply)."""
@@ -225,6 +226,22 @@ class Target:
 
 
 # -- raw steps shared by the cases ---------------------------------------------------------------
+
+#: Views into a session's memory that the cases made (released before the session closes).
+_VIEWS: weakref.WeakKeyDictionary[Session, list[memoryview]] = weakref.WeakKeyDictionary()
+
+
+def keep_view(s: Session, view: memoryview) -> memoryview:
+    """Remember ``view`` (of ``s``'s memory) to release it when ``s`` closes; returns it."""
+    _VIEWS.setdefault(s, []).append(view)
+    return view
+
+
+def close_session(s: Session, reset: bool = True) -> None:
+    """Release the views the cases made into the session's memory, then close it."""
+    for view in _VIEWS.pop(s, []):
+        view.release()
+    s.close(reset=reset)
 
 
 def status_steps(s: Session, values: list[int]) -> int:
