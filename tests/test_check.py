@@ -269,3 +269,46 @@ def test_a_device_of_unknown_class_runs_what_needs_no_request(qsd):
     assert verdicts["handshake"] == "pass"
     assert verdicts["request"] == "not-applicable" and "device class unknown" in details["request"]
     assert verdicts["desc-loop"] == "not-applicable"
+
+
+# -- hostile device servers (tests/hostile_device.py): replies that turn bad on cue ---------------------------
+
+
+def test_a_device_server_that_exits_at_register_ds(tmp_path):
+    import select
+    import subprocess
+    import sys
+
+    from tests.emu import reap
+
+    path = tmp_path / "h.sock"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-m", "tests.hostile_device", "exit@REGISTER_DS", "blk", str(path)],
+                            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert select.select([proc.stdout], [], [], 20)[0]
+        assert proc.stdout.readline().strip() == f"unix:{path}"
+        code, res, verdicts, details = check(f"unix:{path}", "--timeout", "2")
+    finally:
+        reap(proc)
+    assert code == 6
+    # the handshake lends its rings first: there the server goes
+    assert verdicts["handshake"] == "fail" and "went away" in details["handshake"]
+    rest = res["cases"][1:]
+    assert {c["verdict"] for c in rest} == {"not-run"}
+    assert all(c["detail"] == "not run: the device is gone since case handshake" for c in rest)
+
+
+def test_a_device_server_that_never_answers_register_ds(tmp_path):
+    from tests.test_hostile_device import hostile
+
+    with hostile(tmp_path, "silent", "REGISTER_DS", "blk") as url:
+        code, _res, verdicts, details = check(url, "--timeout", "0.3")
+    assert code == 6
+    assert verdicts["handshake"] == "wedged" and "REGISTER_DS" in details["handshake"]
+    for name in ("register-ds-offset-beyond", "register-ds-size-beyond", "register-ds-base-overflow"):
+        assert verdicts[name] == "wedged", (name, details[name])
+    # cases without REGISTER_DS still get their own verdicts
+    assert verdicts["status-driver-ok-before-features-ok"] == "reject"
+    assert verdicts["config-queue-before-driver"] == "reject"
+    assert verdicts["request"] == "not-run"
