@@ -26,6 +26,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "backends",
         "List the device URL schemes and whether each is available here.",
     ),
+    "check": (
+        "l4vctl.commands.check",
+        "check",
+        "Check a device server against the transport rules: good and hostile driver cases, with verdicts.",
+    ),
     "devices": (
         "l4vctl.commands.devices",
         "devices",
@@ -253,8 +258,9 @@ def _run(argv: list[str] | None) -> int:
     json_mode, debug, command = _scan(args)
     out = output.Output(command or "l4vctl", json_mode=json_mode)
     try:
-        cli.main(args=args, prog_name="l4vctl", standalone_mode=False)
-        return 0
+        code = cli.main(args=args, prog_name="l4vctl", standalone_mode=False)
+        # ctx.exit(N) of a command that wrote its result comes back here as N (not raised)
+        return code if isinstance(code, int) else 0
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.exceptions.Abort as exc:

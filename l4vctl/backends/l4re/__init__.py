@@ -257,7 +257,8 @@ class L4reChannel(Channel):
             # remember where this device's addresses end: the device keeps its regions across
             # sessions, and an address registered twice would resolve to the first region
             end = (words[0] + words[2] + 0xFFF) & ~0xFFF
-            self.link.agent(cat.AGENT_OP_NOTE, [self.handle, max(end, self.device_address_base)])
+            if end < 1 << 64:  # a range past 2^64 cannot be registered; noted, it would wrap to a low address
+                self.link.agent(cat.AGENT_OP_NOTE, [self.handle, max(end, self.device_address_base)])
         kinds = l4msg.receive_kinds(label, opcode)
         r = self.link.call(self.handle, label, opcode, l4msg.pack(label, opcode, words), list(caps),
                            l4msg.receive_flags(kinds), timeout)  # fmt: skip
