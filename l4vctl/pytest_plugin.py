@@ -349,9 +349,10 @@ class EmulatedDevice:
             raise L4vDeviceError(f"{self.name}: already running (pid {self.pid})")
         self._reap()
         _remove_socket(self.socket)  # what a killed emulator left behind
+        lifeline = _lifeline_fd()
         with open(self.log_path, "ab") as log, open(self._out_path, "w+b") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "l4vctl", *self.argv], stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=log)  # fmt: skip
+            proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(lifeline), *self.argv],
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=log, pass_fds=(lifeline,))  # fmt: skip
         self.process, self.returncode = proc, None
         deadline = time.monotonic() + self.start_timeout
         delay = 0.001
@@ -457,6 +458,36 @@ class EmulatedDevice:
                 self._stop(kill=False)
             finally:
                 _remove_socket(self.socket)
+
+
+#: How an emulator is run: ``python -c LAUNCHER FD emulate ...`` is ``python -m l4vctl emulate ...`` plus a
+#: thread that reads the lifeline FD and sends the process SIGTERM when it ends, that is when the test
+#: run ends, however it ends (even by SIGKILL): no emulator outlives the run that started it.
+LAUNCHER = """\
+import os, runpy, signal, sys, threading
+fd = int(sys.argv.pop(1))
+def watch():
+    try:
+        while os.read(fd, 1):
+            pass
+    except OSError:
+        pass
+    os.kill(os.getpid(), signal.SIGTERM)
+threading.Thread(target=watch, name="l4v-lifeline", daemon=True).start()
+runpy.run_module("l4vctl", run_name="__main__", alter_sys=True)
+"""
+
+#: The lifeline pipe (read end, write end): the write end stays in this process (not inherited by
+#: the emulators, which get the read end), so its end of file comes when this process is gone.
+_lifeline: tuple[int, int] | None = None
+
+
+def _lifeline_fd() -> int:
+    """The read end of the lifeline pipe, made on first use."""
+    global _lifeline
+    if _lifeline is None:
+        _lifeline = os.pipe()  # both ends close on exec; the read end is passed on explicitly
+    return _lifeline[0]
 
 
 def _remove_socket(path: str) -> None:
