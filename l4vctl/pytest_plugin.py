@@ -71,8 +71,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--l4v-verbose",
         action="count",
         default=0,
-        help="run the emulators of l4v_device with -v (every request in their log) or -vv; "
-        "a failing test's report shows that log",
+        help="run the emulators of l4v_device with -v (given twice: -vv): their logs, which a failing "
+        "test's report shows, tell each step of the device (connections, status writes, regions, queues)",
     )
     group.addoption(
         "--l4v-faults",
@@ -121,6 +121,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
     report = outcome.get_result()
     if report.failed:
         for dev in item.stash.get(_DEVICES, ()):
+            if not dev.started:
+                continue  # the error says what its emulator said
             report.sections.append((f"l4v {dev.name} emulator log ({dev.url})", dev.log_tail(REPORT_LINES)))
 
 
@@ -275,6 +277,8 @@ class EmulatedDevice:
         self.start_timeout = start_timeout
         self.process: subprocess.Popen[bytes] | None = None
         self.returncode: int | None = None
+        #: Whether the emulator ever listened (a failed start has its log in the error instead).
+        self.started = False
         self._out_path = out_path
         self._caller = caller
         self._sessions: list[Session] = []
@@ -362,6 +366,7 @@ class EmulatedDevice:
                 if line != self.url:
                     self._stop(kill=True)
                     raise L4vDeviceError(self._start_failure(f"printed {line!r} where {self.url} was expected"))
+                self.started = True
                 return
             code = proc.poll()
             if code is not None:
