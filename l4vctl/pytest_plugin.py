@@ -38,7 +38,7 @@ import pytest
 
 if TYPE_CHECKING:
     import subprocess
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Iterable, Iterator
     from pathlib import Path
 
     from l4vctl.session import Session
@@ -264,7 +264,7 @@ class EmulatedDevice:
 
     def __init__(self, kind: str, name: str, socket: str, image: str | None, options: dict[str, Any],
                  argv: list[str], log_path: Path, out_path: Path, caller: str,
-                 start_timeout: float) -> None:  # fmt: skip
+                 start_timeout: float, lifeline: int) -> None:  # fmt: skip
         self.kind = kind
         self.name = name
         self.socket = socket
@@ -275,6 +275,7 @@ class EmulatedDevice:
         self.argv = argv
         self.log_path = log_path
         self.start_timeout = start_timeout
+        self.lifeline = lifeline
         self.process: subprocess.Popen[bytes] | None = None
         self.returncode: int | None = None
         #: Whether the emulator ever listened (a failed start has its log in the error instead).
@@ -353,7 +354,7 @@ class EmulatedDevice:
             raise L4vDeviceError(f"{self.name}: already running (pid {self.pid})")
         self._reap()
         _remove_socket(self.socket)  # what a killed emulator left behind
-        lifeline = _lifeline_fd()
+        lifeline = self.lifeline
         with open(self.log_path, "ab") as log, open(self._out_path, "w+b") as out:
             proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(lifeline), *self.argv],
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=log, pass_fds=(lifeline,))  # fmt: skip
@@ -482,17 +483,21 @@ threading.Thread(target=watch, name="l4v-lifeline", daemon=True).start()
 runpy.run_module("l4vctl", run_name="__main__", alter_sys=True)
 """
 
-#: The lifeline pipe (read end, write end): the write end stays in this process (not inherited by
-#: the emulators, which get the read end), so its end of file comes when this process is gone.
-_lifeline: tuple[int, int] | None = None
 
+@pytest.fixture(scope="session")
+def _l4v_lifeline() -> Iterator[int]:
+    """The read end of a pipe whose write end only this process holds: the emulators' lifeline.
 
-def _lifeline_fd() -> int:
-    """The read end of the lifeline pipe, made on first use."""
-    global _lifeline
-    if _lifeline is None:
-        _lifeline = os.pipe()  # both ends close on exec; the read end is passed on explicitly
-    return _lifeline[0]
+    Made before the first test that starts an emulator sets up its other
+    fixtures (a fixture that checks a test for leaked descriptors does not
+    count it), closed when the run ends.
+    """
+    read_end, write_end = os.pipe()  # neither end is inherited; the read end is passed on explicitly
+    try:
+        yield read_end
+    finally:
+        os.close(read_end)
+        os.close(write_end)
 
 
 def _remove_socket(path: str) -> None:
@@ -513,8 +518,9 @@ class DeviceFactory:
     to listen.  ``devices`` lists the devices made so far in this test.
     """
 
-    def __init__(self, tmp_path: Path, verbose: int, node: pytest.Item) -> None:
+    def __init__(self, tmp_path: Path, verbose: int, node: pytest.Item, lifeline: int) -> None:
         self.tmp_path = tmp_path
+        self.lifeline = lifeline
         self.verbose = verbose
         self.devices: list[EmulatedDevice] = []
         self._counts: dict[str, int] = {}
@@ -549,7 +555,7 @@ class DeviceFactory:
         if self.verbose:
             argv.append("-" + "v" * min(self.verbose, 2))
         dev = EmulatedDevice(kind, name, socket, image, options, argv, self.tmp_path / f"l4v-{name}.log",
-                             self.tmp_path / f"l4v-{name}.out", caller, start_timeout)  # fmt: skip
+                             self.tmp_path / f"l4v-{name}.out", caller, start_timeout, self.lifeline)  # fmt: skip
         self.devices.append(dev)  # torn down even if it does not start
         dev.start()
         return dev
@@ -594,7 +600,7 @@ class DeviceFactory:
 
 
 @pytest.fixture
-def l4v_device(request: pytest.FixtureRequest, tmp_path: Path) -> Iterable[DeviceFactory]:
+def l4v_device(request: pytest.FixtureRequest, tmp_path: Path, _l4v_lifeline: int) -> Iterator[DeviceFactory]:
     """Factory of emulated devices, each served by its own ``l4vctl emulate`` process.
 
     ``dev = l4v_device("blk", size="1M", abi="classic")``, also "net",
@@ -609,7 +615,7 @@ def l4v_device(request: pytest.FixtureRequest, tmp_path: Path) -> Iterable[Devic
     cables are private to the test.  Everything is stopped and removed at
     teardown.
     """
-    factory = DeviceFactory(tmp_path, request.config.getoption("l4v_verbose", 0) or 0, request.node)
+    factory = DeviceFactory(tmp_path, request.config.getoption("l4v_verbose", 0) or 0, request.node, _l4v_lifeline)
     try:
         yield factory
     finally:
@@ -707,7 +713,7 @@ class EmuFactory:
 
 
 @pytest.fixture
-def l4v_emu() -> Iterable[EmuFactory]:
+def l4v_emu() -> Iterator[EmuFactory]:
     """Factory of ``emu:`` devices: ``l4v_emu("blk", size="1M").session(handshake=True)``.
 
     Options as for ``l4v_device`` (not the server ones); no emulator process

@@ -536,6 +536,58 @@ def test_fails_without_devices():
     assert "l4v" not in with_plugin.stdout.str().replace("l4vctl.pytest_plugin", "")
 
 
+def test_a_leak_checking_suite_sees_no_leak(inner):
+    """A suite whose autouse fixture checks each test for new descriptors and child processes (as this
+    project's tests/conftest.py does) finds none in tests that use the plugin, pass or fail."""
+    inner.pytester.makeconftest(
+        """
+import os
+
+import pytest
+
+
+def children():
+    out = set()
+    for tid in os.listdir(f"/proc/{os.getpid()}/task"):
+        with open(f"/proc/{os.getpid()}/task/{tid}/children") as f:
+            out.update(f.read().split())
+    return out
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    fds, kids = set(os.listdir("/proc/self/fd")), children()
+    yield
+    assert children() <= kids, "child processes left"
+    assert set(os.listdir("/proc/self/fd")) <= fds, "descriptors left"
+"""
+    )
+    inner.write(
+        """
+from l4vctl.drivers.blk import BlkDriver
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_devices(l4v_device, l4v_session, l4v_emu, fail):
+    dev = l4v_device("blk", size="1M")
+    record_device(dev)
+    BlkDriver(dev.session(handshake=True)).write(0, b"z" * 512)
+    dev.stats()
+    l4v_session("rng")
+    l4v_emu("console").session(handshake=True)
+    dead = l4v_device("net")
+    record_device(dead)
+    dead.session(handshake=True)
+    dead.kill()
+    assert not fail
+"""
+    )
+    result = inner.run()
+    assert outcomes(result) == {"passed": 1, "failed": 1}, result.stdout.str()
+    assert "assert not True" in result.stdout.str()
+    assert_gone(inner.devices())
+
+
 def test_readme_example_runs(inner):
     readme = (ROOT / "README.md").read_text()
     found = re.search(r"<!-- pytest-plugin-example:[^>]*-->\n```python\n(.*?)```", readme, re.S)
