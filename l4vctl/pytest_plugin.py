@@ -64,8 +64,9 @@ class L4vDeviceError(Exception):
 # -- command line ------------------------------------------------------------------------------------
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    """``--l4v-verbose`` and ``--l4v-faults``."""
+def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
+    """``--l4v-verbose`` and ``--l4v-faults``; l4vctl's own modules keep their plain asserts."""
+    _keep_asserts_plain(pluginmanager)
     group = parser.getgroup("l4vctl", "l4vctl emulated devices (fixtures l4v_device, l4v_session, l4v_emu)")
     group.addoption(
         "--l4v-verbose",
@@ -80,6 +81,28 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="list the faults l4v_device(..., inject=FAULT) can inject, and exit",
     )
+
+
+def _keep_asserts_plain(pluginmanager: pytest.PytestPluginManager) -> None:
+    """Take l4vctl off pytest's list of packages whose asserts it rewrites.
+
+    pytest rewrites the asserts of every package that provides a ``pytest11``
+    plugin, which would make every l4vctl module a test imports go through
+    the rewriter (slower imports, different assertion messages from library
+    code): not what a run that never uses the fixtures should get.  Only the
+    package itself and this module (imported to load the plugin) were
+    rewritten by then.  Without pytest's private attributes, nothing changes.
+    """
+    hook = getattr(pluginmanager, "rewrite_hook", None)
+    marked = getattr(hook, "_must_rewrite", None)
+    if not isinstance(marked, set):
+        return
+    ours = {name for name in marked if name == "l4vctl" or name.startswith("l4vctl.")}
+    if ours:
+        marked.difference_update(ours)
+        cache = getattr(hook, "_marked_for_rewrite_cache", None)
+        if isinstance(cache, dict):
+            cache.clear()
 
 
 def pytest_cmdline_main(config: pytest.Config) -> int | None:

@@ -588,6 +588,29 @@ def test_devices(l4v_device, l4v_session, l4v_emu, fail):
     assert_gone(inner.devices())
 
 
+def test_l4vctl_modules_keep_plain_asserts(inner):
+    # as pytest marks a package that provides a pytest11 plugin: before the plugin is loaded
+    inner.pytester.makepyfile(mark_l4vctl="import pytest\n\npytest.register_assert_rewrite('l4vctl')\n")
+    inner.write(
+        """
+def test_loader():
+    import l4vctl.session
+    import l4vctl.drivers.blk
+
+    for name in ("l4vctl.session", "l4vctl.drivers.blk"):
+        assert type(sys.modules[name].__loader__).__name__ != "AssertionRewritingHook", name
+"""
+    )
+    result = inner.pytester.runpytest_subprocess(
+        "-p", "mark_l4vctl", "-p", "l4vctl.pytest_plugin", "-p", "no:cacheprovider", timeout=RUN_TIMEOUT
+    )
+    assert outcomes(result) == {"passed": 1}, result.stdout.str()
+    # and without the plugin, the same marking does rewrite them: the check above can fail
+    result = inner.pytester.runpytest_subprocess("-p", "mark_l4vctl", "-p", "no:cacheprovider", timeout=RUN_TIMEOUT)
+    assert outcomes(result) == {"failed": 1}, result.stdout.str()
+    assert "AssertionRewritingHook" in result.stdout.str()
+
+
 def test_readme_example_runs(inner):
     readme = (ROOT / "README.md").read_text()
     found = re.search(r"<!-- pytest-plugin-example:[^>]*-->\n```python\n(.*?)```", readme, re.S)
@@ -632,6 +655,17 @@ def test_installed_entry_point_loads_the_plugin(pytester, monkeypatch):
     eps = metadata.entry_points(group="pytest11")
     assert [e.value for e in eps if e.name == "l4vctl"] == ["l4vctl.pytest_plugin"]
     monkeypatch.delenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", raising=False)
-    pytester.makepyfile(test_auto="def test_auto(l4v_device):\n    assert l4v_device('rng').url\n")
+    pytester.makepyfile(
+        test_auto="""
+import sys
+
+
+def test_auto(l4v_device):
+    assert l4v_device("rng").url
+    import l4vctl.session  # a library module: not rewritten by pytest although l4vctl provides a plugin
+
+    assert type(sys.modules["l4vctl.session"].__loader__).__name__ != "AssertionRewritingHook"
+"""
+    )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=RUN_TIMEOUT)
     assert result.parseoutcomes() == {"passed": 1}, result.stdout.str()
