@@ -564,7 +564,7 @@ class DeviceFactory:
         emu = dict(options)
         if emu.get("link") is not None:
             emu["link"] = self._links.map(emu["link"])
-        if kind == "console" and emu.get("io") is None and not emu.get("pty"):
+        if kind == "console" and emu.get("io") is None and not _flag_value(caller, "pty", emu.get("pty") or False):
             emu["io"] = "echo"  # not the terminal of the test run (emulate's default for a console)
         image = None
         if kind == "blk":
