@@ -379,7 +379,7 @@ class EmulatedDevice:
         _remove_socket(self.socket)  # what a killed emulator left behind
         lifeline = self.lifeline
         with open(self.log_path, "ab") as log, open(self._out_path, "w+b") as out:
-            proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(lifeline), *self.argv],
+            proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(lifeline), _ROOT, *self.argv],
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=log, pass_fds=(lifeline,))  # fmt: skip
         self.process, self.returncode = proc, None
         deadline = time.monotonic() + self.start_timeout
@@ -489,12 +489,16 @@ class EmulatedDevice:
                 _remove_socket(self.socket)
 
 
-#: How an emulator is run: ``python -c LAUNCHER FD emulate ...`` is ``python -m l4vctl emulate ...`` plus a
-#: thread that reads the lifeline FD and sends the process SIGTERM when it ends, that is when the test
-#: run ends, however it ends (even by SIGKILL): no emulator outlives the run that started it.
+#: How an emulator is run: ``python -c LAUNCHER FD ROOT emulate ...`` is ``python -m l4vctl emulate ...``
+#: with the l4vctl of the test process (the one under ROOT, also where the child would not find it or would
+#: find another one first) and a thread that reads the lifeline FD and sends the process SIGTERM when it
+#: ends, that is when the test run ends, however it ends (even by SIGKILL): no emulator outlives its run.
 LAUNCHER = """\
 import os, runpy, signal, sys, threading
 fd = int(sys.argv.pop(1))
+root = sys.argv.pop(1)
+if root not in sys.path:
+    sys.path.insert(0, root)
 def watch():
     try:
         while os.read(fd, 1):
@@ -505,6 +509,10 @@ def watch():
 threading.Thread(target=watch, name="l4v-lifeline", daemon=True).start()
 runpy.run_module("l4vctl", run_name="__main__", alter_sys=True)
 """
+
+
+#: The directory that holds the l4vctl package of this process.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")

@@ -387,6 +387,36 @@ def test_k(l4v_device):
         os.rmdir(where)  # the short directory of a long path: the run died before it could remove it
 
 
+def test_emulators_run_the_l4vctl_of_the_test_run(inner, tmp_path, monkeypatch):
+    # a copy of l4vctl that says where it is imported from; the emulator's environment does not name it
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(ROOT / "l4vctl", copy / "l4vctl", ignore=shutil.ignore_patterns("__pycache__"))
+    init = copy / "l4vctl" / "__init__.py"
+    mark = tmp_path / "imported-from"
+    init.write_text(init.read_text() + f"\nwith open({str(mark)!r}, 'a') as _f:\n    _f.write(__file__ + '\\n')\n")
+    monkeypatch.setenv("PYTHONPATH", str(copy))
+    inner.write(
+        """
+def test_copy(l4v_device, monkeypatch):
+    import l4vctl
+
+    monkeypatch.delenv("PYTHONPATH")
+    dev = l4v_device("rng")
+    record_device(dev)
+    record(plugin=l4vctl.__file__)
+    dev.session(handshake=True)
+"""
+    )
+    result = inner.run()
+    assert outcomes(result) == {"passed": 1}, result.stdout.str()
+    assert_gone(inner.devices())
+    expected = str(copy / "l4vctl" / "__init__.py")
+    assert next(f["plugin"] for f in inner.facts() if "plugin" in f) == expected
+    assert mark.read_text().splitlines() == [expected, expected]  # the test run, then its emulator
+
+
 def test_long_temporary_paths_get_a_short_socket_directory(inner, tmp_path_factory):
     base = tmp_path_factory.mktemp("b" * 60) / ("deep" * 10)
     inner.write("""
