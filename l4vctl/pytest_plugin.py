@@ -632,7 +632,7 @@ class DeviceFactory:
 
 @pytest.fixture
 def l4v_device(request: pytest.FixtureRequest, tmp_path: Path, _l4v_lifeline: int) -> Iterator[DeviceFactory]:
-    """Factory of emulated devices, each served by its own ``l4vctl emulate`` process.
+    """``l4v_device("blk", size="1M", inject=...)``: a device served by its own ``l4vctl emulate`` process.
 
     ``dev = l4v_device("blk", size="1M", abi="classic")``, also "net",
     "console", "rng"; keywords are the options of ``l4vctl emulate`` with
@@ -655,7 +655,7 @@ def l4v_device(request: pytest.FixtureRequest, tmp_path: Path, _l4v_lifeline: in
 
 @pytest.fixture
 def l4v_session(l4v_device: DeviceFactory) -> Callable[..., Session]:
-    """Factory of handshaken sessions, each on a fresh device of ``l4v_device``.
+    """``l4v_session("blk", size="1M", want=...)``: a Session handshaken on a fresh device of ``l4v_device``.
 
     ``s = l4v_session("blk", size="1M")``: device options as for
     ``l4v_device``; ``want``, ``require``, ``refuse`` and ``queue_size`` go to
@@ -745,7 +745,7 @@ class EmuFactory:
 
 @pytest.fixture
 def l4v_emu() -> Iterator[EmuFactory]:
-    """Factory of ``emu:`` devices: ``l4v_emu("blk", size="1M").session(handshake=True)``.
+    """``l4v_emu("blk", size="1M").session(handshake=True)``: an ``emu:`` device, forked for each session.
 
     Options as for ``l4v_device`` (not the server ones); no emulator process
     is started until a session opens, and each session gets a new device
