@@ -5,8 +5,10 @@ name ``l4vctl``), so every pytest run in an environment that has l4vctl
 loads it.  Loading it imports only modules pytest has already imported; the
 emulator, the session and everything else are imported when a test first
 asks for a fixture.  Tests that name no ``l4v_`` fixture run exactly as they
-would without the plugin: there is no autouse fixture, and the one hook
-(failure reports) acts only on tests that started devices.
+would without the plugin: there is no autouse fixture, the hooks add two
+``--l4v-`` options and sections to the failure reports of tests that started
+devices, and l4vctl's modules are not assertion-rewritten (see
+:func:`_keep_asserts_plain`).
 
 ``l4v_device(TYPE, **options)``
     starts ``l4vctl emulate TYPE --socket PATH`` as a process, with the
