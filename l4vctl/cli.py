@@ -31,6 +31,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "devices",
         "List the devices an L4Re agent holds (l4re: links), with id, class and status.",
     ),
+    "diagnose": (
+        "l4vctl.commands.diagnose",
+        "diagnose",
+        "Say why a device or queue is stuck (stalled, unsignalled, kick suppressed, ...), with the evidence.",
+    ),
     "emulate": (
         "l4vctl.commands.emulate",
         "emulate",
@@ -224,8 +229,9 @@ def _run(argv: list[str] | None) -> int:
     json_mode, debug, command = _scan(args)
     out = output.Output(command or "l4vctl", json_mode=json_mode)
     try:
-        cli.main(args=args, prog_name="l4vctl", standalone_mode=False)
-        return 0
+        code = cli.main(args=args, prog_name="l4vctl", standalone_mode=False)
+        # a command that ends with ctx.exit(N) after its output: click returns N here
+        return code if isinstance(code, int) else 0
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.exceptions.Abort as exc:
