@@ -833,6 +833,15 @@ CAP_TYPES = {CAP_NONE: "none", CAP_DATASPACE: "dataspace", CAP_IRQ: "irq", CAP_D
 #: l4vctl's own protocol label for the emulator's monitor interface.
 L4VCTL_PROTO_MONITOR = 0x4C56  # "LV"
 MONITOR_OP_STATS = 0
+MONITOR_OP_REGIONS = 1  # the driver's registered dataspaces: [count, (base, size, flags) ...]
+MONITOR_OP_READ = 2  # words [addr, size, ...]: one sealed read-only memfd with the ranges' bytes
+#: REGIONS flags word: bit 0, the device may write the region.
+MONITOR_REGION_WRITABLE = 1
+#: Most regions one REGIONS reply lists ((MAX_WORDS - 1) // 3).
+MONITOR_MAX_REGIONS = 85
+#: Most ranges one READ takes, and most bytes it returns in all.
+MONITOR_READ_MAX_RANGES = 64
+MONITOR_READ_MAX_BYTES = 64 << 20
 
 MAX_FRAME = 65536
 

@@ -61,6 +61,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "queue_stats",
         "Show every queue: size, addresses, ring indices, requests in flight.",
     ),
+    "queue-show": (
+        "l4vctl.commands.queue_show",
+        "queue_show",
+        "Show a queue's descriptor chains in flight: buffers, flags, decoded requests.",
+    ),
     "bench": (
         "l4vctl.commands.bench",
         "bench",

@@ -472,6 +472,32 @@ class Session:
         limit = qoff if nq and cat.HEADER_SIZE <= qoff <= len(page) else len(page)
         return pg.device_config_fields(page, self.get("device"), self.abi, limit)[0]
 
+    # -- the driver's memory, as a monitor reads it --------------------------------------
+
+    def regions(self) -> list[tuple[int, int, bool]] | None:
+        """The driver's registered memory as the device sees it: ``(base, size, writable)`` each.
+
+        None when the backend has no monitor interface to it (saved pages, vhost-user, l4re).
+        """
+        if not self.live or self.channel is None:
+            return None
+        from l4vctl._session.memory import regions
+
+        return regions(self._live())
+
+    def read_device_memory(self, ranges: Iterable[tuple[int, int]]) -> memoryview:
+        """The bytes of ``(device address, size)`` ranges of the driver's memory, concatenated.
+
+        One monitor READ (at most ``catalog.MONITOR_READ_MAX_RANGES`` ranges and
+        ``MONITOR_READ_MAX_BYTES`` bytes).  UnavailableError when the backend has
+        no such interface, FormatError for a range outside the registered memory.
+        """
+        if not self.live or self.channel is None:
+            raise UnavailableError(f"{self.url}: no live device whose memory could be read")
+        from l4vctl._session.memory import read
+
+        return read(self._live(), self.url, list(ranges))
+
     # -- monitor ------------------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any] | None:

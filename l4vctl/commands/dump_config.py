@@ -30,6 +30,8 @@ from l4vctl.errors import FormatError, UsageError
         ("l4vctl dump-config page.bin --hex -o page.hex", "Save a page as a hex dump that reads back:"),
         ("l4vctl dump-config ds.bin --offset 0x1000", "Decode the page at 0x1000 of a dataspace dump:"),
         ("l4vctl dump-config page.bin --json | jq .result.status", "Status for a script:"),
+        ("l4vctl dump-config unix:/tmp/blk.sock --with-memory -o blk.l4vm", "Page plus the driver's memory:"),
+        ("l4vctl queue-show dump:blk.l4vm --queue 0", "...whose rings queue-show reads later:"),
     ),
 )
 @click.argument("source", metavar="SOURCE")
@@ -54,15 +56,19 @@ from l4vctl.errors import FormatError, UsageError
 @click.option("--force", is_flag=True, help="Decode a page that fails validation; problems become warnings.")
 @click.option("--hex", "as_hex", is_flag=True, help="Print the page as a hex dump (hexdump -C form) instead.")
 @click.option("--raw", "as_raw", is_flag=True, help="Write the page as raw bytes instead (needs -o or a pipe).")
+@click.option("--with-memory", "with_memory", is_flag=True,
+              help="Write a memory archive instead: the page plus all memory the driver registered "
+                   "(live emu:/unix: devices; needs -o or a pipe; read back as dump:FILE).")  # fmt: skip
 @click.option(
     "-o",
     "--output",
     type=OutputFile(),
-    help="Write the --hex or --raw output to this file.",
+    help="Write the --hex, --raw or --with-memory output to this file.",
 )
 @json_option
 @click.pass_context
-def dump_config(ctx, source, abi, timeout, fmt, offset, queue_stride, force, as_hex, as_raw, output, json_mode):
+def dump_config(ctx, source, abi, timeout, fmt, offset, queue_stride, force, as_hex, as_raw, with_memory, output,
+                json_mode):  # fmt: skip
     """Decode an L4-VIRTIO config page, live or saved.
 
     SOURCE is a device URL (emu:TYPE, unix:PATH, vhost-user:PATH, l4re:LINK: the page
@@ -87,13 +93,25 @@ def dump_config(ctx, source, abi, timeout, fmt, offset, queue_stride, force, as_
     bit 0 in current ones; if both are set, feature word 0 (0xA8 classic,
     0xC0 current) decides.  A hex dump whose header names an ABI uses that.
     The output always says which ABI was used and why.
+
+    --with-memory saves a memory archive (docs/memory-archive.md): the page,
+    every region of memory the driver registered (read through the monitor
+    interface, without disturbing the driver), the device's queue counters
+    and the time.  'dump:FILE' reads it back: commands that read a page get
+    its page, and queue-show reads the saved rings and buffers.  Backends
+    whose driver memory is out of reach (a plain saved page, vhost-user:,
+    l4re:) end with exit status 3.
     """
     out = begin(ctx, "dump-config", json_mode)
     out.device = source
-    if as_hex and as_raw:
-        raise UsageError("--hex and --raw exclude each other")
-    if output and not (as_hex or as_raw):
-        raise UsageError("-o/--output needs --hex or --raw")
+    if sum(map(bool, (as_hex, as_raw, with_memory))) > 1:
+        raise UsageError("--hex, --raw and --with-memory exclude each other")
+    if output and not (as_hex or as_raw or with_memory):
+        raise UsageError("-o/--output needs --hex or --raw (or --with-memory)")
+    if with_memory and not output and json_mode:
+        raise UsageError("--with-memory --json needs -o FILE (the archive and the JSON cannot share stdout)")
+    if with_memory and not output and sys.stdout.isatty():
+        raise UsageError("refusing to write a memory archive to a terminal; use -o FILE or a pipe")
     if as_raw and json_mode:
         raise UsageError("--raw writes bytes and cannot be combined with --json")
     start = _parse_offset(offset)
@@ -107,6 +125,9 @@ def dump_config(ctx, source, abi, timeout, fmt, offset, queue_stride, force, as_
         raise UsageError("--offset and --format apply to saved pages, not to live devices")
     with session as s:
         out.abi = s.abi
+        if with_memory:
+            _save_archive(out, s, output)
+            return
         data = s.page_bytes()
         stored_as = s.source_format
         decoded = s.decode()
@@ -128,6 +149,36 @@ def dump_config(ctx, source, abi, timeout, fmt, offset, queue_stride, force, as_
         _save(out, data, result, as_hex, output)
         return
     out.emit(result, lambda: render_page(result))
+
+
+def _save_archive(out, s, output: str | None) -> None:
+    """Capture the page and all registered memory and write them as a memory archive."""
+    import io
+
+    from l4vctl.errors import UnavailableError
+    from l4vctl.output import info
+    from l4vctl.snapshot import Snapshot
+
+    snap = Snapshot.capture(s, memory="all")
+    if snap.registered is None and not snap.regions:
+        raise UnavailableError(snap.memory_note or f"{s.url}: the driver's memory is not reachable")
+    buf = io.BytesIO()
+    snap.save(buf)
+    payload = buf.getbuffer()
+    memory = sum(r.size for r in snap.regions)
+    if output:
+        write_output(output, payload)
+    else:
+        sys.stdout.buffer.write(payload)
+        sys.stdout.flush()
+    summary = {"written": output or "-", "format": "archive", "bytes": len(payload), "regions": len(snap.regions),
+               "memory_bytes": memory, "note": snap.memory_note}  # fmt: skip
+    if out.json_mode and output:
+        out.emit(summary, str)
+    else:
+        where = output or "standard output"
+        info(f"wrote a memory archive to {where}: page and {len(snap.regions)} region(s), {memory} bytes of memory"
+             + (f" ({snap.memory_note})" if snap.memory_note else ""))  # fmt: skip
 
 
 def _parse_offset(text: str) -> int:

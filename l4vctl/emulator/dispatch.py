@@ -12,11 +12,12 @@ import os
 from typing import Any, Protocol
 
 from l4vctl import catalog as cat
-from l4vctl.caps import RIGHT_W, RIGHTS_RO, RIGHTS_RW, Irq, fd_kind
+from l4vctl.caps import RIGHT_W, RIGHTS_RO, RIGHTS_RW, SEAL_WRITE, Dataspace, Irq, fd_kind
 from l4vctl.emulator import log
 from l4vctl.emulator.device import EINVAL, EMSGTOOSHORT, ENOSYS, ERANGE
 
 EPERM = -cat.L4_EPERM
+ENOMEM = -cat.L4_ENOMEM
 EBADPROTO = -cat.L4_EBADPROTO
 NO_REPLY = object()
 
@@ -85,13 +86,62 @@ class Dispatcher:
                 return Reply(EPERM)
             return self._icu(f)
         if f.label == cat.L4VCTL_PROTO_MONITOR:
-            if f.opcode == cat.MONITOR_OP_STATS:
-                words = self.device.stats()
-                words[1] = int(driver_attached)
-                return Reply(0, words)
-            return Reply(ENOSYS)
+            return self._monitor(f, driver_attached)
         log.warning("request with unknown protocol label %d: -L4_EBADPROTO", f.label)
         return Reply(EBADPROTO)
+
+    # -- monitor (an l4vctl extension; any role may call it) -----------------------------
+
+    def _monitor(self, f: Request, driver_attached: bool):
+        if f.opcode == cat.MONITOR_OP_STATS:
+            words = self.device.stats()
+            words[1] = int(driver_attached)
+            return Reply(0, words)
+        if f.opcode == cat.MONITOR_OP_REGIONS:
+            regions = self.device.regions[: cat.MONITOR_MAX_REGIONS]
+            words = [len(regions)]
+            for r in regions:
+                words += [r.base, r.size, cat.MONITOR_REGION_WRITABLE if r.writable else 0]
+            return Reply(0, words)
+        if f.opcode == cat.MONITOR_OP_READ:
+            return self._monitor_read(f.words)
+        return Reply(ENOSYS)
+
+    def _monitor_read(self, words: list[int]):
+        """READ: the bytes of ranges of the driver's registered memory, in one new sealed memfd.
+
+        The memfd is the monitor's own copy (never a descriptor of the driver's
+        memory, which the monitor could reopen read-write): its size is sealed
+        and so are writes, so it is read-only for everyone.
+        """
+        if not words or len(words) % 2 or len(words) // 2 > cat.MONITOR_READ_MAX_RANGES:
+            log.warning("monitor READ with %d words (1..%d ranges of two): -L4_EINVAL",
+                        len(words), cat.MONITOR_READ_MAX_RANGES)  # fmt: skip
+            return Reply(EINVAL)
+        views = []
+        total = 0
+        for i in range(0, len(words), 2):
+            addr, size = words[i] & 0xFFFFFFFFFFFFFFFF, words[i + 1] & 0xFFFFFFFFFFFFFFFF
+            if size == 0:
+                log.warning("monitor READ of an empty range at %#x: -L4_EINVAL", addr)
+                return Reply(EINVAL)
+            total += size
+            if total > cat.MONITOR_READ_MAX_BYTES:
+                log.warning("monitor READ of more than %d bytes: -L4_EINVAL", cat.MONITOR_READ_MAX_BYTES)
+                return Reply(EINVAL)
+            region = self.device.region_of(addr, size)
+            if region is None:
+                log.warning("monitor READ %#x+%#x outside the registered memory: -L4_ERANGE", addr, size)
+                return Reply(ERANGE)
+            start = addr - region.base
+            views.append(region.view[start : start + size])
+        try:
+            fd = _sealed_copy(views, total)
+        except OSError as exc:
+            log.warning("monitor READ: cannot make the copy: %s: -L4_ENOMEM", exc.strerror or exc)
+            return Reply(ENOMEM)
+        size = os.fstat(fd).st_size
+        return Reply(0, [total], [self.cap_item(cat.CAP_DATASPACE, RIGHTS_RO, 0, size)], [fd])
 
     def _virtio(self, f: Request, read_only: bool):
         dev = self.device
@@ -195,3 +245,23 @@ class Dispatcher:
         ifd = os.dup(irq_fd)
         caps = [self.cap_item(cat.CAP_IRQ, RIGHT_W, 0, 0), self.cap_item(cat.CAP_DATASPACE, rights, 1, ds.size)]
         return caps, [ifd, dfd]
+
+
+def _sealed_copy(views: list[memoryview], total: int) -> int:
+    """A new memfd holding ``views`` one after the other, sealed against size changes and writes."""
+    ds = Dataspace.create("l4vctl-monitor-read", total, final=False)
+    try:
+        pos = 0
+        for view in views:
+            done = 0
+            while done < len(view):
+                done += os.pwrite(ds.fd, view[done:], pos + done)
+            pos += len(view)
+        ds.seal(SEAL_WRITE)  # no writable mapping exists: nobody can change the bytes now
+    except BaseException:
+        ds.close()
+        raise
+    finally:
+        for view in views:
+            view.release()
+    return ds.fd

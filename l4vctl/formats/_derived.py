@@ -3,7 +3,11 @@
 Layouts derived from the Construct schemas in l4vctl.formats; a test
 fails when this file no longer matches them."""
 
-LAYOUTS = {'l4virtio_config_hdr_t@classic': (('magic', 'L', None, None),
+LAYOUTS = {'archive_header': (('magic', '8s', None, None),
+                    ('version', 'H', None, None),
+                    ('flags', 'H', None, None),
+                    ('manifest_size', 'L', None, None)),
+ 'l4virtio_config_hdr_t@classic': (('magic', 'L', None, None),
                                    ('version', 'L', None, None),
                                    ('device', 'L', None, None),
                                    ('vendor', 'L', None, None),

@@ -12,7 +12,9 @@ def fixed_schemas() -> dict:
     A key is the C name, with ``@abi`` where the layout differs between the
     eras and ``@i386`` for the 36-byte queue-config entry.
     """
-    out = {}
+    from l4vctl.formats.archive import archive_header
+
+    out = {"archive_header": archive_header}
     for abi in ABIS:
         out[f"l4virtio_config_hdr_t@{abi}"] = header.CONFIG_HDR[abi]
     out["l4virtio_config_queue_t"] = header.l4virtio_config_queue(QUEUE_ENTRY_STRIDE)
