@@ -143,18 +143,24 @@ def diagnose(first: State, second: State | None, interval: float) -> list[dict]:
     out: list[dict] = []
     last = second or first
     out += _device_findings(first, second, interval)
-    if last.status & cat.STATUS_DRIVER_OK and not last.status & cat.STATUS_FAIL_MASK:
-        rx = receive_queues(last.device_class, len(last.queues), last.accepted)
-        before = {q.index: q for q in first.queues}
-        for q in last.queues:
-            if not q.ready:
-                continue
-            a = before.get(q.index) if second is not None else None
+    before = {q.index: q for q in first.queues}
+    running = last.status & cat.STATUS_DRIVER_OK and not last.status & cat.STATUS_FAIL_MASK
+    rx = receive_queues(last.device_class, len(last.queues), last.accepted)
+    for q in last.queues:
+        if not q.ready or q.ring is None:
+            continue
+        a = before.get(q.index) if second is not None else None
+        if running:
             out += _queue_findings(q.index in rx, a, q, first, last, interval)
+        elif last.status & cat.STATUS_DRIVER_OK:  # failed: the rings may still say why
+            out += _corruption(q.index, (q.device or {}).get("num") or q.num, a, q, interval)
     if not any(f["queue"] is None for f in out):
         if last.status & cat.STATUS_DRIVER_OK:
-            busy = any(f["kind"] != "idle" for f in out)
-            what = "some queue has work" if busy else "every ready queue is idle"
+            kinds = [f["kind"] for f in out]
+            bad = sum(1 for f in out if f["severity"] != "ok")
+            busy = any(k != "idle" for k in kinds)
+            what = (f"{bad} queue finding{'s' if bad != 1 else ''} below" if bad
+                    else "requests moving" if busy else "every ready queue is idle")  # fmt: skip
             out.insert(0, _finding("working" if busy else "idle", None, "ok",
                                    f"status {_status_text(last.status)}: running, {what}",
                                    {"status": last.status}))  # fmt: skip
@@ -497,17 +503,59 @@ def notes(first: State, second: State | None) -> list[str]:
 # -- taking the looks ------------------------------------------------------------------------
 
 
-def look(session: Any, snapshot: Any = None) -> State:
-    """One :class:`State` of a session's device: the page, the device's STATS (a live monitor), and the
-    ring words from ``snapshot`` (a :class:`l4vctl.snapshot.Snapshot` with ring memory), else from STATS."""
-    if snapshot is not None:
-        decoded = snapshot.decoded
-        stats = snapshot.device_side
-    else:
-        decoded = session.decode().result
-        stats = session.stats() if session.live else None
-    return state_of(decoded, stats, _memory_rings(snapshot, decoded) if snapshot is not None else None,
-                    memory_note=getattr(snapshot, "memory_note", None))  # fmt: skip
+def look(session: Any) -> State:
+    """One :class:`State` of a session's device (live as a monitor, or saved): the page, the device's
+    STATS where it has a monitor interface, and each ready queue's ring words read from the driver's
+    memory (only the words: two reads of four bytes and two of two per queue, whatever its size)."""
+    from l4vctl.snapshot import Snapshot
+
+    snap = Snapshot.capture(session, memory="none")
+    ranges = {q["index"]: _word_ranges(q) for q in snap.decoded["queues"] if q["ready"] and _valid(q["num"])}
+    if snap.live and snap.registered:
+        snap.fetch(session, [r for rs in ranges.values() for r in rs.values()])
+    rings = {}
+    for i, rs in ranges.items():
+        words = _ring_words(snap, rs)
+        if words is not None:
+            rings[i] = words
+    note = snap.memory_note
+    return state_of(snap.decoded, snap.device_side, rings if snap.regions else None, memory_note=note)
+
+
+def _valid(num: int) -> bool:
+    return 0 < num <= cat.MAX_QUEUE_SIZE and not num & (num - 1)
+
+
+def _word_ranges(q: dict) -> dict[str, tuple[int, int]]:
+    """Device address and size of each ring word diagnose reads, from the ring schema's offsets."""
+    from l4vctl.formats.fast import ring as ring_geometry
+
+    g = ring_geometry()
+    off = g.offsets(q["num"])
+    size = g.avail_hdr.fields["idx"][1]
+    avail, used = q["avail_addr"], q["used_addr"]
+    return {
+        "avail_flags": (avail + off["avail.flags"], size),
+        "avail_idx": (avail + off["avail.idx"], size),
+        "used_event": (avail + off["avail.used_event"], size),
+        "used_flags": (used + off["used.flags"], size),
+        "used_idx": (used + off["used.idx"], size),
+        "avail_event": (used + off["used.avail_event"], size),
+    }
+
+
+def _ring_words(snap: Any, ranges: dict[str, tuple[int, int]]) -> dict[str, int] | None:
+    """The ring words at ``ranges`` from a snapshot's captured memory (None unless all were captured)."""
+    from l4vctl.formats.fast import native_format
+    from l4vctl.formats.fast import ring as ring_geometry
+
+    fmt = native_format(ring_geometry().avail_word)
+    out = {}
+    for name, (addr, size) in ranges.items():
+        if not snap.contains(addr, size):
+            return None
+        out[name] = snap.read(addr, size).cast(fmt)[0]
+    return out
 
 
 def state_of(decoded: dict, stats: dict | None, memory_rings: dict[int, dict] | None = None,
@@ -549,23 +597,3 @@ def state_of(decoded: dict, stats: dict | None, memory_rings: dict[int, dict] | 
         abi=decoded["abi"],
         unseen=unseen,
     )
-
-
-def _memory_rings(snapshot: Any, decoded: dict) -> dict[int, dict] | None:
-    """Ring words of each ready queue read from a snapshot's copy of the driver's memory (None: none)."""
-    try:
-        from l4vctl.ringread import QueueState  # type: ignore[import-not-found]  # the read-only queue view
-    except ImportError:
-        return None
-    out = {}
-    for q in decoded["queues"]:
-        if not q["ready"] or not q["num"]:
-            continue
-        try:
-            qs = QueueState.of(snapshot, q)
-        except Exception:
-            continue
-        if qs is None:
-            continue
-        out[q["index"]] = {k: getattr(qs, k) for k in _RING_FIELDS}
-    return out

@@ -121,19 +121,7 @@ def diagnose(ctx, device, device_opt, abi, interval, timeout, json_mode):  # noq
 
 def _look(s, dg):
     """One look at the device: page, STATS, ring words (from the driver's memory where it can be read)."""
-    return dg.look(s, _snapshot(s))
-
-
-def _snapshot(s):
-    """A snapshot with ring memory, if the session's backend can give one (None: use the device's view)."""
-    try:
-        from l4vctl.snapshot import Snapshot  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    try:
-        return Snapshot.capture(s, memory="rings")
-    except Exception:
-        return None
+    return dg.look(s)
 
 
 def _text(r: dict) -> str:
