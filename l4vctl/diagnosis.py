@@ -335,6 +335,10 @@ def _corruption(i: int, num: int, a: QueueLook | None, b: QueueLook, interval: f
     seen: set[str] = set()
     for _tag, r, d in looks:
         assert r is not None
+        if d is not None and d.get("enabled") and "avail_idx" in d:
+            # a live device: its own view, whose indices and counters were read at one moment
+            # (words from memory and counters from the monitor are read at two)
+            r = {"avail_idx": d["avail_idx"], "used_idx": d["used_idx"]}
         ahead = u16(r["avail_idx"] - r["used_idx"])
         if ahead > num:
             back = u16(r["used_idx"] - r["avail_idx"])
@@ -347,7 +351,7 @@ def _corruption(i: int, num: int, a: QueueLook | None, b: QueueLook, interval: f
             if why not in seen:
                 seen.add(why)
                 out.append((why, {"avail_idx": r["avail_idx"], "used_idx": r["used_idx"], "num": num}))
-        if d is not None and d.get("enabled"):
+        elif d is not None and d.get("enabled"):
             nxt = d["next_avail"]
             if u16(r["avail_idx"] - nxt) > num:
                 why = (f"avail.idx {r['avail_idx']} is {u16(r['avail_idx'] - nxt)} ahead of the device "
@@ -355,13 +359,28 @@ def _corruption(i: int, num: int, a: QueueLook | None, b: QueueLook, interval: f
                 if why not in seen:
                     seen.add(why)
                     out.append((why, {"avail_idx": r["avail_idx"], "last_avail_idx": nxt, "num": num}))
-    if a is not None and a.ring is not None and b.ring is not None:
-        for key in ("avail_idx", "used_idx"):
-            jump = u16(b.ring[key] - a.ring[key])
-            if jump > num:
-                out.append((f"{key.replace('_', '.')} jumped by {jump} ({_moved(a.ring[key], b.ring[key])}) "
-                            f"in {interval:g} s, more than the queue size {num}",
-                            {key: [a.ring[key], b.ring[key]], "num": num}))  # fmt: skip
+    # between the looks: a busy queue moves its indices by far more than its size, so a jump
+    # is judged against what the device says it took and completed meanwhile
+    da, db = (a.device if a is not None else None), b.device
+    if (a is not None and a.ring is not None and b.ring is not None and da is not None and db is not None
+            and da.get("enabled") and db.get("enabled")):  # fmt: skip
+        # the device's own view of the indices, read in the same reply as its counters
+        ra = {k: da.get(k, a.ring[k]) for k in ("avail_idx", "used_idx")}
+        rb = {k: db.get(k, b.ring[k]) for k in ("avail_idx", "used_idx")}
+        used_jump = u16(rb["used_idx"] - ra["used_idx"])
+        completed = (db["completed"] - da["completed"]) & 0xFFFFFFFFFFFFFFFF
+        if used_jump != completed & 0xFFFF and abs(used_jump - completed) > num:
+            out.append((f"used.idx moved by {used_jump} ({_moved(ra['used_idx'], rb['used_idx'])}) in "
+                        f"{interval:g} s while the device completed {completed} requests",
+                        {"used_idx": [ra["used_idx"], rb["used_idx"]], "completed": [da["completed"],
+                         db["completed"]], "num": num}))  # fmt: skip
+        avail_jump = u16(rb["avail_idx"] - ra["avail_idx"])
+        taken = u16(db["next_avail"] - da["next_avail"])
+        if avail_jump > taken + num:
+            out.append((f"avail.idx jumped by {avail_jump} ({_moved(ra['avail_idx'], rb['avail_idx'])}) in "
+                        f"{interval:g} s while the device took {taken}: more than the queue size {num} beyond",
+                        {"avail_idx": [ra["avail_idx"], rb["avail_idx"]],
+                         "last_avail_idx": [da["next_avail"], db["next_avail"]], "num": num}))  # fmt: skip
     return [_finding("index-corruption", i, "error", f"queue {i}: index-corruption — {why}", ev) for why, ev in out]
 
 
