@@ -538,7 +538,10 @@ def look(session: Any) -> State:
         if words is not None:
             rings[i] = words
     note = snap.memory_note
-    return state_of(snap.decoded, snap.device_side, rings if snap.regions else None, memory_note=note)
+    state = state_of(snap.decoded, snap.device_side, rings if snap.regions else None, memory_note=note)
+    if note and snap.registered is None:
+        state.unseen.insert(0, f"ring memory: {note}")
+    return state
 
 
 def _valid(num: int) -> bool:

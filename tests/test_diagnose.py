@@ -5,6 +5,7 @@ real driver bug made on purpose, while the driver holds its session.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 
@@ -225,6 +226,30 @@ def test_completion_unsignalled_used_event_behind(tmp_path, cli):
         assert f["severity"] == "error" and "used_event 1 is behind used.idx 4" in f["message"]
 
 
+def test_completion_unsignalled_no_irq_bound(tmp_path, cli, monkeypatch):
+    """A driver bug: it takes the device IRQ but never binds its own (no ICU bind)."""
+    from l4vctl._session.attachment import Attachment
+
+    def attach_without_bind(self, index):
+        r = self.call(cat.L4VIRTIO_PROTOCOL, cat.OP_GET_DEVICE_IRQ, [index])
+        try:
+            self.device_irq = self._adopt_irq(r, 0, "device IRQ")
+        finally:
+            r.close()
+        self.driver_irq, _cap, _fds = self._new_irq()  # made, never sent to the device
+
+    monkeypatch.setattr(Attachment, "_attach_irqs", attach_without_bind)
+    with driven(tmp_path) as (url, s):
+        d = BlkDriver(s, depth=8, timeout=0.3)
+        submit(d, 2)
+        assert wait_for(lambda: d.vq.views.used_idx[0] == 2)
+        code, res = diagnose(cli, url)
+        assert code == 6
+        f = one(res, "completion-unsignalled")
+        assert f["severity"] == "error" and "no driver IRQ is bound" in f["message"]
+        assert f["evidence"]["irq_bound"] == 0
+
+
 def test_driver_starved_console_without_receive_buffers(tmp_path, cli):
     with driven(tmp_path, kind="console", extra=("--io", "null")) as (url, _s):
         code, res = diagnose(cli, url)  # queues set up, no receive buffer posted
@@ -362,6 +387,22 @@ def test_a_saved_archive_with_memory_offline(tmp_path, cli):
     assert q["evidence"]["avail_idx"] == 3 and q["evidence"]["used_idx"] == 1
     assert code == 0  # one look cannot tell a stall
     assert any("device-stalled" in n for n in res["notes"])
+
+
+def test_vhost_user_gives_page_findings_and_says_what_it_cannot_see(tmp_path, cli):
+    from tests.test_vhost_user import QSD, StorageDaemon
+
+    if not QSD and os.environ.get("CI") != "true":
+        pytest.skip("qemu-storage-daemon is not installed (Debian package qemu-system-common)")
+    qsd = StorageDaemon(tmp_path)
+    try:
+        code, res = diagnose(cli, qsd.url)
+    finally:
+        qsd.stop()
+    assert code == 0
+    assert kinds(res) == [("idle", None)]
+    assert any("monitor STATS" in n for n in res["notes"])
+    assert any(n.startswith("ring memory: vhost-user") for n in res["notes"])
 
 
 def test_text_output_names_each_finding_on_one_line(tmp_path, cli):

@@ -433,13 +433,15 @@ class Device:
         if was_running:
             self.notify(cat.IRQ_STATUS_CONFIG)
 
-    def notify(self, bits: int) -> None:
-        """Interrupt the driver: set irq_status bits (current era), trigger its IRQ."""
+    def notify(self, bits: int) -> bool:
+        """Interrupt the driver: set irq_status bits (current era), trigger its IRQ; False if none is bound."""
         if self.abi == CURRENT:
             self.set("irq_status", self.get("irq_status") | bits)
         if self.driver_irq is not None:
             self.driver_irq.trigger()
             self.irqs_sent += 1
+            return True
+        return False
 
     # -- queues (§5.3) ------------------------------------------------------------------
 

@@ -257,9 +257,9 @@ class DeviceRing:
                     self.dropped += 1
                     return False
                 dev.irqs_left -= 1
-            self.q.notified += 1
-            self.q.signalled = idx
-            dev.notify(cat.IRQ_STATUS_VRING)
+            if dev.notify(cat.IRQ_STATUS_VRING):  # counted only when an IRQ was there to trigger
+                self.q.notified += 1
+                self.q.signalled = idx
         return wanted
 
     def _hold(self, pending: list[tuple[int, int]], left: int) -> None:
