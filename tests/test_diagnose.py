@@ -10,6 +10,8 @@ import threading
 import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from l4vctl import catalog as cat
 from l4vctl import diagnosis as dg
@@ -492,3 +494,49 @@ def test_avail_jumped_beyond_what_the_device_took():
     found = dg.diagnose(_state(10, 10, qdev=dev_a), _state(40, 12, qdev=dev_b), 0.5)
     msgs = [f["message"] for f in found if f["kind"] == "index-corruption"]
     assert any("avail.idx jumped by 30 (10 → 40) in 0.5 s while the device took 2" in m for m in msgs)
+
+
+# -- property test of the analysis ---------------------------------------------------------------------
+
+
+_u16 = st.integers(min_value=0, max_value=0xFFFF)
+_ring = st.fixed_dictionaries({k: _u16 for k in ("avail_flags", "avail_idx", "used_flags", "used_idx", "used_event",
+                                                 "avail_event")})  # fmt: skip
+_qdev = st.none() | st.fixed_dictionaries({
+    "enabled": st.integers(0, 1), "num": st.sampled_from([0, 1, 8, 256]), "next_avail": _u16,
+    "avail_idx": _u16, "used_idx": _u16, "completed": st.integers(0, 1 << 40), "notified": st.integers(0, 99),
+    "signalled_idx": _u16,
+})  # fmt: skip
+
+
+@st.composite
+def _states(draw):
+    def one():
+        count = draw(st.integers(0, 3))
+        queues = [dg.QueueLook(i, draw(st.sampled_from([0, 8, 256, 32768])), draw(st.booleans()),
+                               draw(st.none() | _ring), draw(_qdev)) for i in range(count)]  # fmt: skip
+        device = draw(st.none() | st.fixed_dictionaries({
+            "kicks": st.integers(0, 99), "irqs_sent": st.integers(0, 99), "irq_bound": st.integers(0, 1),
+            "polling": st.integers(0, 1), "features_refused": st.integers(0, 3), "reason": st.text(max_size=20),
+        }))  # fmt: skip
+        bits = draw(st.sets(st.sampled_from([0, 1, 17, 28, 29, 32])))
+        return dg.State(draw(st.integers(0, 255)), draw(st.integers(0, 0xFFFFFFFF)),
+                        draw(st.sampled_from(["blk", "net", "console", "rng", None])), bits, bits | {32},
+                        queues, device)  # fmt: skip
+
+    first = one()
+    return first, draw(st.none() | st.just(one()))
+
+
+@given(_states())
+def test_diagnose_takes_any_state(states):
+    first, second = states
+    if second is not None:
+        second.queues = second.queues[: len(first.queues)]
+    found = dg.diagnose(first, second, 0.5)
+    assert found
+    for f in found:
+        assert f["kind"] in dg.KINDS and f["severity"] in ("ok", "warning", "error")
+        assert isinstance(f["message"], str) and isinstance(f["evidence"], dict)
+        assert f["queue"] is None or isinstance(f["queue"], int)
+    dg.notes(first, second)

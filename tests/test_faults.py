@@ -12,6 +12,8 @@ import contextlib
 import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from l4vctl import catalog as cat
 from l4vctl.catalog import Role
@@ -310,3 +312,31 @@ def test_stats_v2_truncated_is_a_protocol_error():
     bad_reason = [*no_queues, 2, 1, 0, 0, 400]  # a reason longer than STATS_REASON_MAX
     with pytest.raises(ProtocolError, match="reason"):
         parse_stats(bad_reason)
+
+
+# -- property tests of the parsers ------------------------------------------------------------------
+
+
+@given(st.lists(st.integers(min_value=0, max_value=(1 << 64) - 1), max_size=80))
+def test_parse_stats_takes_any_words(words):
+    from l4vctl._session.stats import parse_stats
+    from l4vctl.errors import ProtocolError
+
+    try:
+        out = parse_stats(words)
+    except ProtocolError:
+        return
+    assert out["stats_version"] in (1, 2)
+    assert len(out["queues"]) == out["num_queues"]
+    if out["stats_version"] == 2:
+        assert isinstance(out["reason"], str) and len(out["reason"].encode()) <= 4 * cat.STATS_REASON_MAX
+
+
+@given(st.text(alphabet="abcdefghijklmnopqrstuvwxyz-=,0123456789xX ", max_size=60))
+def test_parse_faults_takes_any_text(text):
+    try:
+        out = parse_faults(text)
+    except ValueError as exc:
+        assert str(exc)
+        return
+    assert set(out) <= set(FAULTS)
