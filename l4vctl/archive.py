@@ -28,6 +28,9 @@ MAX_MANIFEST = 1 << 20
 MAX_REGIONS = 4096
 #: Largest archive read (page, manifest and memory).
 MAX_ARCHIVE = 1 << 30
+#: Per-queue STATS counters readers use; an archive's must be numbers (others are kept as they are).
+NUMERIC_QUEUE_KEYS = ("enabled", "num", "next_avail", "avail_idx", "avail_flags", "used_idx", "used_flags",
+                      "completed", "notified")  # fmt: skip
 
 
 def _header_codec() -> Any:
@@ -161,9 +164,9 @@ def parse(data: bytes | bytearray | memoryview, name: str = "archive") -> Archiv
     if side is not None:
         queues = side.get("queues", []) if isinstance(side, dict) else None
         if not isinstance(queues, list) or not all(
-            isinstance(q, dict) and all(type(v) in (int, bool) for v in q.values()) for q in queues
+            isinstance(q, dict) and all(type(q.get(k, 0)) in (int, bool) for k in NUMERIC_QUEUE_KEYS) for q in queues
         ):
-            raise FormatError(f"{name}: memory archive device_side queues must be objects of numbers")
+            raise FormatError(f"{name}: memory archive device_side queues must be objects with numeric counters")
     if not isinstance(manifest.get("memory_note"), (str, type(None))):
         raise FormatError(f"{name}: memory archive memory_note must be text or null")
     registered = manifest.get("registered")

@@ -10,6 +10,7 @@ their fast codecs; bytes that were not captured are reported, never guessed.
 
 from __future__ import annotations
 
+from collections.abc import Set
 from typing import TYPE_CHECKING, Any
 
 from l4vctl import catalog as cat
@@ -67,7 +68,7 @@ def gather(snap: Snapshot, buffers: list, limit: int) -> tuple[bytes, bool]:
     return bytes(out), True
 
 
-def net_header_size(negotiated: set[int]) -> int:
+def net_header_size(negotiated: Set[int]) -> int:
     """Bytes of the net header in front of every frame: 12 with VERSION_1 or MRG_RXBUF, else 10."""
     full = _codec("l4virtio_net_header_t").size
     if cat.VERSION_1_BIT in negotiated or cat.NET_F_MRG_RXBUF in negotiated:
@@ -75,7 +76,7 @@ def net_header_size(negotiated: set[int]) -> int:
     return full - _codec("l4virtio_net_header_t").fields["num_buffers"][1]
 
 
-def queue_role(device_class: str | None, queue: int, num_queues: int, negotiated: set[int]) -> str:
+def queue_role(device_class: str | None, queue: int, num_queues: int, negotiated: Set[int]) -> str:
     """What a queue of a device class carries: "rx", "tx", "ctrl", "control-rx", "control-tx", "requests"."""
     if device_class == "net":
         if cat.NET_F_CTRL_VQ in negotiated and num_queues > 2 and queue == num_queues - 1:

@@ -401,23 +401,24 @@ class QueueState:
         addrs, lens, flags_, nexts = table.addr, table.len, table.flags, table.next
         num = self.num
         new_chain, new_buffer = Chain, tuple.__new__
-        out = []
+        out: list[Chain] = []
+        append = out.append
+        lo, hi = self._reg_hit
+        odd = F_INDIRECT | F_NEXT
         for head, idx in items:
-            chain = new_chain(head, None if idx is None else idx % num, idx)
-            out.append(chain)
             if not 0 <= head < num:
-                chain.findings.append(Finding("head-out-of-range", f"head {head} is not below the queue size {num}"))
+                append(self.walk(head, idx))
                 continue
-            lo, hi = self._reg_hit
-            bufs = chain.buffers
-            i = head
-            flags = flags_[i]
-            length = lens[i]
-            addr = addrs[i]
-            if flags & (F_INDIRECT | F_NEXT) or (length and not (lo <= addr and addr + length <= hi)):
-                out[-1] = self.walk(head, idx)  # anything but one plain buffer in known memory
+            flags = flags_[head]
+            length = lens[head]
+            addr = addrs[head]
+            if flags & odd or (length and not (lo <= addr and addr + length <= hi)):
+                append(self.walk(head, idx))  # anything but one plain buffer in known memory
+                lo, hi = self._reg_hit
                 continue
-            bufs.append(new_buffer(Buffer, (i, addr, length, flags, nexts[i], 0, None)))
+            chain = new_chain(head, None if idx is None else idx % num, idx)
+            chain.buffers.append(new_buffer(Buffer, (head, addr, length, flags, nexts[head], 0, None)))
+            append(chain)
         return out
 
     def _plain(self, chain: Chain, table: DescTable, head: int) -> bool:

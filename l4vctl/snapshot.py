@@ -136,12 +136,16 @@ class Snapshot:
         return False
 
     @property
-    def negotiated(self) -> set[int]:
+    def negotiated(self) -> frozenset[int]:
         """Feature bits the driver accepted, as the page shows them."""
-        try:
-            return set(self.decoded["features"]["accepted"]["bits"])
-        except (KeyError, TypeError):
-            return set()
+        cached = self.__dict__.get("_negotiated")
+        if cached is None:
+            try:
+                cached = frozenset(self.decoded["features"]["accepted"]["bits"])
+            except (KeyError, TypeError):
+                cached = frozenset()
+            self._negotiated = cached
+        return cached
 
     @property
     def device_class(self) -> str | None:

@@ -433,3 +433,23 @@ def test_net_header_of_ten_bytes():
         if size == 10:
             assert "num_buffers" not in p["header"] and p["header"]["flag_names"] == ["DATA_VALID"]
             assert p["frame"] == "F" * 20
+
+
+def test_archive_through_a_pipe(tmp_path, cli):
+    """--with-memory without -o writes the archive to a pipe; dump:- reads one from standard input."""
+    from l4vctl import archive
+
+    with stalled(tmp_path, "rng", "classic") as (url, s):
+        _mem, addr = s.alloc(4096)
+        vq = s.virtqueue(0)
+        vq.add([(addr, 48, True)], 0)
+        publish(vq)
+        w = cli("dump-config", url, "--with-memory")
+        assert w.code == 0, w.stderr
+        assert "wrote a memory archive to standard output" in w.stderr
+        assert cli("dump-config", url, "--with-memory", "--json").code == 2  # JSON and archive cannot share stdout
+    data = w.stdout_bytes
+    assert archive.parse(data).manifest["source"] == url
+    r = cli("queue-show", "dump:-", "--queue", "0", "--json", input=data)
+    assert r.code == 0, r.stderr
+    assert [c["payload"]["requested"] for c in r.json()["result"]["chains"]] == [48]

@@ -178,6 +178,10 @@ def test_walker_never_raises_and_stops(num, descs, inner, indirect):
         chain.to_json()
     window, _found = q.outstanding()
     assert len(window) == num
+    # the bulk walk (with its fast path for plain chains) says exactly what single walks say
+    heads = [*range(num), num, 0xFFFF]
+    bulk = q.walk_many((h, i) for i, h in enumerate(heads))
+    assert [c.to_json() for c in bulk] == [q.walk(h, i).to_json() for i, h in enumerate(heads)]
 
 
 def test_walker_on_uncaptured_table():

@@ -155,10 +155,11 @@ def show(s, queue: int, *, avail_index: int | None = None, head: int | None = No
     chains = q.walk_many((h, idx) for idx, h in picks if h is not None)
     if s.live and chains:
         _fetch_payloads(s, snap, q, chains, max_bytes)
-        chains = q.walk_many((c.head, c.avail_index) for c in chains)
+        chains = _rewalk(q, chains)
     completions = None
-    if snap.device_side and queue < len(snap.device_side.get("queues", [])):
-        completions = snap.device_side["queues"][queue].get("completed")
+    side_queues = (snap.device_side or {}).get("queues") or []
+    if queue < len(side_queues) and isinstance(side_queues[queue].get("completed"), int):
+        completions = side_queues[queue]["completed"]
     used = q.used_lengths(completions)
     role = decode.queue_role(snap.device_class, queue, len(queues), snap.negotiated)
     shown = []
@@ -188,6 +189,15 @@ def show(s, queue: int, *, avail_index: int | None = None, head: int | None = No
     }
 
 
+def _rewalk(q, chains: list) -> list:
+    """The chains again where the walk stopped at memory not captured then (an indirect table)."""
+    again = [i for i, c in enumerate(chains) if any(f.kind == "not-captured" for f in c.findings)]
+    if again:
+        for i, c in zip(again, q.walk_many((chains[i].head, chains[i].avail_index) for i in again), strict=True):
+            chains[i] = c
+    return chains
+
+
 def _states(q) -> dict[int, str]:
     """Avail index -> state of every chain in the outstanding window."""
     window, _found = q.outstanding()
@@ -206,7 +216,7 @@ def _fetch_payloads(s, snap, q, chains, max_bytes: int) -> None:
     tables = [(a, n) for c in chains for _i, a, n in c.tables if n and n % 16 == 0]
     if tables:
         snap.fetch(s, tables)
-        chains = q.walk_many((c.head, c.avail_index) for c in chains)
+        chains = _rewalk(q, chains)
     want = max(max_bytes, 64)
     ranges = []
     for c in chains:
