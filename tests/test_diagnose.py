@@ -262,6 +262,21 @@ def test_driver_starved_console_without_receive_buffers(tmp_path, cli):
         assert [f["queue"] for f in res["findings"] if f["kind"] == "idle"] == [1]  # the transmit queue
 
 
+def test_driver_starved_net_until_the_driver_posts_receive_buffers(tmp_path, cli):
+    from l4vctl.drivers.net import NetDriver
+
+    with driven(tmp_path, kind="net") as (url, s):
+        code, res = diagnose(cli, url)
+        assert code == 6
+        f = one(res, "driver-starved")
+        assert f["queue"] == 0 and "no buffers posted" in f["message"]
+        NetDriver(s, buffers=16)  # posts its receive buffers
+        code, res = diagnose(cli, url)
+        assert code == 0, res["findings"]
+        assert kinds(res) == [("idle", None), ("idle", 0), ("idle", 1)]
+        assert "16 buffers posted" in res["findings"][1]["message"]
+
+
 def test_cmd_stuck(tmp_path, cli):
     with driven(tmp_path, "never-clear-cmd", extra=("--cmd-mode",), handshake=False, timeout=0.3) as (url, s):
         with pytest.raises(TimeoutExpired):
