@@ -888,10 +888,10 @@ MAX_CAPS = 8
 #: the per-queue words, in this order (version 1).  Version 2 appends its
 #: own words after them: STATS_VERSION, the STATS_GLOBAL_V2 words, for each
 #: queue the STATS_QUEUE_V2 words, then the device's reason for its last
-#: error as a byte count and that many UTF-8 bytes packed little-endian into
-#: words.  Word 0 stays 1, so that version 1 readers keep working.
+#: error as a character count and one character (Unicode code point) per
+#: word.  Word 0 stays 1, so that version 1 readers keep working.
 STATS_VERSION = 2
-#: Longest reason (bytes) a STATS reply carries.
+#: Longest reason (characters) a STATS reply carries.
 STATS_REASON_MAX = 160
 STATS_GLOBAL = (
     "stats_version", "driver_attached", "status", "generation", "kicks", "irqs_sent",

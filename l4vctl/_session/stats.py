@@ -50,9 +50,9 @@ def _extension(words: list[int], pos: int, out: dict[str, Any]) -> None:
         pos += len(q2)
     length = words[pos]
     pos += 1
-    count = -(-length // 4)
-    if length > cat.STATS_REASON_MAX or len(words) < pos + count:
+    chars = words[pos : pos + length]
+    if length > cat.STATS_REASON_MAX or len(chars) != length:
         raise ProtocolError("monitor STATS reply: its reason does not fit the reply")
-    raw = b"".join((w & 0xFFFFFFFF).to_bytes(4, "little") for w in words[pos : pos + count])[:length]
-    out["reason"] = raw.decode("utf-8", "replace")
+    # one character per word; a word that is no character (or a surrogate) reads as U+FFFD
+    out["reason"] = "".join(chr(w) if w < 0x110000 and not 0xD800 <= w < 0xE000 else "\ufffd" for w in chars)
     out["stats_version"] = 2

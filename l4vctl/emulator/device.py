@@ -705,14 +705,12 @@ class Device:
         words += [cat.STATS_VERSION, int(self.driver_irq is not None), int(self.polling), self.features_refused]
         for q, snap in zip(self.queues, snaps):
             words += [snap["used_event"], snap["avail_event"], q.signalled]
-        reason = self.last_error.encode("utf-8", "replace")[: cat.STATS_REASON_MAX]
-        room = 4 * (cat.MAX_WORDS - len(words) - 1)
+        room = cat.MAX_WORDS - len(words) - 1
         if room < 0:
             return words[:v2]  # too many queues for the extension: the version 1 layout alone
-        reason = reason[:room]
+        reason = self.last_error[: min(room, cat.STATS_REASON_MAX)]
         words.append(len(reason))
-        padded = reason + bytes(-len(reason) % 4)
-        words += [int.from_bytes(padded[i : i + 4], "little") for i in range(0, len(padded), 4)]
+        words += [ord(c) for c in reason]  # one character (code point) per word
         return words
 
     def close(self) -> None:
