@@ -423,6 +423,21 @@ def test_vhost_user_gives_page_findings_and_says_what_it_cannot_see(tmp_path, cl
     assert any(n.startswith("ring memory: vhost-user") for n in res["notes"])
 
 
+def test_a_saved_archive_keeps_the_reason_and_the_rings_of_a_dead_queue(tmp_path, cli):
+    archive = tmp_path / "dead.l4vdump"
+    with driven(tmp_path) as (url, s):
+        vq = s.virtqueue(0)
+        vq.views.avail_idx[0] = 1000
+        vq.kick_irq.trigger()
+        assert wait_for(lambda: s.status & cat.STATUS_DEVICE_NEEDS_RESET)
+        r = cli("dump-config", url, "--with-memory", "-o", str(archive))
+        assert r.code == 0, r.stderr
+    code, res = diagnose(cli, f"dump:{archive}")
+    assert code == 6 and res["looks"] == 1
+    assert "ahead of the device" in one(res, "device-needs-reset")["evidence"]["reason"]
+    assert "avail.idx 1000 is 1000 ahead of used.idx 0" in one(res, "index-corruption")["message"]
+
+
 def test_text_output_names_each_finding_on_one_line(tmp_path, cli):
     with driven(tmp_path, "drop-irqs") as (url, s):
         d = BlkDriver(s, depth=8, timeout=0.3)
