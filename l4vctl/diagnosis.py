@@ -533,14 +533,24 @@ def look(session: Any) -> State:
     if snap.live and snap.registered:
         snap.fetch(session, [r for rs in ranges.values() for r in rs.values()])
     rings = {}
+    outside = []
     for i, rs in ranges.items():
         words = _ring_words(snap, rs)
         if words is not None:
             rings[i] = words
+        elif snap.registered is not None and not all(snap.in_registered(a, n) for a, n in rs.values()):
+            outside.append(i)
     note = snap.memory_note
     state = state_of(snap.decoded, snap.device_side, rings if snap.regions else None, memory_note=note)
     if note and snap.registered is None:
         state.unseen.insert(0, f"ring memory: {note}")
+    for i in outside:
+        state.unseen.append(f"queue {i}: its rings lie outside the memory the driver registered")
+    if state.status & cat.STATUS_DRIVER_OK and not state.status & cat.STATUS_FAIL_MASK:
+        for q in state.queues:
+            if q.ready and q.device is not None and not q.device.get("enabled"):
+                state.unseen.append(f"queue {q.index}: ready in the page, but the device did not enable it "
+                                    f"(it rejected the configuration)")  # fmt: skip
     return state
 
 

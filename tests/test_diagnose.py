@@ -438,6 +438,19 @@ def test_a_saved_archive_keeps_the_reason_and_the_rings_of_a_dead_queue(tmp_path
     assert "avail.idx 1000 is 1000 ahead of used.idx 0" in one(res, "index-corruption")["message"]
 
 
+def test_a_queue_the_device_rejected_is_named(tmp_path, cli):
+    """A driver bug: queue 0 configured with rings outside its registered memory, DRIVER_OK anyway."""
+    from tests.emu import config_queue, write_queue
+
+    with driven(tmp_path, extra=("--queues", "2")) as (url, s):
+        write_queue(s, 1, num=8, desc_addr=0x7F000000, avail_addr=0x7F001000, used_addr=0x7F002000, ready=1)
+        assert config_queue(s, 1) == -cat.L4_EINVAL
+        code, res = diagnose(cli, url)
+        assert code == 0
+        assert "queue 1: its rings lie outside the memory the driver registered" in res["notes"]
+        assert any(n.startswith("queue 1: ready in the page, but the device did not enable it") for n in res["notes"])
+
+
 def test_text_output_names_each_finding_on_one_line(tmp_path, cli):
     with driven(tmp_path, "drop-irqs") as (url, s):
         d = BlkDriver(s, depth=8, timeout=0.3)
