@@ -83,6 +83,8 @@ def test_a_driver_at_rest_is_idle(tmp_path, cli):
         code, res = diagnose(cli, url)
         assert code == 0
         assert res["healthy"] and res["looks"] == 2 and res["interval"] == float(INTERVAL)
+        assert res["device_class"] == "blk" and res["status"] == cat.STATUS_RUNNING
+        assert res["status_flags"] == ["ACKNOWLEDGE", "DRIVER", "FEATURES_OK", "DRIVER_OK"]
         assert kinds(res) == [("idle", None), ("idle", 0)]
         ev = res["findings"][1]["evidence"]
         assert ev["avail_idx"] == ev["used_idx"] and ev["avail_idx"][0] == ev["avail_idx"][1] > 0

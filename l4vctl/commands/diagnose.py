@@ -62,8 +62,8 @@ Severity: ok (idle, working), warning (a problem unless the driver means it,
 e.g. NO_INTERRUPT while it polls), error.  Exit status 0 when every finding is
 ok, 6 when a problem is found.
 
-JSON result: url, interval (null for one look), looks (1 or 2), status,
-healthy, findings: [{kind, queue (null: the device), severity, message,
+JSON result: url, interval (null for one look), looks (1 or 2),
+device_class, status, status_flags, healthy, findings: [{kind, queue (null: the device), severity, message,
 evidence: {field: value, or [first, second] for a field read twice}}], notes
 (what could not be seen).
 """
@@ -89,6 +89,7 @@ evidence: {field: value, or [first, second] for a field read twice}}], notes
 @json_option
 @click.pass_context
 def diagnose(ctx, device, device_opt, abi, interval, timeout, json_mode):  # noqa: D103 - the help is _HELP
+    from l4vctl import catalog as cat
     from l4vctl import diagnosis as dg
     from l4vctl.catalog import Role
     from l4vctl.session import Session
@@ -105,11 +106,14 @@ def diagnose(ctx, device, device_opt, abi, interval, timeout, json_mode):  # noq
             second = _look(s, dg)
         findings = dg.diagnose(first, second, interval)
         notes = dg.notes(first, second)
+        last = second or first
         result = {
             "url": url,
             "interval": interval if second is not None else None,
             "looks": 2 if second is not None else 1,
-            "status": second.status if second is not None else first.status,
+            "device_class": last.device_class,
+            "status": last.status,
+            "status_flags": cat.flag_names(last.status, cat.STATUS_BITS)[0],
             "healthy": not dg.problems(findings),
             "findings": findings,
             "notes": notes,
