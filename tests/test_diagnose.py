@@ -393,7 +393,7 @@ def test_a_saved_page_gives_page_findings_and_says_what_it_cannot_see(tmp_path, 
 
 
 def test_a_saved_archive_with_memory_offline(tmp_path, cli):
-    archive = tmp_path / "state.l4vdump"
+    archive = tmp_path / "state.l4vm"
     with driven(tmp_path, "stop-completing=1") as (url, s):
         d = BlkDriver(s, depth=8, timeout=0.3)
         submit(d, 3)
@@ -426,7 +426,7 @@ def test_vhost_user_gives_page_findings_and_says_what_it_cannot_see(tmp_path, cl
 
 
 def test_a_saved_archive_keeps_the_reason_and_the_rings_of_a_dead_queue(tmp_path, cli):
-    archive = tmp_path / "dead.l4vdump"
+    archive = tmp_path / "dead.l4vm"
     with driven(tmp_path) as (url, s):
         vq = s.virtqueue(0)
         vq.views.avail_idx[0] = 1000

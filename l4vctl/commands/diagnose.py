@@ -76,7 +76,7 @@ evidence: {field: value, or [first, second] for a field read twice}}], notes
     epilog=examples(
         ("l4vctl diagnose unix:/tmp/blk.sock", "Why is the driver of a running emulator stuck?"),
         ("l4vctl diagnose unix:/tmp/blk.sock --interval 2 --json", "Look twice, 2 s apart; findings as JSON:"),
-        ("l4vctl diagnose dump:state.l4vdump", "A saved state (dump-config --with-memory), offline:"),
+        ("l4vctl diagnose dump:state.l4vm", "A saved state (dump-config --with-memory), offline:"),
         ("l4vctl emulate blk --socket /tmp/bad.sock --inject stop-completing=8", "A device to practise on:"),
     ),
     context_settings={"max_content_width": 100},
