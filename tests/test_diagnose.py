@@ -484,6 +484,26 @@ def test_bad_input(cli, tmp_path, args, code, text):
     assert text in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_device_that_dies_while_diagnose_looks(tmp_path):
+    """Killed during the interval (or, on a slow machine, before the first look): exit 3, one line."""
+    import subprocess
+    import sys
+
+    with emulator(tmp_path, "blk") as (url, proc):
+        p = subprocess.Popen([sys.executable, "-m", "l4vctl", "diagnose", url, "--interval", "2"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            time.sleep(1.0)
+            proc.kill()
+            out, err = p.communicate(timeout=20)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert p.returncode == 3, (out, err)
+    assert err.startswith("l4vctl: error:") and "Traceback" not in err and out == ""
+
+
 def test_bad_input_json_envelope(cli):
     r = cli("diagnose", "unix:/nonexistent/dev.sock", "--json", "--timeout", "0.5")
     assert r.code == 3
