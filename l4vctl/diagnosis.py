@@ -429,6 +429,8 @@ def _stall(i, num, r1, r2, d1, d2, first: State, last: State, interval: float, e
         if pending and not out:
             moved = d1 is not None and d1["next_avail"] != d2["next_avail"]
             kick_note = f"; kicks {_moved(*kicks)}" if kicks else ""
+            if kicks and kicks[1] == 0:
+                kick_note += ": the device was never kicked and does not poll (a kick the driver left out?)"
             if not moved:
                 parts.append(f"{pending} requests offered and not taken by the device "
                              f"(last_avail_idx {d2['next_avail']}{kick_note})")  # fmt: skip

@@ -165,6 +165,22 @@ def test_device_stalled_not_taken(tmp_path, cli):
         assert "kick-suppressed" not in problem_kinds(res)  # the device asks for kicks
 
 
+def test_device_stalled_a_kick_the_driver_left_out(tmp_path, cli):
+    """A driver bug: requests published without the kick the device asked for."""
+    with driven(tmp_path) as (url, s):
+        vq = s.virtqueue(0)
+        _mem, addr = s.alloc(4096)
+        time.sleep(0.05)
+        vq.add([(addr, 16, False), (addr + 512, 512, True), (addr + 16, 1, True)], 0)
+        vq.views.avail_idx[0] = vq.avail_idx  # published, never kicked
+        code, res = diagnose(cli, url)
+        assert code == 6
+        f = one(res, "device-stalled")
+        assert "1 requests offered and not taken" in f["message"]
+        assert "never kicked" in f["message"] and f["evidence"]["kicks"] == [0, 0]
+        assert f["evidence"]["used_flags"] == [0, 0]  # the device did ask for kicks
+
+
 def test_kick_suppressed(tmp_path, cli):
     with driven(tmp_path, "suppress-kicks") as (url, s):
         d = BlkDriver(s, depth=8, timeout=0.3)
