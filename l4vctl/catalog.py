@@ -885,8 +885,14 @@ MAX_WORDS = 256
 MAX_CAPS = 8
 
 #: Words of a monitor STATS reply: these global words, then for each queue
-#: the per-queue words, in this order.
-STATS_VERSION = 1
+#: the per-queue words, in this order (version 1).  Version 2 appends its
+#: own words after them: STATS_VERSION, the STATS_GLOBAL_V2 words, for each
+#: queue the STATS_QUEUE_V2 words, then the device's reason for its last
+#: error as a character count and one character (Unicode code point) per
+#: word.  Word 0 stays 1, so that version 1 readers keep working.
+STATS_VERSION = 2
+#: Longest reason (characters) a STATS reply carries.
+STATS_REASON_MAX = 160
 STATS_GLOBAL = (
     "stats_version", "driver_attached", "status", "generation", "kicks", "irqs_sent",
     "regions", "device_errors", "num_queues",
@@ -895,3 +901,5 @@ STATS_QUEUE = (
     "enabled", "num", "next_avail", "avail_idx", "avail_flags", "used_idx", "used_flags",
     "completed", "notified",
 )  # fmt: skip
+STATS_GLOBAL_V2 = ("irq_bound", "polling", "features_refused")
+STATS_QUEUE_V2 = ("used_event", "avail_event", "signalled_idx")

@@ -36,6 +36,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "devices",
         "List the devices an L4Re agent holds (l4re: links), with id, class and status.",
     ),
+    "diagnose": (
+        "l4vctl.commands.diagnose",
+        "diagnose",
+        "Say why a device or queue is stuck (stalled, unsignalled, kick suppressed, ...), with the evidence.",
+    ),
     "emulate": (
         "l4vctl.commands.emulate",
         "emulate",

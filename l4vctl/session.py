@@ -511,20 +511,9 @@ class Session:
         r.close()
         if r.result < 0:
             return None
-        words = r.words
-        ng = len(cat.STATS_GLOBAL)
-        nq_words = len(cat.STATS_QUEUE)
-        if len(words) < ng or words[0] != cat.STATS_VERSION:
-            raise ProtocolError("monitor STATS reply has an unknown layout")
-        out = dict(zip(cat.STATS_GLOBAL, words[:ng]))
-        queues = []
-        for i in range(out["num_queues"]):
-            chunk = words[ng + i * nq_words : ng + (i + 1) * nq_words]
-            if len(chunk) != nq_words:
-                raise ProtocolError("monitor STATS reply is truncated")
-            queues.append(dict(zip(cat.STATS_QUEUE, chunk)))
-        out["queues"] = queues
-        return out
+        from l4vctl._session.stats import parse_stats
+
+        return parse_stats(r.words)
 
     # -- teardown -------------------------------------------------------------------------------------
 

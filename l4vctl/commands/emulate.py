@@ -176,6 +176,20 @@ def emulate(ctx, kind, socket_path, device_specs, socket_dir, from_file, max_cli
       no-reply=OP                never reply to L4-VIRTIO opcode OP (name or number)
       queues-offset-outside      publish a queue array outside the page
       bad-magic                  publish a wrong magic value
+      clear-features-ok          clear FEATURES_OK when DRIVER_OK is set
+      needs-reset-at=N           enter DEVICE_NEEDS_RESET, with a reason,
+                                 when taking the Nth request (1: the first)
+      stop-completing[=N]        after N completions (default 0), take
+                                 requests but never put them in the used ring
+      ignore-kicks               never look at the available rings: requests
+                                 stay offered, not taken (kicks are counted)
+      drop-irqs[=N]              after N interrupts (default 0), complete
+                                 requests without interrupting the driver
+      suppress-kicks             tell drivers not to kick (NO_NOTIFY, or an
+                                 avail_event out of reach with EVENT_IDX) and
+                                 look at the rings only when kicked anyway
+    The same as emu:TYPE?inject=FAULT,FAULT (l4vctl diagnose names what
+    each one does to a driver).
 
     \b
     Profiles for --profile (TYPE: NAME, the L4Re server it reproduces):

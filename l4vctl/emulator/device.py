@@ -73,13 +73,14 @@ class Queue:
 
     __slots__ = (
         "index", "enabled", "num", "desc_addr", "avail_addr", "used_addr", "views", "next_avail",
-        "completed", "notified", "ring",
+        "completed", "notified", "signalled", "ring",
     )  # fmt: skip
 
     def __init__(self, index: int):
         self.index = index
         self.completed = 0
         self.notified = 0
+        self.signalled = 0  # used.idx when the device last interrupted the driver for this queue
         self.disable()
 
     def disable(self) -> None:
@@ -94,7 +95,8 @@ class Queue:
     def snapshot(self) -> dict:
         """Ring indices as the monitor shows them (0 while disabled)."""
         if not self.enabled:
-            return {"avail_idx": 0, "avail_flags": 0, "used_idx": 0, "used_flags": 0}
+            return {"avail_idx": 0, "avail_flags": 0, "used_idx": 0, "used_flags": 0, "used_event": 0,
+                    "avail_event": 0}  # fmt: skip
         v = self.views
         assert v is not None  # an enabled queue has its views
         return {
@@ -102,6 +104,8 @@ class Queue:
             "avail_flags": v.avail_flags[0],
             "used_idx": v.used_idx[0],
             "used_flags": v.used_flags[0],
+            "used_event": v.used_event[0],
+            "avail_event": v.avail_event[0],
         }
 
     # Whole-part views of an enabled queue's rings, for inspection (None while disabled).
@@ -180,6 +184,9 @@ class Device:
         self.kicks = 0
         self.irqs_sent = 0
         self.device_errors = 0
+        self.polling = False  # the server polls the rings (drivers need not kick meanwhile)
+        self.features_refused = 0  # FEATURES_OK writes refused since the last reset
+        self._arm_faults()
         self._build_page(built)
         self._cmd_index = self.hc.fields["cmd"][0] >> 2
         self._cmd_left = 0  # a cmd word left in place (never-clear-cmd): run again only when kicked
@@ -232,6 +239,15 @@ class Device:
             self.set("queues_offset", self.queues_offset)
         if self.faults.get("bad-magic"):
             self.set("magic", 0x56495254)
+
+    def _arm_faults(self) -> None:
+        """Start the countdowns of the faults that strike after a number of events (again at every reset)."""
+        f = self.faults
+        #: completions still published (stop-completing), interrupts still sent (drop-irqs),
+        #: requests until DEVICE_NEEDS_RESET (needs-reset-at); None: no such fault
+        self.completions_left: int | None = f.get("stop-completing")
+        self.irqs_left: int | None = f.get("drop-irqs")
+        self.reset_at: int | None = f.get("needs-reset-at")
 
     def monitor_ds(self) -> Dataspace:
         """The dataspace monitors map: a copy of the page nobody but the device can write.
@@ -331,6 +347,9 @@ class Device:
         self.set("vendor", self.model.options["vendor"])
         self._store_status(0)
         self.negotiated = set()
+        self.features_refused = 0
+        self.last_error = ""
+        self._arm_faults()
         self.set("irq_status", 0)
         self.set("num_queues", self.num_queues)
         self.set("queues_offset", self.queues_offset)
@@ -362,12 +381,14 @@ class Device:
             or (s & cat.STATUS_DRIVER_OK and not s & cat.STATUS_FEATURES_OK)
         ):
             log.warning("status %#x skips a step of the handshake: DEVICE_NEEDS_RESET", s)
+            self.last_error = f"status {s:#x} skips a step of the handshake"
             self._store_status(cur | cat.STATUS_DEVICE_NEEDS_RESET)
             return
         if s & cat.STATUS_FEATURES_OK and not s & cat.STATUS_DRIVER_OK:
             ok, why = self._check_features()
             if not ok:
                 log.warning("FEATURES_OK refused: %s", why)
+                self.features_refused += 1
                 s &= ~cat.STATUS_FEATURES_OK
             else:
                 self.negotiated = set(cat.bits_of(self.get_words("driver_features_map")))
@@ -376,8 +397,12 @@ class Device:
             if missing or self.faults.get("needs-reset-on-driver-ok"):
                 why = f"queues {missing} not enabled" if missing else "injected fault"
                 log.warning("DRIVER_OK refused (%s): DEVICE_NEEDS_RESET", why)
+                self.last_error = f"DRIVER_OK refused: {why}"
                 self._store_status(cur | cat.STATUS_DEVICE_NEEDS_RESET)
                 return
+            if self.faults.get("clear-features-ok"):
+                s &= ~cat.STATUS_FEATURES_OK
+                log.warning("DRIVER_OK with FEATURES_OK cleared (injected fault): status %#04x", s)
         self._store_status(s)
         log.info("status %#04x", s)
 
@@ -408,13 +433,15 @@ class Device:
         if was_running:
             self.notify(cat.IRQ_STATUS_CONFIG)
 
-    def notify(self, bits: int) -> None:
-        """Interrupt the driver: set irq_status bits (current era), trigger its IRQ."""
+    def notify(self, bits: int) -> bool:
+        """Interrupt the driver: set irq_status bits (current era), trigger its IRQ; False if none is bound."""
         if self.abi == CURRENT:
             self.set("irq_status", self.get("irq_status") | bits)
         if self.driver_irq is not None:
             self.driver_irq.trigger()
             self.irqs_sent += 1
+            return True
+        return False
 
     # -- queues (§5.3) ------------------------------------------------------------------
 
@@ -465,6 +492,9 @@ class Device:
         q.views = r.views_of(num, dv, av, uv)
         q.next_avail = 0
         q.ring = DeviceRing(self, q)
+        q.signalled = q.views.used_idx[0]
+        if self.faults.get("suppress-kicks"):
+            q.ring.suppress_kicks(True)
         log.info("queue %d enabled: num %d desc %#x avail %#x used %#x", index, num, desc, avail, used)
         return EOK
 
@@ -575,9 +605,13 @@ class Device:
         self._cmd_left = 0  # a kick asks for the cmd word again, even one left in place
         self.service()
 
+    _kicks_served = 0
+
     def service(self) -> bool:
         """Run a pending cmd and serve every queue; True if there was work."""
         busy = False
+        kicked = self.kicks != self._kicks_served
+        self._kicks_served = self.kicks
         if self.cmd_mode:
             word = self.w32[self._cmd_index]
             if word and word != self._cmd_left:
@@ -585,6 +619,9 @@ class Device:
                 busy = True
         if not self.status & cat.STATUS_DRIVER_OK or self.status & FAIL:
             return busy
+        faults = self.faults
+        if faults and (faults.get("ignore-kicks") or (faults.get("suppress-kicks") and not kicked)):
+            return busy  # the device does not look at the available rings
         for q in self.queues:
             ring = q.ring
             if ring is None:
@@ -605,6 +642,7 @@ class Device:
 
     def poll_mode(self, on: bool) -> None:
         """While the server polls the rings, drivers need not kick."""
+        self.polling = on
         if not self.status & cat.STATUS_DRIVER_OK:
             return
         for q in self.queues:
@@ -654,13 +692,25 @@ class Device:
         self._cmd_left = 0
 
     def stats(self) -> list[int]:
-        """The MONITOR_OP_STATS words: device counters, then nine words per queue."""
-        words = [cat.STATS_VERSION, 0, self.status, self.get("generation"), self.kicks, self.irqs_sent,
+        """The MONITOR_OP_STATS words: the version 1 layout (device counters, then nine words per
+        queue), then the version 2 extension (docs/wire-protocol.md)."""
+        words = [1, 0, self.status, self.get("generation"), self.kicks, self.irqs_sent,
                  len(self.regions), self.device_errors, len(self.queues)]  # fmt: skip
-        for q in self.queues:
-            snap = q.snapshot()
+        snaps = [q.snapshot() for q in self.queues]
+        for q, snap in zip(self.queues, snaps):
             words += [int(q.enabled), q.num, q.next_avail, snap["avail_idx"], snap["avail_flags"],
                       snap["used_idx"], snap["used_flags"], q.completed, q.notified]  # fmt: skip
+        # version 2: words a version 1 reader never looks at
+        v2 = len(words)
+        words += [cat.STATS_VERSION, int(self.driver_irq is not None), int(self.polling), self.features_refused]
+        for q, snap in zip(self.queues, snaps):
+            words += [snap["used_event"], snap["avail_event"], q.signalled]
+        room = cat.MAX_WORDS - len(words) - 1
+        if room < 0:
+            return words[:v2]  # too many queues for the extension: the version 1 layout alone
+        reason = self.last_error[: min(room, cat.STATS_REASON_MAX)]
+        words.append(len(reason))
+        words += [ord(c) for c in reason]  # one character (code point) per word
         return words
 
     def close(self) -> None:

@@ -74,6 +74,9 @@ class DeviceRing:
         #: used.idx before the first completion published without an interrupt decision (None: none)
         self.unsignalled: int | None = None
         self.published = 0  # used.idx as this device last stored it
+        #: completions kept back for ever (stop-completing) and interrupts not sent (drop-irqs)
+        self.held: list[tuple[int, int]] = []
+        self.dropped = 0
         views = queue.views
         self.desc = views.desc
         self.avail_flags = views.avail_flags
@@ -104,6 +107,12 @@ class DeviceRing:
         q = self.q
         head = self.avail_ring[q.next_avail % self.num]
         q.next_avail = (q.next_avail + 1) & 0xFFFF
+        dev = self.device
+        if dev.reset_at is not None:  # needs-reset-at: the Nth request puts the device in DEVICE_NEEDS_RESET
+            dev.reset_at -= 1
+            if dev.reset_at == 0:
+                raise BadChain(f"queue {q.index}: request at avail slot {(q.next_avail - 1) & 0xFFFF} (head {head}) "
+                               f"refused (injected fault needs-reset-at)")  # fmt: skip
         if head >= self.num:
             raise BadChain(f"queue {q.index}: head index {head} is not below the queue size {self.num} "
                            f"(L4Re does not check this)")  # fmt: skip
@@ -205,6 +214,9 @@ class DeviceRing:
         completions were published.  Returns True if the driver was interrupted.
         """
         pending = self.pending
+        left = self.device.completions_left
+        if pending and left is not None:  # stop-completing: the rest are held, never used
+            self._hold(pending, left)
         if pending:
             q = self.q
             ids = self.used_id
@@ -218,6 +230,8 @@ class DeviceRing:
                 lens[slot] = written
                 idx = (idx + 1) & 0xFFFF
             q.completed += len(pending)
+            if left is not None:
+                self.device.completions_left = left - len(pending)
             pending.clear()
             self.used_idx[0] = idx  # one store publishes them
             self.published = idx
@@ -234,15 +248,38 @@ class DeviceRing:
         else:
             wanted = not self.avail_flags[0] & cat.VRING_AVAIL_F_NO_INTERRUPT
         if wanted:
-            self.q.notified += 1
-            self.device.notify(cat.IRQ_STATUS_VRING)
+            dev = self.device
+            if dev.irqs_left is not None:  # drop-irqs: the interrupt is never sent
+                if dev.irqs_left <= 0:
+                    if not self.dropped:
+                        log.warning("queue %d: interrupt for used.idx %d not sent (injected fault drop-irqs)",
+                                    self.q.index, idx)  # fmt: skip
+                    self.dropped += 1
+                    return False
+                dev.irqs_left -= 1
+            if dev.notify(cat.IRQ_STATUS_VRING):  # counted only when an IRQ was there to trigger
+                self.q.notified += 1
+                self.q.signalled = idx
         return wanted
+
+    def _hold(self, pending: list[tuple[int, int]], left: int) -> None:
+        """stop-completing: keep all but the first ``left`` completions back for ever."""
+        if len(pending) <= left:
+            return
+        keep = max(0, left)
+        if not self.held:
+            log.warning("queue %d: completions from used.idx %d on are held back (injected fault stop-completing)",
+                        self.q.index, (self.used_idx[0] + keep) & 0xFFFF)  # fmt: skip
+        self.held.extend(pending[keep:])
+        del pending[keep:]
 
     # -- kick suppression ------------------------------------------------------------------
 
     def suppress_kicks(self, on: bool) -> None:
         """While the device polls the ring it needs no kicks (NO_NOTIFY or avail_event)."""
         q = self.q
+        if self.device.faults.get("suppress-kicks"):
+            on = True  # the device never asks for kicks again
         if self.device.negotiated_bit(cat.EVENT_IDX_BIT):
             # avail_event = next_avail: "kick me when you publish past what I have
             # seen"; half the index space ahead: "do not kick".

@@ -14,17 +14,35 @@ if TYPE_CHECKING:
 #: Faults the emulator can inject, for testing drivers against bad devices.
 FAULTS = {
     "refuse-features-ok": "never accept FEATURES_OK (negotiation always fails)",
+    "clear-features-ok": "accept FEATURES_OK, then clear it when the driver sets DRIVER_OK "
+    "(the status reads DRIVER_OK without FEATURES_OK)",
     "never-clear-cmd": "never consume a cmd word (the driver's cmd wait times out)",
     "needs-reset-on-driver-ok": "answer DRIVER_OK with DEVICE_NEEDS_RESET",
+    "needs-reset-at": "enter DEVICE_NEEDS_RESET, with a reason, when taking the Nth request (needs-reset-at=1)",
     "die-on-status": "exit the emulator when this status value is written (die-on-status=3)",
     "no-reply": "never reply to this L4-VIRTIO opcode, by name or number (no-reply=SET_STATUS or no-reply=0)",
     "queues-offset-outside": "publish a queue array that lies outside the page",
     "bad-magic": "publish a wrong magic value",
+    "stop-completing": "take requests but never put them in the used ring "
+    "(stop-completing=N: after N completions; default 0)",
+    "ignore-kicks": "never look at the available rings: requests stay offered and are not taken (kicks are counted)",
+    "drop-irqs": "complete requests but never interrupt the driver for them "
+    "(drop-irqs=N: after N interrupts; default 0)",
+    "suppress-kicks": "tell drivers not to kick (used NO_NOTIFY, or an avail_event out of reach with EVENT_IDX) "
+    "and look at the rings only when kicked anyway",
 }
 
 
-#: Faults that need a value (FAULT=VALUE), with what the value is.
-FAULT_VALUES = {"die-on-status": "a status value", "no-reply": "an opcode"}
+#: Faults that need a value (FAULT=VALUE), with what the value is and an example.
+FAULT_VALUES = {
+    "die-on-status": ("a status value", "die-on-status=3"),
+    "no-reply": ("an opcode", "no-reply=SET_STATUS"),
+    "needs-reset-at": ("a request number (1: the first)", "needs-reset-at=1"),
+}
+#: Faults that take a count (FAULT=N) or stand alone (then N is 0).
+FAULT_COUNTS = ("stop-completing", "drop-irqs")
+#: The smallest value each numeric fault takes.
+_FAULT_MIN = {"die-on-status": 0, "needs-reset-at": 1, "stop-completing": 0, "drop-irqs": 0}
 
 
 def opcode_names() -> dict[str, int]:
@@ -56,7 +74,9 @@ def parse_opcode(text: str) -> int:
 
 
 def parse_faults(text) -> dict:
-    """'never-clear-cmd,die-on-status=3' -> {'never-clear-cmd': True, 'die-on-status': 3}."""
+    """'never-clear-cmd,die-on-status=3' -> {'never-clear-cmd': True, 'die-on-status': 3}.
+
+    A fault of FAULT_COUNTS given alone counts from 0 ({'stop-completing': 0})."""
     out: dict = {}
     if isinstance(text, dict):
         return dict(text)
@@ -64,19 +84,27 @@ def parse_faults(text) -> dict:
         item = item.strip()
         if not item:
             continue
-        name, _, value = item.partition("=")
+        name, eq, value = item.partition("=")
         if name not in FAULTS:
             raise ValueError(f"unknown fault {name!r} (faults: {', '.join(FAULTS)})")
         if name in FAULT_VALUES and not value:
-            example = "no-reply=SET_STATUS" if name == "no-reply" else "die-on-status=3"
-            raise ValueError(f"fault {name} needs {FAULT_VALUES[name]}: {example}")
+            what, example = FAULT_VALUES[name]
+            raise ValueError(f"fault {name} needs {what}: {example}")
         if name == "no-reply":
             out[name] = parse_opcode(value)
-        elif value:
+        elif name in FAULT_VALUES or name in FAULT_COUNTS:
+            if not value:
+                out[name] = 0
+                continue
             try:
-                out[name] = parse_int(value)
+                number = parse_int(value)
             except ValueError:
                 raise ValueError(f"{name}={value}: not a number") from None
+            if number < _FAULT_MIN[name]:
+                raise ValueError(f"{name}={value}: must be at least {_FAULT_MIN[name]}")
+            out[name] = number
+        elif eq:
+            raise ValueError(f"fault {name} takes no value (got {name}={value})")
         else:
             out[name] = True
     return out
