@@ -678,6 +678,8 @@ def _installed_from_here() -> bool:
         dist = metadata.distribution("l4vctl")
     except metadata.PackageNotFoundError:
         return False
+    if Path(str(dist.locate_file("l4vctl"))).resolve() == ROOT / "l4vctl":
+        return True  # metadata written into this checkout (pip install -e . leaves l4vctl.egg-info here)
     direct = dist.read_text("direct_url.json")
     if direct:
         url = json.loads(direct).get("url", "")
