@@ -11,6 +11,7 @@ link) to a unix socket.  Everything is torn down by :meth:`L4reSystem.stop`.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -21,7 +22,10 @@ import subprocess
 import tarfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT_PKG = ROOT / "l4re" / "agent"
@@ -290,3 +294,24 @@ class L4reSystem:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def boot(tmp_path_factory, disk: str) -> L4reSystem:
+    """A booted system with ``disk`` (ahci or nvme); fails in CI and skips elsewhere when a piece is missing."""
+    try:
+        system = L4reSystem(tmp_path_factory.mktemp(f"l4re-{disk}"), disk=disk)
+    except Missing as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the L4Re tests are mandatory in CI, and this machine lacks {exc}")
+        pytest.skip(f"needs {exc}")
+    return system.start()
+
+
+@contextlib.contextmanager
+def booted(tmp_path_factory, disk: str) -> Iterator[L4reSystem]:
+    """:func:`boot`, stopped at the end of the ``with`` block (a module fixture's body)."""
+    system = boot(tmp_path_factory, disk)
+    try:
+        yield system
+    finally:
+        system.stop()

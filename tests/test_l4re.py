@@ -26,37 +26,21 @@ from l4vctl.drivers.net import NetDriver, frame
 from l4vctl.errors import UnavailableError
 from l4vctl.session import Session
 from tests.emu import emulator
-from tests.l4re_system import L4reSystem, Missing, disk_pattern
+from tests.l4re_system import booted, disk_pattern
 
 pytestmark = pytest.mark.l4re
 
 
-def boot(tmp_path_factory, disk: str) -> L4reSystem:
-    try:
-        system = L4reSystem(tmp_path_factory.mktemp(f"l4re-{disk}"), disk=disk)
-    except Missing as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"the L4Re tests are mandatory in CI, and this machine lacks {exc}")
-        pytest.skip(f"needs {exc}")
-    return system.start()
-
-
 @pytest.fixture(scope="module")
 def system(tmp_path_factory):
-    s = boot(tmp_path_factory, "ahci")
-    try:
+    with booted(tmp_path_factory, "ahci") as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")
 def nvme(tmp_path_factory):
-    s = boot(tmp_path_factory, "nvme")
-    try:
+    with booted(tmp_path_factory, "nvme") as s:
         yield s
-    finally:
-        s.stop()
 
 
 def l4vctl(*args: str, timeout: float = 60, input: bytes | None = None) -> subprocess.CompletedProcess:

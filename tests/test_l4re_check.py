@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from tests.test_l4re import boot
+from tests.l4re_system import booted
 
 pytestmark = pytest.mark.l4re
 
@@ -36,20 +36,14 @@ HEALTHY = ("handshake", "request", "status-driver-ok-before-features-ok", "featu
 
 @pytest.fixture(scope="module")
 def system(tmp_path_factory):
-    s = boot(tmp_path_factory, "ahci")
-    try:
+    with booted(tmp_path_factory, "ahci") as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")
 def nvme(tmp_path_factory):
-    s = boot(tmp_path_factory, "nvme")
-    try:
+    with booted(tmp_path_factory, "nvme") as s:
         yield s
-    finally:
-        s.stop()
 
 
 def run_check(url: str, *args: str, timeout: float = 240, on_line=None) -> tuple[int, dict, str, float]:
