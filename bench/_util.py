@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import select
 import statistics
 import subprocess
 import sys
@@ -121,3 +122,31 @@ def print_goals(goals: list[tuple[str, bool, str]]) -> None:
     print(f"\n# goals (load average now {load})")
     for what, met, value in goals:
         print(f"{'met    ' if met else 'NOT met'} {what} ({value})")
+
+
+def start_emulator(path: str, kind: str, *args: str) -> tuple[subprocess.Popen, str]:
+    """``l4vctl emulate KIND --socket PATH -q ARGS`` as a process: (process, its URL)."""
+    proc = subprocess.Popen(
+        [PY, "-m", "l4vctl", "emulate", kind, "--socket", path, "-q", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    ready, _, _ = select.select([proc.stdout], [], [], 20)
+    if not ready:
+        proc.kill()
+        proc.wait()
+        raise SystemExit("the emulator did not start")
+    assert proc.stdout is not None
+    return proc, proc.stdout.readline().strip()
+
+
+def timed(fn, runs: int) -> list[float]:
+    """Seconds of ``runs`` calls of ``fn``, after one warm-up call (imports, first mappings)."""
+    fn()
+    out = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out

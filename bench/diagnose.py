@@ -23,30 +23,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import select
 import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _util import PY, cpus_of, machine, mmm, print_goals
-
-
-def start_emulator(path: str, num: int) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [PY, "-m", "l4vctl", "emulate", "rng", "--socket", path, "-q", "--num-max", str(num),
-         "--inject", "stop-completing"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )  # fmt: skip
-    ready, _, _ = select.select([proc.stdout], [], [], 20)
-    if not ready:
-        proc.kill()
-        raise SystemExit("the emulator did not start")
-    assert proc.stdout is not None
-    return proc, proc.stdout.readline().strip()
+from _util import PY, cpus_of, machine, mmm, print_goals, start_emulator, timed
 
 
 def fill(s, num: int) -> None:
@@ -57,16 +40,6 @@ def fill(s, num: int) -> None:
     for i in range(num):
         vq.add([(addr + 16 * i, 16, True)], i)
     vq.kick()
-
-
-def timed(fn, runs: int) -> list[float]:
-    fn()  # warm-up: imports, first mappings
-    out = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def main() -> int:
@@ -83,7 +56,9 @@ def main() -> int:
     print(f"# {machine()}; this process may run on CPUs {cpus_of()}")
     print(f"# load average before: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url = start_emulator(os.path.join(tmp, "rng.sock"), args.num)
+        proc, url = start_emulator(
+            os.path.join(tmp, "rng.sock"), "rng", "--num-max", str(args.num), "--inject", "stop-completing"
+        )
         try:
             with Session(url, timeout=30) as driver:
                 fill(driver, args.num)
