@@ -30,7 +30,10 @@ MAX_REGIONS = 4096
 MAX_ARCHIVE = 1 << 30
 #: Per-queue STATS counters readers use; an archive's must be numbers (others are kept as they are).
 NUMERIC_QUEUE_KEYS = ("enabled", "num", "next_avail", "avail_idx", "avail_flags", "used_idx", "used_flags",
-                      "completed", "notified")  # fmt: skip
+                      "completed", "notified", "used_event", "avail_event", "signalled_idx")  # fmt: skip
+#: Global STATS counters readers use; an archive's must be numbers.
+NUMERIC_DEVICE_KEYS = ("stats_version", "driver_attached", "status", "generation", "kicks", "irqs_sent", "regions",
+                       "device_errors", "num_queues", "irq_bound", "polling", "features_refused")  # fmt: skip
 
 
 def _header_codec() -> Any:
@@ -167,6 +170,10 @@ def parse(data: bytes | bytearray | memoryview, name: str = "archive") -> Archiv
             isinstance(q, dict) and all(type(q.get(k, 0)) in (int, bool) for k in NUMERIC_QUEUE_KEYS) for q in queues
         ):
             raise FormatError(f"{name}: memory archive device_side queues must be objects with numeric counters")
+        if not all(type(side.get(k, 0)) in (int, bool) for k in NUMERIC_DEVICE_KEYS):
+            raise FormatError(f"{name}: memory archive device_side counters must be numbers")
+        if not isinstance(side.get("reason", ""), str):
+            raise FormatError(f"{name}: memory archive device_side reason must be text")
     if not isinstance(manifest.get("memory_note"), (str, type(None))):
         raise FormatError(f"{name}: memory archive memory_note must be text or null")
     registered = manifest.get("registered")

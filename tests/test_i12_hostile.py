@@ -1,0 +1,45 @@
+"""Hostile inputs against the diagnostics of issue 12: archives, monitor requests, traces, options."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.test_queue_show import post_blk, stalled
+
+
+@pytest.fixture(scope="module")
+def saved_archive(tmp_path_factory) -> bytes:
+    """A memory archive of a blk device with three requests in flight, written by dump-config."""
+    tmp_path = tmp_path_factory.mktemp("archive")
+    path = tmp_path / "a.l4vm"
+    with stalled(tmp_path, "blk", "current", "--size", "1M") as (url, s):
+        post_blk(s)
+        r = run_cli("dump-config", url, "--with-memory", "-o", str(path))
+        assert r.code == 0, r.stderr
+    return path.read_bytes()
+
+
+def with_manifest(raw: bytes, edit) -> bytes:
+    """The archive with its manifest changed by ``edit(manifest)`` (size field fixed up)."""
+    size = struct.unpack_from("<I", raw, 12)[0]
+    manifest = json.loads(raw[16 : 16 + size])
+    edit(manifest)
+    text = json.dumps(manifest).encode()
+    return raw[:12] + struct.pack("<I", len(text)) + text + raw[16 + size :]
+
+
+@pytest.mark.parametrize("key", ["stats_version", "status", "irq_bound", "kicks"])
+@pytest.mark.parametrize("value", [None, "x", [], {"a": 1}])
+def test_archive_device_counters_of_the_wrong_type(tmp_path, saved_archive, key, value):
+    raw = saved_archive
+    bad = tmp_path / "bad.l4vm"
+    bad.write_bytes(with_manifest(raw, lambda m: m["device_side"].__setitem__(key, value)))
+    for args in (["diagnose"], ["diagnose", "--json"], ["queue-show", "--queue", "0"]):
+        r = run_cli(args[0], str(bad), *args[1:])
+        assert r.code == 4, (args, r.code, r.stderr)
+        assert "internal error" not in r.stderr and len(r.stderr.strip().splitlines()) <= 1, r.stderr
+        assert "device_side" in (r.json()["error"]["message"] if "--json" in args else r.stderr)
