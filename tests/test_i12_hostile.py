@@ -43,3 +43,18 @@ def test_archive_device_counters_of_the_wrong_type(tmp_path, saved_archive, key,
         assert r.code == 4, (args, r.code, r.stderr)
         assert "internal error" not in r.stderr and len(r.stderr.strip().splitlines()) <= 1, r.stderr
         assert "device_side" in (r.json()["error"]["message"] if "--json" in args else r.stderr)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["diagnose", "emu:blk", "--interval", "nan"],
+        ["diagnose", "emu:blk", "--timeout", "nan"],
+        ["check", "emu:blk", "--case", "status-*", "--timeout", "nan"],
+        ["queue-show", "emu:blk", "--queue", "0", "--timeout", "NaN"],
+    ],
+)
+def test_nan_seconds_are_a_usage_error(args):
+    r = run_cli(*args, "--json")
+    assert r.code == 2, (r.code, r.stdout, r.stderr)
+    assert r.json()["error"]["type"] == "usage" and "nan" in r.json()["error"]["message"].lower()

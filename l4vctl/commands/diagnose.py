@@ -8,6 +8,7 @@ import click
 
 from l4vctl.commands._common import (
     Command,
+    Seconds,
     abi_option,
     begin,
     device_options,
@@ -83,7 +84,7 @@ evidence: {field: value, or [first, second] for a field read twice}}], notes
 )
 @device_options
 @abi_option(auto=True)
-@click.option("--interval", type=click.FloatRange(min=0.01, max=3600), default=0.5, show_default=True,
+@click.option("--interval", type=Seconds(min=0.01, max=3600), default=0.5, show_default=True,
               metavar="SECONDS", help="Time between the two looks at the device.")  # fmt: skip
 @timeout_option
 @json_option
