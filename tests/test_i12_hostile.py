@@ -58,3 +58,26 @@ def test_nan_seconds_are_a_usage_error(args):
     r = run_cli(*args, "--json")
     assert r.code == 2, (r.code, r.stdout, r.stderr)
     assert r.json()["error"]["type"] == "usage" and "nan" in r.json()["error"]["message"].lower()
+
+
+HEADER = '{"t":0.0,"kind":"trace","format":1}\n'
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        ("[" * 100000 + "\n", "not a JSON line"),  # nesting deeper than the parser's recursion
+        ('{"t":1e999,"s":1,"kind":"session","url":"emu:blk","role":"driver"}\n', "not a JSON line"),
+        ('{"t":NaN,"s":1,"kind":"session","url":"emu:blk","role":"driver"}\n', "not a JSON line"),
+        ('{"t":0.5,"s":1,"kind":"session","url":"emu:blk","role":"driver","x":-Infinity}\n', "not a JSON line"),
+    ],
+)
+def test_trace_lines_json_cannot_carry(tmp_path, body, why):
+    """Deep nesting and non-finite numbers are format errors, never an internal error or invalid JSON out."""
+    path = tmp_path / "t.jsonl"
+    path.write_text(HEADER + body)
+    for args in (["trace", "show", str(path), "--json"], ["trace", "show", str(path)],
+                 ["trace", "replay", str(path), "emu:blk"]):  # fmt: skip
+        r = run_cli(*args)
+        assert r.code == 4, (args, r.code, r.stdout[:300], r.stderr)
+        assert f"t.jsonl:2: {why}" in r.stderr and len(r.stderr.strip().splitlines()) == 1
