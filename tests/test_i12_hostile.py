@@ -81,3 +81,23 @@ def test_trace_lines_json_cannot_carry(tmp_path, body, why):
         r = run_cli(*args)
         assert r.code == 4, (args, r.code, r.stdout[:300], r.stderr)
         assert f"t.jsonl:2: {why}" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_every_json_result_key_is_in_the_help(tmp_path, saved_archive):
+    archive = tmp_path / "a.l4vm"
+    archive.write_bytes(saved_archive)
+    trace = tmp_path / "t.jsonl"
+    assert run_cli("--trace", str(trace), "probe", "emu:rng").code == 0
+    runs = {
+        ("queue-show",): ["queue-show", str(archive), "--queue", "0"],
+        ("diagnose",): ["diagnose", str(archive)],
+        ("check",): ["check", "emu:rng", "--case", "status-*"],
+        ("trace", "show"): ["trace", "show", str(trace)],
+        ("trace", "replay"): ["trace", "replay", str(trace), "emu:rng"],
+    }
+    for command, args in runs.items():
+        r = run_cli(*args, "--json")
+        assert r.code in (0, 6), (args, r.stderr)
+        helptext = run_cli(*command, "--help").stdout
+        missing = [k for k in r.json()["result"] if k not in helptext]
+        assert not missing, (command, missing)
