@@ -193,12 +193,13 @@ def read_file(path: str) -> Archive:
     import sys
 
     from l4vctl.errors import UnavailableError
+    from l4vctl.files import open_input
 
     try:
         if path == "-":
             raw = sys.stdin.buffer.read(MAX_ARCHIVE + 1)
         else:
-            with open(path, "rb") as f:
+            with open_input(path) as f:
                 raw = f.read(MAX_ARCHIVE + 1)
     except FileNotFoundError:
         raise UnavailableError(f"{path}: no such file") from None

@@ -101,3 +101,44 @@ def test_every_json_result_key_is_in_the_help(tmp_path, saved_archive):
         helptext = run_cli(*command, "--help").stdout
         missing = [k for k in r.json()["result"] if k not in helptext]
         assert not missing, (command, missing)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["trace", "show", "@"], ["trace", "replay", "@", "emu:blk"], ["diagnose", "@"], ["queue-show", "@", "-q", "0"]],
+)
+def test_a_fifo_nobody_writes_to_ends_in_a_timeout(tmp_path, monkeypatch, args):
+    import os
+    import time
+
+    from l4vctl import files
+
+    monkeypatch.setattr(files, "FIFO_WAIT", 0.3)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    t0 = time.monotonic()
+    r = run_cli(*[str(fifo) if a == "@" else a for a in args], "--json")
+    assert time.monotonic() - t0 < 5
+    assert r.code == 7, (r.code, r.stderr)
+    assert r.json()["error"]["type"] == "timeout" and "nothing was written" in r.stderr
+
+
+def test_a_fifo_with_a_writer_is_read(tmp_path, saved_archive):
+    import os
+    import threading
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+
+    def write():
+        with open(fifo, "wb") as f:
+            f.write(saved_archive)
+
+    t = threading.Thread(target=write)
+    t.start()
+    try:
+        r = run_cli("queue-show", str(fifo), "-q", "0", "--json")
+    finally:
+        t.join(10)
+    assert r.code == 0, r.stderr
+    assert r.json()["result"]["queue"]["pending"] == 3

@@ -8,6 +8,7 @@ from typing import Any
 
 from l4vctl import catalog as cat
 from l4vctl.errors import FormatError, UnavailableError
+from l4vctl.files import open_input
 from l4vctl.trace import FORMAT_VERSION, KINDS, META_KINDS
 
 #: Largest trace file loaded (a trace is read whole).
@@ -38,7 +39,7 @@ def load(path: str) -> Trace:
     reported in :attr:`Trace.truncated`.
     """
     try:
-        with open(path, "rb") as f:
+        with open_input(path) as f:
             data = f.read(MAX_BYTES + 1)
     except OSError as exc:
         raise UnavailableError(f"{path}: {exc.strerror or exc}") from None
