@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from typing import Any
 
 from l4vctl.errors import FormatError
@@ -90,6 +91,17 @@ def _int(value: Any, what: str, low: int = 0, high: int = 1 << 64) -> int:
     return value
 
 
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
 def parse(data: bytes | bytearray | memoryview, name: str = "archive") -> Archive:
     """Check and split an archive held in memory; FormatError for anything malformed."""
     view = memoryview(data)
@@ -110,7 +122,8 @@ def parse(data: bytes | bytearray | memoryview, name: str = "archive") -> Archiv
     if len(view) < start:
         raise FormatError(f"{name}: truncated memory archive (the manifest needs {msize} bytes)")
     try:
-        manifest = json.loads(bytes(view[hc.size : start]).decode("utf-8"))
+        manifest = json.loads(bytes(view[hc.size : start]).decode("utf-8"), parse_constant=_no_constant,
+                              parse_float=_finite)  # fmt: skip
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nesting too deep
         raise FormatError(f"{name}: memory archive manifest is not JSON ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:

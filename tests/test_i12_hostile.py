@@ -142,3 +142,14 @@ def test_a_fifo_with_a_writer_is_read(tmp_path, saved_archive):
         t.join(10)
     assert r.code == 0, r.stderr
     assert r.json()["result"]["queue"]["pending"] == 3
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_archive_manifest_with_non_json_numbers(tmp_path, saved_archive, constant):
+    size = struct.unpack_from("<I", saved_archive, 12)[0]
+    text = saved_archive[16 : 16 + size].replace(b'"taken":', b'"taken":' + constant.encode() + b',"was":', 1)
+    bad = tmp_path / "bad.l4vm"
+    bad.write_bytes(saved_archive[:12] + struct.pack("<I", len(text)) + text + saved_archive[16 + size :])
+    r = run_cli("diagnose", str(bad), "--json")
+    assert r.code == 4, (r.code, r.stderr)
+    assert "manifest is not JSON" in r.json()["error"]["message"]
