@@ -153,3 +153,17 @@ def test_archive_manifest_with_non_json_numbers(tmp_path, saved_archive, constan
     r = run_cli("diagnose", str(bad), "--json")
     assert r.code == 4, (r.code, r.stderr)
     assert "manifest is not JSON" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("fault", ["bad-magic", "queues-offset-outside"])
+def test_diagnose_does_not_call_a_broken_page_healthy(tmp_path, fault):
+    from tests.emu import emulator
+
+    with emulator(tmp_path, "blk", "--inject", fault) as (url, _proc):
+        for target in (url, f"emu:blk?inject={fault}"):
+            r = run_cli("diagnose", target, "--interval", "0.05", "--json")
+            assert r.code == 4, (target, r.code, r.stdout[:400], r.stderr)
+            assert r.json()["error"]["type"] == "format"
+            message = r.json()["error"]["message"]
+            assert "config page is broken" in message
+            assert ("bad magic" if fault == "bad-magic" else "queue array runs past the end") in message

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import click
@@ -61,7 +62,8 @@ Findings (one line each: "queue N:" or "device:", kind, evidence):
 
 Severity: ok (idle, working), warning (a problem unless the driver means it,
 e.g. NO_INTERRUPT while it polls), error.  Exit status 0 when every finding is
-ok, 6 when a problem is found.
+ok, 6 when a problem is found, 4 when the config page itself is broken (bad
+magic or version, a queue array outside the page).
 
 JSON result: url, interval (null for one look), looks (1 or 2),
 device_class, status, status_flags, healthy, findings: [{kind, queue (null: the device), severity, message,
@@ -93,6 +95,7 @@ def diagnose(ctx, device, device_opt, abi, interval, timeout, json_mode):  # noq
     from l4vctl import catalog as cat
     from l4vctl import diagnosis as dg
     from l4vctl.catalog import Role
+    from l4vctl.errors import FormatError
     from l4vctl.session import Session
 
     url = resolve_device(ctx, device, device_opt)
@@ -100,6 +103,9 @@ def diagnose(ctx, device, device_opt, abi, interval, timeout, json_mode):  # noq
     out.device = url
     with Session(url, abi=abi, timeout=timeout, role=Role.MONITOR, check=False) as s:
         out.abi = s.abi
+        broken = [p for p in s.decode().problems if not re.match(r"queue \d", p)]  # the header's, not a queue's
+        if broken:
+            raise FormatError(f"{url}: the config page is broken: {'; '.join(broken)}")
         first = _look(s, dg)
         second = None
         if s.live:
