@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from typing import Any
 
 from l4vctl.errors import FormatError
@@ -30,7 +31,10 @@ MAX_REGIONS = 4096
 MAX_ARCHIVE = 1 << 30
 #: Per-queue STATS counters readers use; an archive's must be numbers (others are kept as they are).
 NUMERIC_QUEUE_KEYS = ("enabled", "num", "next_avail", "avail_idx", "avail_flags", "used_idx", "used_flags",
-                      "completed", "notified")  # fmt: skip
+                      "completed", "notified", "used_event", "avail_event", "signalled_idx")  # fmt: skip
+#: Global STATS counters readers use; an archive's must be numbers.
+NUMERIC_DEVICE_KEYS = ("stats_version", "driver_attached", "status", "generation", "kicks", "irqs_sent", "regions",
+                       "device_errors", "num_queues", "irq_bound", "polling", "features_refused")  # fmt: skip
 
 
 def _header_codec() -> Any:
@@ -87,6 +91,17 @@ def _int(value: Any, what: str, low: int = 0, high: int = 1 << 64) -> int:
     return value
 
 
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
 def parse(data: bytes | bytearray | memoryview, name: str = "archive") -> Archive:
     """Check and split an archive held in memory; FormatError for anything malformed."""
     view = memoryview(data)
@@ -107,7 +122,8 @@ def parse(data: bytes | bytearray | memoryview, name: str = "archive") -> Archiv
     if len(view) < start:
         raise FormatError(f"{name}: truncated memory archive (the manifest needs {msize} bytes)")
     try:
-        manifest = json.loads(bytes(view[hc.size : start]).decode("utf-8"))
+        manifest = json.loads(bytes(view[hc.size : start]).decode("utf-8"), parse_constant=_no_constant,
+                              parse_float=_finite)  # fmt: skip
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nesting too deep
         raise FormatError(f"{name}: memory archive manifest is not JSON ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
@@ -167,6 +183,10 @@ def parse(data: bytes | bytearray | memoryview, name: str = "archive") -> Archiv
             isinstance(q, dict) and all(type(q.get(k, 0)) in (int, bool) for k in NUMERIC_QUEUE_KEYS) for q in queues
         ):
             raise FormatError(f"{name}: memory archive device_side queues must be objects with numeric counters")
+        if not all(type(side.get(k, 0)) in (int, bool) for k in NUMERIC_DEVICE_KEYS):
+            raise FormatError(f"{name}: memory archive device_side counters must be numbers")
+        if not isinstance(side.get("reason", ""), str):
+            raise FormatError(f"{name}: memory archive device_side reason must be text")
     if not isinstance(manifest.get("memory_note"), (str, type(None))):
         raise FormatError(f"{name}: memory archive memory_note must be text or null")
     registered = manifest.get("registered")
@@ -186,12 +206,13 @@ def read_file(path: str) -> Archive:
     import sys
 
     from l4vctl.errors import UnavailableError
+    from l4vctl.files import open_input
 
     try:
         if path == "-":
             raw = sys.stdin.buffer.read(MAX_ARCHIVE + 1)
         else:
-            with open(path, "rb") as f:
+            with open_input(path) as f:
                 raw = f.read(MAX_ARCHIVE + 1)
     except FileNotFoundError:
         raise UnavailableError(f"{path}: no such file") from None

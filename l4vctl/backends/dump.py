@@ -13,6 +13,7 @@ from typing import Any
 
 from l4vctl.backends import Backend
 from l4vctl.errors import FormatError, UnavailableError, UsageError
+from l4vctl.files import open_input
 
 MAX_INPUT = 1 << 24  # refuse to read more than 16 MiB of input
 
@@ -58,7 +59,7 @@ def load_any(source: str, fmt: str) -> tuple[bytes, str, dict, Any]:
         if path == "-":
             raw = _read_input(sys.stdin.buffer)
         else:
-            with open(path, "rb") as f:
+            with open_input(path) as f:
                 raw = _read_input(f)
     except FileNotFoundError:
         raise UnavailableError(f"{path}: no such file", hint=socket_hint if path.endswith(".sock") else None) from None

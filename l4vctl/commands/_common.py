@@ -239,10 +239,20 @@ def resolve_device(ctx: click.Context, device: str | None, device_opt: str | Non
     return device or device_opt or DEFAULT_DEVICE
 
 
+class Seconds(click.FloatRange):
+    """A FloatRange that also refuses NaN (which every range comparison lets through)."""
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        rv = super().convert(value, param, ctx)
+        if rv != rv:
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        return rv
+
+
 def timeout_option(f):
     return click.option(
         "--timeout",
-        type=click.FloatRange(min=0.001),
+        type=Seconds(min=0.001),
         default=5.0,
         show_default=True,
         metavar="SECONDS",

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import click
 
 from l4vctl.commands._common import (
     Command,
+    Seconds,
     abi_option,
     begin,
     device_options,
@@ -60,7 +62,8 @@ Findings (one line each: "queue N:" or "device:", kind, evidence):
 
 Severity: ok (idle, working), warning (a problem unless the driver means it,
 e.g. NO_INTERRUPT while it polls), error.  Exit status 0 when every finding is
-ok, 6 when a problem is found.
+ok, 6 when a problem is found, 4 when the config page itself is broken (bad
+magic or version, a queue array outside the page).
 
 JSON result: url, interval (null for one look), looks (1 or 2),
 device_class, status, status_flags, healthy, findings: [{kind, queue (null: the device), severity, message,
@@ -83,7 +86,7 @@ evidence: {field: value, or [first, second] for a field read twice}}], notes
 )
 @device_options
 @abi_option(auto=True)
-@click.option("--interval", type=click.FloatRange(min=0.01, max=3600), default=0.5, show_default=True,
+@click.option("--interval", type=Seconds(min=0.01, max=3600), default=0.5, show_default=True,
               metavar="SECONDS", help="Time between the two looks at the device.")  # fmt: skip
 @timeout_option
 @json_option
@@ -92,6 +95,7 @@ def diagnose(ctx, device, device_opt, abi, interval, timeout, json_mode):  # noq
     from l4vctl import catalog as cat
     from l4vctl import diagnosis as dg
     from l4vctl.catalog import Role
+    from l4vctl.errors import FormatError
     from l4vctl.session import Session
 
     url = resolve_device(ctx, device, device_opt)
@@ -99,6 +103,9 @@ def diagnose(ctx, device, device_opt, abi, interval, timeout, json_mode):  # noq
     out.device = url
     with Session(url, abi=abi, timeout=timeout, role=Role.MONITOR, check=False) as s:
         out.abi = s.abi
+        broken = [p for p in s.decode().problems if not re.match(r"queue \d", p)]  # the header's, not a queue's
+        if broken:
+            raise FormatError(f"{url}: the config page is broken: {'; '.join(broken)}")
         first = _look(s, dg)
         second = None
         if s.live:

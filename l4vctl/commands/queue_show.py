@@ -21,6 +21,7 @@ JSON result keys:
               indirect, avail {flags, idx, used_event}, used {flags, idx,
               avail_event}, next_avail (device side; null offline without it),
               pending, findings
+  device_class  the page's device class (blk, net, console, rng; null if unknown)
   role        what the queue carries: rx, tx, ctrl, control-rx, control-tx, requests
   selection   {mode: outstanding|index|head|all, value}
   chains      per chain: head, slot, avail_index, state (in-device, pending,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from l4vctl import catalog as cat
 from l4vctl.errors import FormatError, UnavailableError
+from l4vctl.files import open_input
 from l4vctl.trace import FORMAT_VERSION, KINDS, META_KINDS
 
 #: Largest trace file loaded (a trace is read whole).
@@ -37,7 +39,7 @@ def load(path: str) -> Trace:
     reported in :attr:`Trace.truncated`.
     """
     try:
-        with open(path, "rb") as f:
+        with open_input(path) as f:
             data = f.read(MAX_BYTES + 1)
     except OSError as exc:
         raise UnavailableError(f"{path}: {exc.strerror or exc}") from None
@@ -54,8 +56,8 @@ def load(path: str) -> Trace:
     header: dict[str, Any] | None = None
     for number, raw in enumerate(lines, 1):
         try:
-            rec = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+            rec = json.loads(raw.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite)
+        except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nesting too deep
             if cut_last and number == len(lines):
                 truncated = number
                 break
@@ -71,6 +73,17 @@ def load(path: str) -> Trace:
     if header is None:
         raise FormatError(f"{path}: no complete first line (empty, or cut short): not a trace file")
     return Trace(path, header, events, truncated)
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
 
 
 def _check(rec: Any, first: bool) -> str | None:
