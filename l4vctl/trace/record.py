@@ -140,6 +140,8 @@ class SessionTrace:
         #: set while a virtqueue kicks: (queue, avail.idx) for the kick a TracedIrq records
         self.kicking: tuple[int, int] | None = None
         self.page: TracedPage | None = None
+        #: the driver's IRQs: an interrupt pending when completions are reaped is recorded before them
+        self.driver_irqs: list[TracedIrq] = []
         self.closed = False
         self.emit("session", url=url, role=role)
 
@@ -252,7 +254,9 @@ class TraceChannel(Channel):
     def new_irq(self) -> tuple[Irq, Cap, list[int]]:
         """The driver IRQ, wrapped to record interrupts (bound at ICU index 0)."""
         irq, cap, fds = self.inner.new_irq()
-        return TracedIrq(irq, self.rec, 0, driver=True), cap, fds  # type: ignore[return-value]
+        traced = TracedIrq(irq, self.rec, 0, driver=True)
+        self.rec.driver_irqs.append(traced)
+        return traced, cap, fds  # type: ignore[return-value]
 
     def lend(self, size: int, name: str) -> Lent:
         """Lent memory; its device address is learnt from the REGISTER_DS that follows."""
@@ -471,7 +475,9 @@ class TracedIrq:
         return got
 
     def close(self) -> None:
-        """Close the inner IRQ."""
+        """Close the inner IRQ; interrupts the driver left pending are recorded first."""
+        if self.driver and getattr(self.inner, "fd", -1) >= 0:
+            self.drain()
         self.inner.close()
 
     def __repr__(self) -> str:
@@ -548,6 +554,13 @@ class TracedVirtqueue(Virtqueue):
     def reap(self) -> list[tuple[Any, int]]:
         """Completions; each recorded with its head, used length and what the device wrote."""
         first = self.last_used
+        # A driver that finds completions without sleeping (it polled, or looked again after a timeout)
+        # leaves the interrupt that signalled them pending: consume and record it before they are taken,
+        # so that the trace shows every interrupt the device sent.  Consuming before looking loses no
+        # wake-up: one sent after this look stays pending for the driver's next wait.
+        for irq in self._tc.rec.driver_irqs:
+            if getattr(irq.inner, "fd", -1) >= 0:
+                irq.drain()
         done = super().reap()
         if done:
             for k, (_token, used) in enumerate(done):
