@@ -152,3 +152,31 @@ def test_saved_page_has_no_memory_interface(tmp_path):
         assert s.regions() is None
         with pytest.raises(UnavailableError):
             s.read_device_memory([(0x200000, 16)])
+
+
+def test_a_monitor_that_does_not_take_its_replies_gets_no_second_copy(console):
+    """Each READ reply holds a fresh copy: a second READ while the first reply is unread is -L4_EBUSY."""
+    from l4vctl import wire
+    from tests.emu import hello, raw_connect
+
+    url, d = console
+    q = d.queues[0]
+    read = [q.desc, 4096]
+    with raw_connect(url) as sock:
+        wire.send(sock, hello(cat.ROLE_MONITOR))
+        welcome = wire.recv(sock, 5)
+        assert welcome.label == 0
+        for seq in (2, 3):  # both sent before either reply is read
+            wire.send(sock, wire.encode(cat.KIND_REQUEST, seq, MON, cat.MONITOR_OP_READ, read))
+        first, second = wire.recv(sock, 5), wire.recv(sock, 5)
+        try:
+            assert (first.seq, first.label, len(first.fds)) == (2, 0, 1)
+            assert (second.seq, second.label, second.fds) == (3, -cat.L4_EBUSY, [])
+        finally:
+            first.close_fds()
+        wire.send(sock, wire.encode(cat.KIND_REQUEST, 4, MON, cat.MONITOR_OP_READ, read))  # replies taken: served
+        third = wire.recv(sock, 5)
+        try:
+            assert (third.seq, third.label, len(third.fds)) == (4, 0, 1)
+        finally:
+            third.close_fds()

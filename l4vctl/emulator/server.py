@@ -42,6 +42,8 @@ MAX_CLIENTS = 128
 MAX_REFUSED = 16
 #: Seconds a new connection has to send its HELLO, and a client may leave replies unread.
 CLIENT_TIMEOUT = 5.0
+#: ioctl: bytes of a socket's send queue its peer has not read (linux/sockios.h; TIOCOUTQ's number)
+SIOCOUTQ = 0x5411
 #: Replies queued for a client that does not read; one more drops it.
 MAX_QUEUED = 64
 #: Seconds between sweeps for clients past their deadlines.
@@ -526,6 +528,11 @@ class Server(_Loop):
 
     def _request(self, client: Client, f: wire.Frame):
         assert client.role is not None  # requests are read only after HELLO set the role
+        if f.label == cat.L4VCTL_PROTO_MONITOR and f.opcode == cat.MONITOR_OP_READ and _unread(client.sock):
+            # Each READ answers with a fresh copy of up to 64 MiB that lives as long as its reply is
+            # unread: a monitor that sends READs without taking the replies gets no second copy.
+            log.warning("client %d: READ while its earlier replies are unread: -L4_EBUSY", client.id)
+            return Reply(-cat.L4_EBUSY)
         return self.dispatcher.handle(f, client.role, self.driver is not None)
 
 
@@ -605,6 +612,16 @@ class Hub(_Loop):
         self.servers.clear()
         self.selector.close()
         close_fds([self._wake_r, self._wake_w])
+
+
+def _unread(sock: socket.socket) -> int:
+    """Bytes sent on ``sock`` that its peer has not read yet (SIOCOUTQ); 0 when it cannot be told."""
+    buf = bytearray(4)
+    try:
+        fcntl.ioctl(sock.fileno(), SIOCOUTQ, buf)
+    except OSError:
+        return 0
+    return int.from_bytes(buf, "little")
 
 
 def _reserve_fd() -> int:
