@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 from typing import Any
 
 from l4vctl.errors import FormatError
+from l4vctl.files import strict_json
 
 MAGIC = b"\x89L4VMEM\n"
 VERSION = 1
@@ -91,17 +91,6 @@ def _int(value: Any, what: str, low: int = 0, high: int = 1 << 64) -> int:
     return value
 
 
-def _no_constant(name: str) -> float:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text} is out of range")
-    return value
-
-
 def parse(data: bytes | bytearray | memoryview, name: str = "archive") -> Archive:
     """Check and split an archive held in memory; FormatError for anything malformed."""
     view = memoryview(data)
@@ -122,8 +111,7 @@ def parse(data: bytes | bytearray | memoryview, name: str = "archive") -> Archiv
     if len(view) < start:
         raise FormatError(f"{name}: truncated memory archive (the manifest needs {msize} bytes)")
     try:
-        manifest = json.loads(bytes(view[hc.size : start]).decode("utf-8"), parse_constant=_no_constant,
-                              parse_float=_finite)  # fmt: skip
+        manifest = strict_json(bytes(view[hc.size : start]).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nesting too deep
         raise FormatError(f"{name}: memory archive manifest is not JSON ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
@@ -203,25 +191,9 @@ def parse(data: bytes | bytearray | memoryview, name: str = "archive") -> Archiv
 
 def read_file(path: str) -> Archive:
     """Read and parse the archive at ``path`` (``-``: standard input); errors as the dump backend gives them."""
-    import sys
+    from l4vctl.files import read_input
 
-    from l4vctl.errors import UnavailableError
-    from l4vctl.files import open_input
-
-    try:
-        if path == "-":
-            raw = sys.stdin.buffer.read(MAX_ARCHIVE + 1)
-        else:
-            with open_input(path) as f:
-                raw = f.read(MAX_ARCHIVE + 1)
-    except FileNotFoundError:
-        raise UnavailableError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UnavailableError(f"{path}: is a directory") from None
-    except PermissionError:
-        raise UnavailableError(f"{path}: permission denied") from None
-    except OSError as exc:
-        raise UnavailableError(f"{path}: {exc.strerror or exc}") from None
+    raw = read_input(path, lambda f: f.read(MAX_ARCHIVE + 1))
     if len(raw) > MAX_ARCHIVE:
         raise FormatError(f"{path}: larger than {MAX_ARCHIVE >> 20} MiB; not a memory archive l4vctl reads")
     return parse(raw, path)

@@ -345,7 +345,7 @@ def test_truncated_last_line_is_a_warning(tmp_path):
 
 def test_missing_trace_file(tmp_path):
     r = run_cli("trace", "show", str(tmp_path / "nothing.jsonl"))
-    assert r.code == 3 and "No such file" in r.stderr
+    assert r.code == 3 and "nothing.jsonl: no such file" in r.stderr
 
 
 # -- replay ---------------------------------------------------------------------------------------------

@@ -8,12 +8,11 @@ inspect rings (queue-show, diagnose, :class:`l4vctl.snapshot.Snapshot`).
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from l4vctl.backends import Backend
-from l4vctl.errors import FormatError, UnavailableError, UsageError
-from l4vctl.files import open_input
+from l4vctl.errors import FormatError, UsageError
+from l4vctl.files import read_input
 
 MAX_INPUT = 1 << 24  # refuse to read more than 16 MiB of input
 
@@ -55,20 +54,7 @@ def load_any(source: str, fmt: str) -> tuple[bytes, str, dict, Any]:
     socket_hint = f"did you mean unix:{path}, or vhost-user:{path} for a vhost-user back-end?"
     if path != "-" and _is_socket(path):
         raise UsageError(f"{path} is a socket, not a saved config page", hint=socket_hint)
-    try:
-        if path == "-":
-            raw = _read_input(sys.stdin.buffer)
-        else:
-            with open_input(path) as f:
-                raw = _read_input(f)
-    except FileNotFoundError:
-        raise UnavailableError(f"{path}: no such file", hint=socket_hint if path.endswith(".sock") else None) from None
-    except IsADirectoryError:
-        raise UnavailableError(f"{path}: is a directory") from None
-    except PermissionError:
-        raise UnavailableError(f"{path}: permission denied") from None
-    except OSError as exc:
-        raise UnavailableError(f"{path}: {exc.strerror or exc}") from None
+    raw = read_input(path, _read_input, hint=socket_hint)
     if ar.is_archive(raw):
         if len(raw) > ar.MAX_ARCHIVE:
             raise FormatError(f"{path}: larger than {ar.MAX_ARCHIVE >> 20} MiB; not a memory archive l4vctl reads")

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import math
 from typing import Any
 
 from l4vctl import catalog as cat
-from l4vctl.errors import FormatError, UnavailableError
-from l4vctl.files import open_input
+from l4vctl.errors import FormatError
+from l4vctl.files import read_input, strict_json
 from l4vctl.trace import FORMAT_VERSION, KINDS, META_KINDS
 
 #: Largest trace file loaded (a trace is read whole).
@@ -38,11 +36,7 @@ def load(path: str) -> Trace:
     newline that does not parse is a truncated write: it is dropped and
     reported in :attr:`Trace.truncated`.
     """
-    try:
-        with open_input(path) as f:
-            data = f.read(MAX_BYTES + 1)
-    except OSError as exc:
-        raise UnavailableError(f"{path}: {exc.strerror or exc}") from None
+    data = read_input(path, lambda f: f.read(MAX_BYTES + 1))
     if len(data) > MAX_BYTES:
         raise FormatError(f"{path}: larger than {MAX_BYTES >> 20} MiB; not loaded")
     lines = data.split(b"\n")
@@ -56,7 +50,7 @@ def load(path: str) -> Trace:
     header: dict[str, Any] | None = None
     for number, raw in enumerate(lines, 1):
         try:
-            rec = json.loads(raw.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite)
+            rec = strict_json(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nesting too deep
             if cut_last and number == len(lines):
                 truncated = number
@@ -73,17 +67,6 @@ def load(path: str) -> Trace:
     if header is None:
         raise FormatError(f"{path}: no complete first line (empty, or cut short): not a trace file")
     return Trace(path, header, events, truncated)
-
-
-def _no_constant(name: str) -> float:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text} is out of range")
-    return value
 
 
 def _check(rec: Any, first: bool) -> str | None:
