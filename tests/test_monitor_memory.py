@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import time
 
 import pytest
 
@@ -168,6 +169,12 @@ def test_a_monitor_that_does_not_take_its_replies_gets_no_second_copy(console):
         assert welcome.label == 0
         for seq in (2, 3):  # both sent before either reply is read
             wire.send(sock, wire.encode(cat.KIND_REQUEST, seq, MON, cat.MONITOR_OP_READ, read))
+        # read nothing until both replies are here (SIOCINQ counts every packet queued on a
+        # SEQPACKET socket): taking the first reply earlier would let the device see it read
+        deadline = time.monotonic() + 10
+        while _queued(sock) < 2 * wire.HEADER_SIZE:
+            assert time.monotonic() < deadline, "the device did not answer both READs"
+            time.sleep(0.005)
         first, second = wire.recv(sock, 5), wire.recv(sock, 5)
         try:
             assert (first.seq, first.label, len(first.fds)) == (2, 0, 1)
@@ -180,3 +187,10 @@ def test_a_monitor_that_does_not_take_its_replies_gets_no_second_copy(console):
             assert (third.seq, third.label, len(third.fds)) == (4, 0, 1)
         finally:
             third.close_fds()
+
+
+def _queued(sock) -> int:
+    """Bytes of every packet waiting on a SEQPACKET socket (SIOCINQ)."""
+    buf = bytearray(4)
+    fcntl.ioctl(sock.fileno(), 0x541B, buf)
+    return int.from_bytes(buf, "little")
