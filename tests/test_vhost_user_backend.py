@@ -394,11 +394,13 @@ def test_rng_read(tmp_path):
         assert fe.set_mem_table() == 0
         assert fe.setup_queue(0) == 0
         got = []
-        for _ in range(2):
+        for n in range(1, 3):
             buf = fe.buffer(64)
             head = fe.post(0, [(*buf, True)])
             assert fe.used(0) == (head, 64)
             got.append(fe.read(buf[0], 64))
+            # EVENT_IDX was accepted: the device asks for a kick at the next request (avail_event)
+            assert struct.unpack_from("<H", fe.mem, 0x2000 + 4 + 8 * 8)[0] == n
         assert got[0] != got[1] and got[0] != bytes(64)
 
 

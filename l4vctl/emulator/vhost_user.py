@@ -45,6 +45,7 @@ import time
 
 from l4vctl import catalog as cat
 from l4vctl import page as pg
+from l4vctl.barrier import full_barrier
 from l4vctl.caps import PAGE, Irq, close_fds, dataspace_problem
 from l4vctl.emulator import log
 from l4vctl.emulator.device import Device, Queue, Region
@@ -93,6 +94,8 @@ BATCH = 64
 MAX_OUT = 64 * 1024
 #: How often queues without a kick fd (NOFD) are looked at.
 POLL_INTERVAL = 1e-3
+#: Rounds of serve-then-rearm per queue and service (EVENT_IDX), before the loop looks at the others.
+REARM_PASSES = 4
 _ANC = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 
 
@@ -200,7 +203,9 @@ class VhostDevice:
 
     def _offered_bits(self) -> set[int]:
         m = self.model
-        bits = set(m.features()) | {cat.VERSION_1_BIT}
+        # EVENT_IDX and INDIRECT_DESC: the ring walker handles both, and QEMU's front-ends (vhost-user-rng)
+        # pass the guest's acceptance of them on without asking the back-end first
+        bits = set(m.features()) | {cat.VERSION_1_BIT, cat.EVENT_IDX_BIT, cat.INDIRECT_DESC_BIT}
         by_name = cat.feature_names(cat.Abi.CURRENT, m.DEVICE_ID)
         for item in m.options["features"]:
             bit = cat.feature_bit(item, by_name)
@@ -302,6 +307,7 @@ class VhostDevice:
         q.enabled = True
         q.ring = DeviceRing(self, q)
         q.signalled = q.views.used_idx[0]
+        q.ring.suppress_kicks(False)  # kicks wanted from next_avail on (avail_event with EVENT_IDX)
         log.info("queue %d running: num %d base %d desc %#x avail %#x used %#x", q.index, num, q.base, desc, avail,
                  used)  # fmt: skip
 
@@ -363,19 +369,29 @@ class VhostDevice:
         faults = self.faults
         if faults and faults.get("ignore-kicks"):
             return False
+        event_idx = cat.EVENT_IDX_BIT in self.negotiated
         for q in self.queues:
             ring = q.ring
             if ring is None or not q.ring_enabled:
                 continue
             try:
-                before = q.next_avail
-                if ring.available():
-                    self.model.process(q, ring)
-                if ring.pending or ring.unsignalled is not None:
-                    ring.publish()
-                    busy = True
-                elif q.next_avail != before:
-                    busy = True
+                for _ in range(REARM_PASSES):
+                    before = q.next_avail
+                    if ring.available():
+                        self.model.process(q, ring)
+                    if ring.pending or ring.unsignalled is not None:
+                        ring.publish()
+                        busy = True
+                    elif q.next_avail != before:
+                        busy = True
+                    if not event_idx:
+                        break
+                    # EVENT_IDX: ask for a kick at the next new request, then look once more for
+                    # requests published before the driver could see that
+                    ring.suppress_kicks(False)
+                    full_barrier()
+                    if q.next_avail == before or not ring.available():
+                        break
             except BadChain as exc:
                 self.device_error(str(exc))
                 return True
