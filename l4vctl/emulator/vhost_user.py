@@ -94,8 +94,8 @@ BATCH = 64
 MAX_OUT = 64 * 1024
 #: How often queues without a kick fd (NOFD) are looked at.
 POLL_INTERVAL = 1e-3
-#: Rounds of serve-then-rearm per queue and service (EVENT_IDX), before the loop looks at the others.
-REARM_PASSES = 4
+#: Longest stretch of serving one queue before the loop looks at the others (it comes back at once).
+SLICE = 5e-3
 _ANC = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 
 
@@ -191,6 +191,7 @@ class VhostDevice:
         self.kicks = self.irqs_sent = self.device_errors = 0
         self.last_error = ""
         self.polling = False
+        self.more = False  # service() stopped with requests left (the server calls it again at once)
         self._arm_faults()
         self.forget()
 
@@ -370,12 +371,14 @@ class VhostDevice:
         if faults and faults.get("ignore-kicks"):
             return False
         event_idx = cat.EVENT_IDX_BIT in self.negotiated
+        self.more = False
+        limit = time.perf_counter() + SLICE
         for q in self.queues:
             ring = q.ring
             if ring is None or not q.ring_enabled:
                 continue
             try:
-                for _ in range(REARM_PASSES):
+                while True:
                     before = q.next_avail
                     if ring.available():
                         self.model.process(q, ring)
@@ -391,6 +394,9 @@ class VhostDevice:
                     ring.suppress_kicks(False)
                     full_barrier()
                     if q.next_avail == before or not ring.available():
+                        break
+                    if time.perf_counter() > limit:  # more work: the server comes back at once
+                        self.more = True
                         break
             except BadChain as exc:
                 self.device_error(str(exc))
@@ -499,6 +505,8 @@ class VhostUserServer(_Loop):
 
     def wait_time(self) -> float | None:
         """How long the loop may sleep (None: until an event)."""
+        if self.device.more:
+            return 0.0
         if any(q.polled and q.ring is not None for q in self.device.queues):
             return POLL_INTERVAL
         conn = self.conn
@@ -507,7 +515,9 @@ class VhostUserServer(_Loop):
         return None
 
     def sweep_due(self, now: float) -> bool:
-        """Whether polled queues or a deadline need a look at ``now``."""
+        """Whether unfinished work, polled queues or a deadline need a look at ``now``."""
+        if self.device.more:
+            return True
         return self.wait_time() is not None and now >= self._next_sweep
 
     def step(self, timeout: float | None) -> None:
@@ -542,7 +552,7 @@ class VhostUserServer(_Loop):
         if now >= self._next_sweep:
             self._next_sweep = now + min(0.25, self.client_timeout / 4)
             self._sweep(now)
-        if any(q.polled and q.ring is not None for q in self.device.queues):
+        if self.device.more or any(q.polled and q.ring is not None for q in self.device.queues):
             self._service()
 
     def _sweep(self, now: float) -> None:
