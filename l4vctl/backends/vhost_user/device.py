@@ -82,6 +82,8 @@ class VhostDevice(Device):
         self.region_fds: list[tuple[int, int, int, int]] = []  # (base, size, offset, fd)
         self.queue_kicks: list[Irq] = []
         self.started: set[int] = set()
+        #: what GET_QUEUE_NUM and GET_CONFIG told (see ``queue_facts``)
+        self.facts: dict[str, Any] = {}
         super().__init__(model)
         self.queue_kicks = [Irq.create() for _ in range(self.num_queues)]
         self._publish_notify_indices()
