@@ -67,6 +67,8 @@ def runtime_dirs(prefix: str) -> list[Path]:
 class Testpmd:
     """One testpmd process serving ``ports`` vhost-user sockets in ``directory``."""
 
+    __test__ = False  # a helper, not a test class
+
     def __init__(self, directory, *, ports: int = 1, queues: int = 1, mode: str = "macswap"):
         exe = require_testpmd()
         self.prefix = f"l4vctl-{os.getpid()}-{uuid.uuid4().hex[:8]}"

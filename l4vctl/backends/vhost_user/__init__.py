@@ -64,7 +64,7 @@ PAIRED = {"net"}
 #: What a device is without ``?type=``: vhost-user has no message that tells.
 UNKNOWN_DEVICE = "unknown (vhost-user does not report it)"
 #: Options of a vhost-user URL.
-OPTIONS = ("type", "num_max")
+OPTIONS = ("type", "num_max", "mac")
 
 
 def _common_options(raw: dict[str, str]) -> dict[str, Any]:
@@ -82,7 +82,16 @@ def _parse_target(target: str) -> tuple[str, dict[str, str]]:
     path, opts = parse_query(target, "vhost-user", "?type=blk&num_max=256")
     unknown = set(opts) - set(OPTIONS)
     if unknown:
-        raise UsageError(f"vhost-user: unknown option {sorted(unknown)[0]!r}", hint="options: type, num_max")
+        raise UsageError(f"vhost-user: unknown option {sorted(unknown)[0]!r}", hint="options: " + ", ".join(OPTIONS))
+    if "mac" in opts:
+        from l4vctl.parsing import parse_mac
+
+        if opts.get("type") != "net":
+            raise UsageError("vhost-user: mac= is an option of a net device (?type=net&mac=...)")
+        try:
+            parse_mac(opts["mac"])
+        except ValueError as exc:
+            raise UsageError(f"vhost-user: mac: {exc}") from None
     return path, opts
 
 
@@ -149,7 +158,12 @@ class VhostChannel(Channel):
         self.role = cat.ROLE_DRIVER if role == "driver" else cat.ROLE_MONITOR
         self.client = client = VhostUserClient(path, timeout)
         try:
-            self.device = self._identify(client, kind, device_id, config_size, num_max)
+            mac = None
+            if "mac" in opts:
+                from l4vctl.parsing import parse_mac
+
+                mac = parse_mac(opts["mac"])
+            self.device = self._identify(client, kind, device_id, config_size, num_max, mac)
         except BaseException:
             client.close()
             raise
@@ -157,7 +171,7 @@ class VhostChannel(Channel):
 
     @staticmethod
     def _identify(client: VhostUserClient, kind: str | None, device_id: int, config_size: int,
-                  num_max: int) -> VhostDevice:  # fmt: skip
+                  num_max: int, mac: bytes | None = None) -> VhostDevice:  # fmt: skip
         from l4vctl.backends.vhost_user import client as vu
         from l4vctl.backends.vhost_user.device import VhostDevice, VhostModel
         from l4vctl.emulator import log
@@ -188,6 +202,12 @@ class VhostChannel(Channel):
                 config = {"max_virtqueue_pairs": min(facts["pairs"], 0xFFFF)}
         # vhost-user's own bits are not device features: protocol features (30), dirty logging (26)
         bits = {b for b in range(64) if features >> b & 1} - VHOST_OWN_BITS
+        if mac is not None:
+            # the MAC is the front-end's to give (QEMU's virtio-net mac=): offered here, never sent on
+            config["mac"] = mac
+            if cat.NET_F_MAC not in bits:
+                facts["front_end_bits"] = {cat.NET_F_MAC}
+                bits.add(cat.NET_F_MAC)
         raw = {"abi": "current", "num_max": str(num_max), "vendor": "0"}
         options = parse_options(kind, raw) if kind else _common_options(raw)
         model = VhostModel(options, kind or "unknown", device_id, bits, config, facts["queues"])
@@ -268,9 +288,16 @@ class VhostUserBackend(Backend):
         facts = channel.device.facts
         notes = [self.base_note, queue_note(facts)]
         if facts["config"] == "synthesised":
+            notes[0] = notes[0].replace("GET_FEATURES, GET_CONFIG, GET_QUEUE_NUM", "GET_FEATURES, GET_QUEUE_NUM")
+        if facts["config"] == "synthesised":
             notes.append(
                 "the back-end has no CONFIG protocol feature: device config synthesised"
                 + (" (max_virtqueue_pairs from GET_QUEUE_NUM, other fields 0)" if "pairs" in facts else " (all 0)")
+            )
+        if "mac" in self.opts:
+            notes.append(
+                f"MAC address {self.opts['mac']} from the URL (the front-end's to give)"
+                + ("; VIRTIO_NET_F_MAC offered by l4vctl, not by the back-end" if facts.get("front_end_bits") else "")
             )
         self.synthesized = "; ".join(notes)
         return channel

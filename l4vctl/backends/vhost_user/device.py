@@ -133,7 +133,7 @@ class VhostDevice(Device):
     def vhost_set_features(self, accepted: set[int]) -> bool:
         """SET_FEATURES with the accepted device bits (and the protocol-features bit if spoken)."""
         value = 0
-        for bit in accepted:
+        for bit in set(accepted) - self.facts.get("front_end_bits", set()):  # bits l4vctl offered itself stay here
             if bit < 64:
                 value |= 1 << bit
         if self.keeps_protocol_features:
