@@ -27,6 +27,7 @@ from l4vctl.emulator import log
 from l4vctl.emulator.device import Device, Queue
 from l4vctl.emulator.models.base import Model
 from l4vctl.emulator.ring import DeviceRing
+from l4vctl.errors import ProtocolError
 
 
 class VhostModel(Model):
@@ -168,7 +169,15 @@ class VhostDevice(Device):
         i = q.index
         if i in self.started:
             self._stop(i)
-        c.send(cat.VHOST_USER_SET_VRING_NUM, vu.vring_state(i, q.num))
+        try:
+            c.send(cat.VHOST_USER_SET_VRING_NUM, vu.vring_state(i, q.num))
+        except ProtocolError as exc:
+            # vhost-user has no message that tells the largest ring a back-end takes
+            raise ProtocolError(
+                f"{exc} for a {q.num}-entry ring",
+                hint="vhost-user does not report a back-end's largest ring: ask for smaller ones with ?num_max=N "
+                "(e.g. num_max=128)",
+            ) from None
         c.send(cat.VHOST_USER_SET_VRING_BASE, vu.vring_state(i, 0))
         c.send(cat.VHOST_USER_SET_VRING_ADDR, vu.vring_addr(i, q.desc_addr, q.used_addr, q.avail_addr))
         c.send(cat.VHOST_USER_SET_VRING_KICK, vu.vring_fd(i, True), [self.queue_kicks[i].fd])
