@@ -488,3 +488,36 @@ def test_read_only_export(tmp_path):
         assert d.image_bytes(0, 8192) == b"\x3c" * 8192
     finally:
         d.stop()
+
+
+# -- the other classes against a back-end that serves no ring ----------------------------------
+
+
+def test_rng_and_console_identification(fake_back_end):
+    url = f"vhost-user:{fake_back_end.path}"
+    r = ok("probe", f"{url}?type=rng")
+    assert r["device"]["id"] == cat.DEVICE_ID_RNG and r["num_queues"] == 1
+    assert 24 not in fake_back_end.requests  # an entropy device has no config to ask for
+    fake_back_end.requests.clear()
+    r = ok("probe", f"{url}?type=console")
+    assert r["device"]["id"] == cat.DEVICE_ID_CONSOLE and r["num_queues"] == 1
+    assert "GET_QUEUE_NUM 1 queue, fewer than l4vctl's driver of this class needs (2)" in r["notes"][0]
+    assert 24 in fake_back_end.requests  # the console config (cols, rows, ports) is asked for
+    r = ok("probe", f"{url}?type=net")
+    assert r["device"]["id"] == cat.DEVICE_ID_NET and r["num_queues"] == 2  # one pair: GET_QUEUE_NUM said 1
+    assert "GET_QUEUE_NUM 1 queue pair" in r["notes"][0]
+
+
+@pytest.mark.parametrize("cmd", [["rng", "read", "--bytes", "16"], ["net", "send", "--text", "x"]])
+def test_a_back_end_that_never_answers_a_ring_times_out(fake_back_end, cmd):
+    t = time.monotonic()
+    r = run_cli(*cmd[:2], f"vhost-user:{fake_back_end.path}?type={cmd[0]}", *cmd[2:], "--timeout", "1")
+    lines = r.stderr.strip().splitlines()
+    assert r.code == 7 and len(lines) == 1, (r.code, r.stderr)
+    assert time.monotonic() - t < 10
+
+
+def test_a_console_with_one_queue_is_refused(fake_back_end):
+    r = run_cli("console", "send", f"vhost-user:{fake_back_end.path}?type=console", "x", "--timeout", "1")
+    lines = r.stderr.strip().splitlines()
+    assert r.code == 2 and len(lines) == 1 and "queue 1 is not configured" in lines[0], (r.code, r.stderr)

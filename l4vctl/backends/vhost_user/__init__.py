@@ -61,6 +61,8 @@ MAX_QUEUES = 64
 TYPES = {"blk": (2, 60), "net": (1, 12), "rng": (4, 0), "console": (3, 12)}
 #: Classes whose GET_QUEUE_NUM counts queue pairs (a receive and a transmit queue each).
 PAIRED = {"net"}
+#: Queues l4vctl's driver of each class needs (a console: receive and transmit of port 0).
+NEEDED = {"blk": 1, "net": 2, "rng": 1, "console": 2}
 #: What a device is without ``?type=``: vhost-user has no message that tells.
 UNKNOWN_DEVICE = "unknown (vhost-user does not report it)"
 #: Options of a vhost-user URL.
@@ -102,7 +104,7 @@ def queue_facts(kind: str | None, reported: int | None) -> dict[str, Any]:
     (the control queue is not shown: l4vctl does not drive it), at most
     :data:`MAX_QUEUES` in all.
     """
-    facts: dict[str, Any] = {"reported": reported, "config": "GET_CONFIG"}
+    facts: dict[str, Any] = {"reported": reported, "config": "GET_CONFIG", "needed": NEEDED.get(kind or "", 0)}
     if kind in PAIRED:
         pairs = max(1, reported or 1)
         facts["pairs"] = pairs
@@ -128,6 +130,8 @@ def queue_note(facts: dict[str, Any]) -> str:
     text = f"{said} queue{'s' if (reported or 1) != 1 else ''}"
     if reported is not None and queues != reported:
         text += f"; the page shows {queues}"
+    if queues < facts["needed"]:
+        text += f", fewer than l4vctl's driver of this class needs ({facts['needed']})"
     return text
 
 
