@@ -293,7 +293,6 @@ class VhostUserBackend(Backend):
         notes = [self.base_note, queue_note(facts)]
         if facts["config"] == "synthesised":
             notes[0] = notes[0].replace("GET_FEATURES, GET_CONFIG, GET_QUEUE_NUM", "GET_FEATURES, GET_QUEUE_NUM")
-        if facts["config"] == "synthesised":
             notes.append(
                 "the back-end has no CONFIG protocol feature: device config synthesised"
                 + (" (max_virtqueue_pairs from GET_QUEUE_NUM, other fields 0)" if "pairs" in facts else " (all 0)")
