@@ -137,6 +137,28 @@ def test_mac_from_the_url(macswap):
         assert b.code == 2 and words in b.stderr and len(b.stderr.strip().splitlines()) == 1
 
 
+def test_ping_through_macswap(macswap):
+    before = macswap.stats()[0]
+    r = ok("net", "ping", macswap.urls[0], "--to", "02:00:00:00:00:aa", "--count", "6", "--size", "200")
+    assert r["sent"] == r["received"] == 6 and r["lost"] == 0 and len(r["rtts_ms"]) == 6
+    assert r["swapped"] == 6 and r["to"] == "02:00:00:00:00:aa"  # every answer came from --to, to us
+    after = macswap.stats()[0]
+    assert after["rx"] - before["rx"] == 6 and after["tx"] - before["tx"] == 6
+    text = run_cli("net", "ping", f"{macswap.urls[0]}&mac={MAC_A}", "--count", "2")
+    assert text.code == 0 and "2 sent, 2 received, 0% lost" in text.stdout
+    assert "2 of 2 answers came from 02:00:00:00:00:02 (addresses swapped)" in text.stdout
+    bad = run_cli("net", "ping", f"{macswap.urls[0]}&mac={MAC_A}", "--to", MAC_A)
+    assert bad.code == 2 and "DEVICE_A's own address" in bad.stderr
+
+
+def test_ping_with_nothing_coming_back(paired):
+    # port 1 has no front-end: testpmd drops what port 0 forwards to it, nothing comes back
+    t = time.monotonic()
+    r = run_cli("net", "ping", paired.urls[0], "--count", "1", "--timeout", "3")
+    assert r.code == 7 and "no echo came back" in r.stderr and "does the network send frames back" in r.stderr
+    assert time.monotonic() - t < 15
+
+
 def test_ping_between_two_ports(paired):
     a, b = f"{paired.urls[0]}&mac={MAC_A}", f"{paired.urls[1]}&mac={MAC_B}"
     before = paired.stats()
