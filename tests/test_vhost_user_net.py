@@ -220,6 +220,28 @@ def test_back_end_dying_gives_a_clear_error(macswap):
         assert time.monotonic() - t < 5
 
 
+def test_recv_command_when_the_back_end_dies(macswap):
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    recv = subprocess.Popen([sys.executable, "-m", "l4vctl", "net", "recv", macswap.urls[0], "--wait", "30"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while "virtio is now ready for processing" not in macswap.text():  # testpmd has the receiver's rings
+            assert time.monotonic() < deadline and recv.poll() is None, recv.stderr.read() if recv.stderr else ""
+            time.sleep(0.05)
+        time.sleep(0.3)
+        macswap.proc.kill()
+        t = time.monotonic()
+        _out, err = recv.communicate(timeout=20)
+        assert time.monotonic() - t < 10
+    finally:
+        if recv.poll() is None:
+            recv.kill()
+            recv.wait()
+    lines = err.strip().splitlines()
+    assert recv.returncode == 3 and len(lines) == 1 and "hung up" in lines[0], (recv.returncode, err)
+
+
 def test_net_commands_refuse_other_classes_and_bad_types(macswap):
     r = run_cli("rng", "read", macswap.urls[0], "--bytes", "4")
     assert r.code == 5 and "not an entropy device" in r.stderr
