@@ -87,11 +87,20 @@ def test_rng_ring_size_is_the_front_ends_to_choose(tmp_path):
         assert r["bytes"] == 100 and len(bytes.fromhex(r["hex"])) == 100
 
 
+def test_default_ring_sizes_are_the_models(tmp_path):
+    specs = [f"{kind},vhost-user={tmp_path / kind}.sock" for kind in ("blk", "net", "rng", "console")]
+    with served(*specs) as urls:
+        for url, size in zip(urls, [256, 256, 128, 128]):  # what l4vctl's models offer, taken without ?num_max=
+            n = ok("negotiate", url)
+            assert [q["num"] for q in n["queues"]] == [size] * len(n["queues"]), (url, n["queues"])
+        assert len(bytes.fromhex(ok("rng", "read", urls[2], "--bytes", "64")["hex"])) == 64
+
+
 def test_console_echo_and_output(tmp_path):
     out = tmp_path / "console.out"
     with served(f"console,io=echo,vhost-user={tmp_path / 'c.sock'}",
                 f"console,io=null,output={out},vhost-user={tmp_path / 'd.sock'}") as (echo, sink):  # fmt: skip
-        with Session(f"{echo}&num_max=128") as s:
+        with Session(echo) as s:
             s.handshake()
             con = ConsoleDriver(s, rx_buffers=32)
             con.send(b"over vhost-user\n")
@@ -101,7 +110,7 @@ def test_console_echo_and_output(tmp_path):
                 if len(got) >= 16:
                     break
         assert got == b"over vhost-user\n"
-        ok("console", "send", f"{sink}&num_max=128", "written to a file")
+        ok("console", "send", sink, "written to a file")
         assert out.read_bytes() == b"written to a file"
 
 
@@ -129,7 +138,7 @@ def test_net_crosses_to_an_l4virtio_device(tmp_path):
 @pytest.mark.parametrize("kind", ["net", "rng", "console"])
 def test_negotiate_and_queue_stats(tmp_path, kind):
     with served(f"{kind},vhost-user={tmp_path / kind}.sock") as (url,):
-        n = ok("negotiate", f"{url}&num_max=64")
+        n = ok("negotiate", url)
         assert n["status"]["value"] == 0x0F and cat.VERSION_1_BIT in n["negotiated"]
         q = ok("queue-stats", url)
         assert q["device_side"] is None and len(q["queues"]) == q["num_queues"]

@@ -97,6 +97,20 @@ def _parse_target(target: str) -> tuple[str, dict[str, str]]:
     return path, opts
 
 
+def default_num_max(kind: str | None) -> int:
+    """The ring size asked for without ``?num_max=``: what l4vctl's model of the class offers.
+
+    vhost-user has no message that tells the largest ring a back-end takes;
+    the sizes of l4vctl's own models (blk and net 256, rng and console 128)
+    are what ``l4vctl emulate TYPE --vhost-user`` takes.
+    """
+    if kind is None:
+        return 256
+    from l4vctl.emulator.models import model_class
+
+    return int(model_class(kind).DEFAULT_NUM_MAX)
+
+
 def queue_facts(kind: str | None, reported: int | None) -> dict[str, Any]:
     """How many queues the page shows, from GET_QUEUE_NUM's answer (None: no MQ protocol feature).
 
@@ -150,7 +164,7 @@ class VhostChannel(Channel):
         if kind is not None and kind not in TYPES:
             raise UsageError(f"vhost-user: type {kind!r} is not supported", hint="types: " + ", ".join(TYPES))
         try:
-            num_max = int(opts.get("num_max", "256"), 0)
+            num_max = int(opts["num_max"], 0) if "num_max" in opts else default_num_max(kind)
         except ValueError:
             raise UsageError("vhost-user: num_max must be a number") from None
         if not 1 <= num_max <= cat.MAX_QUEUE_SIZE:
