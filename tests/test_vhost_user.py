@@ -281,11 +281,12 @@ def test_device_class_commands_refuse_an_unknown_type(qsd, cmd, rest):
 class FakeBackEnd:
     """A vhost-user back-end that records every message and serves no ring (like virtiofsd, not blk)."""
 
-    def __init__(self, path, *, protocol=True):
+    def __init__(self, path, *, protocol=True, queues=1):
         import socket
         import threading
 
         self.path = str(path)
+        self.queues = queues  # what GET_QUEUE_NUM answers
         self.requests: list[int] = []
         self.features = (1 << 32) | (1 << 28) | ((1 << 30) if protocol else 0)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -331,7 +332,7 @@ class FakeBackEnd:
                 payload, buf = buf[12 : 12 + size], buf[12 + size :]
                 self.requests.append(req)
                 answer = {1: struct.pack("<Q", self.features), 15: struct.pack("<Q", (1 << 0) | (1 << 9)),
-                          17: struct.pack("<Q", 1), 11: payload[:8].ljust(8, b"\0")}.get(req)  # fmt: skip
+                          17: struct.pack("<Q", self.queues), 11: payload[:8].ljust(8, b"\0")}.get(req)  # fmt: skip
                 if req == 24:
                     answer = payload  # GET_CONFIG: an all-zero config space
                 if answer is not None:
@@ -521,3 +522,21 @@ def test_a_console_with_one_queue_is_refused(fake_back_end):
     r = run_cli("console", "send", f"vhost-user:{fake_back_end.path}?type=console", "x", "--timeout", "1")
     lines = r.stderr.strip().splitlines()
     assert r.code == 2 and len(lines) == 1 and "queue 1 is not configured" in lines[0], (r.code, r.stderr)
+
+
+@pytest.mark.parametrize("answer", [0, 3, 1000, (1 << 64) - 1])
+def test_queue_counts_from_a_hostile_get_queue_num(tmp_path, answer):
+    b = FakeBackEnd(tmp_path / "q.sock", queues=answer)
+    try:
+        url = f"vhost-user:{b.path}"
+        net = ok("probe", f"{url}?type=net")
+        pairs = max(1, answer)
+        assert net["num_queues"] == 2 * min(pairs, 32)  # two per pair, at most 64 queues on the page
+        assert f"GET_QUEUE_NUM {answer} queue pair" in net["notes"][0]
+        assert ("the page shows the first 32 pairs (64 queues)" in net["notes"][0]) == (pairs > 32)
+        assert ("the page shows 1 pair (2 queues)" in net["notes"][0]) == (answer == 0)
+        blk = ok("probe", f"{url}?type=blk")
+        assert blk["num_queues"] == max(1, min(answer, 64))
+        assert f"GET_QUEUE_NUM {answer} queue" in blk["notes"][0]
+    finally:
+        b.stop()

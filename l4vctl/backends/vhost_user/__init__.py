@@ -140,6 +140,8 @@ def queue_note(facts: dict[str, Any]) -> str:
         shown = queues // 2
         if shown < facts["pairs"]:
             text += f"; the page shows the first {shown} pairs ({queues} queues)"
+        elif reported is not None and shown != reported:
+            text += f"; the page shows {shown} pair ({queues} queues)"
         return text
     text = f"{said} queue{'s' if (reported or 1) != 1 else ''}"
     if reported is not None and queues != reported:
