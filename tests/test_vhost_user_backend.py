@@ -677,3 +677,28 @@ def test_console_send_with_l4vctls_front_end(tmp_path):
         while b"hello from the front-end\n" not in (out.read_bytes() if out.exists() else b""):
             assert time.monotonic() < deadline, out.read_bytes() if out.exists() else "no output file"
             time.sleep(0.02)
+
+
+def test_from_file_with_a_vhost_user_device(tmp_path):
+    v, u = tmp_path / "v.sock", tmp_path / "u.sock"
+    conf = tmp_path / "devices.toml"
+    conf.write_text(f'[[device]]\ntype = "rng"\nvhost-user = "{v}"\n[[device]]\ntype = "rng"\nsocket = "{u}"\n')
+    with backend(tmp_path, "--from", str(conf), count=2) as b:
+        assert b.urls == [f"vhost-user:{v}?type=rng", f"unix:{u}"]
+        r = cli("rng", "read", b.urls[0], "--bytes", "16", "--json")
+        assert r.returncode == 0, r.stderr
+
+
+def test_a_second_front_end_is_served_when_the_first_leaves(blk, tmp_path):
+    with raw(blk.path) as first:
+        first.negotiate()
+        second = RawFrontend(blk.path, timeout=0.5)
+        try:
+            second.send(GET_FEATURES)
+            with pytest.raises(TimeoutError):
+                second.reply(GET_FEATURES)  # waits in the listen queue
+            first.sock.close()
+            second.sock.settimeout(5)
+            assert struct.unpack("<Q", second.reply(GET_FEATURES))[0] & F_VERSION_1
+        finally:
+            second.close()
