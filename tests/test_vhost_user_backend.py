@@ -59,6 +59,7 @@ class RawFrontend:
         self.fds: list[int] = []
         self.queues: dict[int, dict] = {}
         self.next_buf = BUFFERS
+        self.ring_base = 0  # offset of queue 0's ring area in the memfd
 
     def close(self) -> None:
         self.sock.close()
@@ -133,11 +134,12 @@ class RawFrontend:
         assert self.ack(SET_FEATURES, struct.pack("<Q", accept)) == 0
         return offered
 
-    def table(self) -> bytes:
-        return struct.pack("<II", 1, 0) + struct.pack("<QQQQ", GPA, MEM, USER, 0)
+    def table(self, skip: int = 0) -> bytes:
+        """One region: the memfd from byte ``skip`` on (its ``mmap_offset``), at GPA + skip and USER + skip."""
+        return struct.pack("<II", 1, 0) + struct.pack("<QQQQ", GPA + skip, MEM - skip, USER + skip, skip)
 
-    def set_mem_table(self) -> int:
-        return self.ack(SET_MEM_TABLE, self.table(), [self.ds.fd])
+    def set_mem_table(self, skip: int = 0) -> int:
+        return self.ack(SET_MEM_TABLE, self.table(skip), [self.ds.fd])
 
     def eventfd(self) -> int:
         fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -146,7 +148,7 @@ class RawFrontend:
 
     def setup_queue(self, index: int, num: int = 8, *, addrs=None, enable: bool = True) -> int:
         """NUM, BASE, ADDR, CALL, ERR, KICK, ENABLE; the ack of KICK (0: running)."""
-        area = index * RING_AREA
+        area = self.ring_base + index * RING_AREA
         q = {"num": num, "area": area, "avail": 0, "used": 0, "next_desc": 0}
         q["kick"], q["call"], q["err"] = self.eventfd(), self.eventfd(), self.eventfd()
         self.queues[index] = q
@@ -384,6 +386,21 @@ def test_blk_request_through_translated_rings(blk):
         # GET_VRING_BASE stops the ring and says where it stopped
         body = fe.call(GET_VRING_BASE, struct.pack("<II", 0, 0))
         assert struct.unpack("<II", body) == (0, 1)
+
+
+def test_region_with_an_mmap_offset(blk):
+    blk.image.write_bytes(b"\x3c" * 512 + bytes((1 << 20) - 512))
+    with raw(blk.path) as fe:
+        fe.negotiate()
+        assert fe.set_mem_table(skip=0x4000) == 0
+        fe.ring_base = 0x4000
+        assert fe.setup_queue(0) == 0
+        hdr = fe.buffer(struct.pack("<IIQ", 0, 0, 0))
+        data = fe.buffer(512)
+        status = fe.buffer(1)
+        head = fe.post(0, [(*hdr, False), (*data, True), (*status, True)])
+        assert fe.used(0) == (head, 513)
+        assert fe.read(data[0], 512) == b"\x3c" * 512
 
 
 def test_rng_read(tmp_path):
