@@ -773,3 +773,21 @@ def test_random_messages_never_stop_the_back_end(blk, tmp_path):
     _serves_next(blk, tmp_path)
     assert "Traceback" not in blk.log()
     assert len(blk.lines("dropped")) >= 10 and len(blk.lines("refused")) >= 10, blk.log()
+
+
+def test_sigterm_removes_the_socket_and_a_stale_one_is_replaced(tmp_path):
+    path = tmp_path / "v.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))  # a socket file nobody listens on
+    stale.close()
+    proc = subprocess.Popen([sys.executable, "-m", "l4vctl", "emulate", "blk", "--vhost-user", str(path), "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        assert ready_lines(proc, 1) == [f"vhost-user:{path}?type=blk"]
+        with raw(path) as fe:
+            assert fe.u64(GET_FEATURES) & F_VERSION_1
+        proc.terminate()
+        assert proc.wait(10) == 0
+        assert not path.exists()
+    finally:
+        reap(proc)
