@@ -791,3 +791,32 @@ def test_sigterm_removes_the_socket_and_a_stale_one_is_replaced(tmp_path):
         assert not path.exists()
     finally:
         reap(proc)
+
+
+def test_reset_owner_stops_the_rings_and_the_device_sets_up_again(blk):
+    with raw(blk.path) as fe:
+        fe.negotiate()
+        assert fe.set_mem_table() == 0
+        assert fe.setup_queue(0) == 0
+        assert fe.ack(RESET_OWNER) == 0
+        blk.wait_log("device reset by the front-end")
+        # everything is gone: a ring needs the memory table again
+        assert fe.ack(SET_FEATURES, struct.pack("<Q", F_VERSION_1 | F_PROTOCOL)) == 0
+        fe.queues.clear()
+        assert fe.setup_queue(0) == 1  # no memory table
+        assert fe.set_mem_table() == 0
+        assert fe.setup_queue(0) == 0
+        hdr = fe.buffer(struct.pack("<IIQ", 0, 0, 0))
+        data, status = fe.buffer(512), fe.buffer(1)
+        head = fe.post(0, [(*hdr, False), (*data, True), (*status, True)])
+        assert fe.used(0) == (head, 513)
+
+
+def test_config_windows(blk):
+    with raw(blk.path) as fe:
+        fe.negotiate()
+        body = fe.call(GET_CONFIG, struct.pack("<III", 250, 16, 0) + bytes(16))  # beyond 256 bytes
+        assert struct.unpack_from("<III", body) == (0, 0, 0) and len(body) == 12
+        assert fe.ack(25, struct.pack("<III", 0, 8, 0) + bytes(8)) == 1  # SET_CONFIG: read-only
+        assert fe.u64(GET_FEATURES) & F_VERSION_1
+    assert len(blk.lines("GET_CONFIG refused")) == 1 and len(blk.lines("SET_CONFIG refused")) == 1
