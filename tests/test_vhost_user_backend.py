@@ -885,3 +885,24 @@ def test_qemu_boots_from_the_blk_back_end(blk, tmp_path):
     log = blk.wait_log("front-end 1 left")
     assert "queue 0 running" in log and "GET_CONFIG refused" not in log
     _serves_next(blk, tmp_path)  # and the next front-end is served
+
+
+def test_a_new_kick_fd_for_a_running_ring_keeps_its_place(tmp_path):
+    path = tmp_path / "rng.sock"
+    with backend(tmp_path, "rng", "--vhost-user", str(path)) as b, raw(path) as fe:
+        fe.negotiate()
+        assert fe.set_mem_table() == 0
+        assert fe.setup_queue(0) == 0
+        first = fe.buffer(16)
+        head = fe.post(0, [(*first, True)])
+        assert fe.used(0) == (head, 16)
+        fe.queues[0]["kick"] = fe.eventfd()
+        assert fe.ack(SET_VRING_KICK, struct.pack("<Q", 0), [fe.queues[0]["kick"]]) == 0
+        before = fe.read(first[0], 16)
+        second = fe.buffer(16)
+        head = fe.post(0, [(*second, True)])
+        assert fe.used(0) == (head, 16)
+        assert fe.read(first[0], 16) == before  # the first request was not served again
+        body = fe.call(GET_VRING_BASE, struct.pack("<II", 0, 0))
+        assert struct.unpack("<II", body) == (0, 2)
+        assert b.proc.poll() is None
