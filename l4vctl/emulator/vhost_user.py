@@ -221,7 +221,9 @@ class VhostDevice:
         dc = pg.device_config_codec(m.DEVICE_ID, cat.Abi.CURRENT)
         if dc is None or not dc.size:
             return b""
-        page = pg.build_page(cat.Abi.CURRENT, m.DEVICE_ID, device_config=m.config(), num_queues=0)
+        profile = m.profile
+        config = {**m.config(), **(profile.config if profile is not None else {})}
+        page = pg.build_page(cat.Abi.CURRENT, m.DEVICE_ID, device_config=config, num_queues=0)
         return bytes(page[pg.HEADER_SIZE : pg.HEADER_SIZE + dc.size])
 
     # -- state --------------------------------------------------------------------------
@@ -972,6 +974,8 @@ class VhostUserServer(_Loop):
             self.unwatch(q.kick.fd)
             q.kick.close()
         q.kick = irq
+        if q.ring is not None:  # a new kick fd for a running ring: it goes on where it is
+            q.base = q.next_avail
         if irq is not None:
             self.selector.register(irq.fd, selectors.EVENT_READ, ("kick", q))
         q.polled = irq is None
