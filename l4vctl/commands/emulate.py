@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import click
 
@@ -55,6 +56,14 @@ def _apply(decorators):
             "Four devices from one process, on /tmp/devs/blk0.sock, blk1.sock, net0.sock and rng0.sock:",
         ),
         ("l4vctl emulate net --socket /tmp/net.sock --abi classic --cmd-mode", "A classic-era net device in cmd mode:"),
+        (
+            "l4vctl emulate blk --vhost-user /tmp/vblk.sock --image disk.img",
+            "Serve the block model to vhost-user front-ends (QEMU's vhost-user-blk-pci, vhost-user:PATH):",
+        ),
+        (
+            "l4vctl emulate --device net,link=lan,vhost-user=/tmp/vnet.sock --device net,link=lan,socket=/tmp/net.sock",
+            "A vhost-user net device and an L4-VIRTIO one on one virtual cable:",
+        ),
         ("l4vctl emulate blk --socket /tmp/bad.sock --inject refuse-features-ok", "A device that refuses FEATURES_OK:"),
         (
             "l4vctl emulate blk --socket /tmp/ahci.sock --profile l4re-ahci --size 4M",
@@ -66,6 +75,8 @@ def _apply(decorators):
 @click.argument("kind", metavar="[TYPE]", required=False, type=click.Choice(["blk", "net", "console", "rng"]))
 @click.option("--socket", "socket_path", default=None, metavar="PATH",
               help="Unix socket to listen on (mode 0600); needed with TYPE.")  # fmt: skip
+@click.option("--vhost-user", "vhost_user", default=None, metavar="PATH",
+              help="Serve TYPE over vhost-user on a stream socket at PATH (not --socket); see below.")  # fmt: skip
 @click.option("--device", "device_specs", multiple=True, metavar="SPEC",
               help="Serve a device TYPE[,KEY=VALUE...] instead of TYPE; repeatable, one process for all "
                    "(see below).")  # fmt: skip
@@ -105,8 +116,8 @@ def _apply(decorators):
 @click.option("-q", "--quiet", is_flag=True, help="Log only errors.")
 @json_option
 @click.pass_context
-def emulate(ctx, kind, socket_path, device_specs, socket_dir, from_file, max_clients, client_timeout, idle_timeout,
-            abi, attach, profile, cmd_mode, queues, num_max, features, inject, ds_offset, max_regions,
+def emulate(ctx, kind, socket_path, vhost_user, device_specs, socket_dir, from_file, max_clients, client_timeout,
+            idle_timeout, abi, attach, profile, cmd_mode, queues, num_max, features, inject, ds_offset, max_regions,
             vendor, verbose, quiet, json_mode, **model_opts):  # fmt: skip
     """Serve emulated L4-VIRTIO devices on Unix sockets: one, or several from one process.
 
@@ -137,8 +148,22 @@ def emulate(ctx, kind, socket_path, device_specs, socket_dir, from_file, max_cli
       l4vctl emulate --from devices.toml
 
     \b
+    vhost-user (--vhost-user PATH, or vhost-user=PATH in a SPEC): the same
+    models (blk, net, rng, console) served to one vhost-user front-end at a
+    time (QEMU's vhost-user-blk-pci, -netdev vhost-user, vhost-user-rng, or
+    l4vctl's vhost-user:PATH?type=TYPE); the ready line is
+    vhost-user:PATH?type=TYPE.  Protocol features MQ, REPLY_ACK and
+    CONFIG are offered; memory must be memfds sealed against shrinking
+    (QEMU: -object memory-backend-memfd,share=on).  A front-end that breaks
+    the protocol is dropped; a hostile ring stops every ring until the
+    front-end sets them up again (its SET_VRING_ERR fds are signalled);
+    when the front-end leaves the device is reset for the next one.
+    docs/vhost-user-backend.md has the details.
+
+    \b
     A --device SPEC is TYPE[,KEY=VALUE...]; KEY is
       socket=PATH    the socket to listen on
+      vhost-user=PATH  serve over vhost-user on PATH instead
       name=NAME      listen on DIR/NAME.sock of --socket-dir (default
                      NAME: the type and its count: blk0, blk1, net0)
       an option      any device option of the TYPE form without its
@@ -218,6 +243,9 @@ def emulate(ctx, kind, socket_path, device_specs, socket_dir, from_file, max_cli
         if kind is not None:
             raise UsageError(f"give either TYPE --socket PATH or --device/--from, not both (TYPE {kind} given)",
                              hint=f"e.g. --device {kind},socket=PATH")  # fmt: skip
+        if vhost_user is not None:
+            raise UsageError("--vhost-user is the socket of TYPE; with --device or --from give vhost-user=PATH per "
+                             "device", hint="e.g. --device blk,vhost-user=/tmp/vblk.sock")  # fmt: skip
         if socket_path is not None:
             raise UsageError("--socket is the socket of TYPE; with --device or --from give socket=PATH per device",
                              hint="e.g. --device blk,socket=/tmp/blk.sock, or --socket-dir DIR")  # fmt: skip
@@ -240,8 +268,10 @@ def emulate(ctx, kind, socket_path, device_specs, socket_dir, from_file, max_cli
     if kind is None:
         raise UsageError("nothing to serve: give TYPE --socket PATH, --device SPEC or --from FILE",
                          hint="see 'l4vctl emulate --help'")  # fmt: skip
-    if socket_path is None:
-        raise UsageError(f"{kind}: --socket PATH is needed (the socket to listen on)")
+    if socket_path is not None and vhost_user is not None:
+        raise UsageError("give --socket PATH (L4-VIRTIO) or --vhost-user PATH, not both")
+    if socket_path is None and vhost_user is None:
+        raise UsageError(f"{kind}: --socket PATH is needed (the socket to listen on), or --vhost-user PATH")
     if socket_dir is not None:
         raise UsageError("--socket-dir names the sockets of --device and --from devices; TYPE listens on --socket")
     out.abi = abi
@@ -273,6 +303,13 @@ def emulate(ctx, kind, socket_path, device_specs, socket_dir, from_file, max_cli
     log.configure(level, f"l4vctl emulate {kind}")
     if kind == "console" and "io" not in raw and not raw.get("pty"):
         raw["io"] = "stdio"  # a console served from a terminal talks to that terminal
+    if vhost_user is not None:
+        for param in ("attach", "cmd_mode", "ds_offset"):
+            if _given(ctx, param):
+                raise UsageError(f"--{param.replace('_', '-')} is an L4-VIRTIO option; vhost-user has no config page")
+        _serve_vhost_user(out, kind, raw, vhost_user, client_timeout, quiet)
+        return
+    assert socket_path is not None
     device = build_device(kind, raw)
     try:
         listener, socket_id = listen(socket_path)
@@ -287,6 +324,53 @@ def emulate(ctx, kind, socket_path, device_specs, socket_dir, from_file, max_cli
     out.emit(_ready(device, kind, socket_path), lambda: url + "\n", compact=True)
     if not quiet:
         _announce(device, url)
+    try:
+        server.serve()
+    finally:
+        server.close()
+        device.close()
+
+
+def _vhost_url(path: str, kind: str) -> str:
+    return f"vhost-user:{path}?type={kind}"
+
+
+def _ready_vhost(device, kind: str, path: str) -> dict:
+    """What the ready line says about a device served over vhost-user (with --json)."""
+    from l4vctl.emulator.vhost_user import PROTOCOL_FEATURES
+
+    return {
+        "url": _vhost_url(path, kind),
+        "socket": os.path.abspath(path),
+        "pid": os.getpid(),
+        "type": kind,
+        "transport": "vhost-user",
+        "device_id": device.model.DEVICE_ID,
+        "num_queues": device.num_queues,
+        "offered": sorted(device.offered),
+        "protocol_features": PROTOCOL_FEATURES,
+    }
+
+
+def _serve_vhost_user(out, kind: str, raw: dict, path: str, client_timeout: float, quiet: bool) -> None:
+    """The TYPE form with --vhost-user: one device, one front-end at a time."""
+    from l4vctl.emulator import vhost_user as vu
+
+    device = vu.build_device(kind, raw)
+    try:
+        listener, socket_id = vu.listen(path)
+    except BaseException:
+        device.close()
+        raise
+    server = vu.VhostUserServer(device, listener, path, socket_id, client_timeout=client_timeout)
+    server.install_signal_handlers()
+    url = _vhost_url(path, kind)
+    out.device = url
+    out.emit(_ready_vhost(device, kind, path), lambda: url + "\n", compact=True)
+    if not quiet:
+        from l4vctl.output import info
+
+        info(f"emulating {device.model.describe()} over vhost-user on {path}")
     try:
         server.serve()
     finally:
@@ -374,6 +458,7 @@ def _on(value: str | None) -> bool:
 def _serve_many(out, specs, settings: dict, quiet: bool) -> None:
     """Build every device, listen on every socket, print one ready line per device, serve them all."""
     from l4vctl.backends.emu import build_device
+    from l4vctl.emulator import vhost_user as vu
     from l4vctl.emulator.server import Hub, Server, listen
 
     for spec in specs:
@@ -387,19 +472,27 @@ def _serve_many(out, specs, settings: dict, quiet: bool) -> None:
     _raise_nofile(len(specs) * (settings["max-clients"] + 16) + 64)
     hub = Hub()
     hub.install_signal_handlers()  # before the first socket exists: a signal from here on removes them all
-    devices = []
+    devices: list[Any] = []
     try:
         for spec in specs:
             try:
-                devices.append(build_device(spec.kind, spec.options))
+                build = vu.build_device if spec.vhost_user is not None else build_device
+                devices.append(build(spec.kind, spec.options))
             except UsageError as exc:
                 raise UsageError(f"{spec.origin}: {exc.message}", hint=exc.hint) from None
         for spec, device in zip(specs, devices, strict=True):
-            listener, socket_id = listen(spec.socket)
+            assert spec.socket is not None  # place_sockets gave every spec one
+            vhost = spec.vhost_user is not None
+            server: Any
+            listener, socket_id = vu.listen(spec.socket) if vhost else listen(spec.socket)
             try:
-                server = Server(device, listener=listener, path=spec.socket, socket_id=socket_id,
-                                max_clients=settings["max-clients"], idle_timeout=settings["idle-timeout"],
-                                client_timeout=settings["client-timeout"])  # fmt: skip
+                if vhost:
+                    server = vu.VhostUserServer(device, listener, spec.socket, socket_id,
+                                                client_timeout=settings["client-timeout"])  # fmt: skip
+                else:
+                    server = Server(device, listener=listener, path=spec.socket, socket_id=socket_id,
+                                    max_clients=settings["max-clients"], idle_timeout=settings["idle-timeout"],
+                                    client_timeout=settings["client-timeout"])  # fmt: skip
             except BaseException:
                 listener.close()
                 from l4vctl.emulator.server import remove_socket
@@ -409,13 +502,23 @@ def _serve_many(out, specs, settings: dict, quiet: bool) -> None:
             hub.add(server, spec.name)
         if hub.running:  # no signal came meanwhile
             for spec, device in zip(specs, devices, strict=True):
-                url = f"unix:{spec.socket}"
+                assert spec.socket is not None
+                if spec.vhost_user is not None:
+                    url = _vhost_url(spec.socket, spec.kind)
+                    result = {"name": spec.name, **_ready_vhost(device, spec.kind, spec.socket)}
+                else:
+                    url = f"unix:{spec.socket}"
+                    result = {"name": spec.name, **_ready(device, spec.kind, spec.socket)}
                 out.device, out.abi = url, device.abi
-                result = {"name": spec.name, **_ready(device, spec.kind, spec.socket)}
                 out.emit(result, lambda url=url: url + "\n", compact=True)
             if not quiet:
                 for spec, device in zip(specs, devices, strict=True):
-                    _announce(device, f"unix:{spec.socket}")
+                    if spec.vhost_user is not None:
+                        from l4vctl.output import info
+
+                        info(f"emulating {device.model.describe()} over vhost-user on {spec.socket}")
+                    else:
+                        _announce(device, f"unix:{spec.socket}")
             hub.serve()
     finally:
         hub.close()

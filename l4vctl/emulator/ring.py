@@ -21,6 +21,8 @@ DEVICE_NEEDS_RESET with a config interrupt (protocol notes §5.1, §5.5).
 
 from __future__ import annotations
 
+from functools import partial
+
 from l4vctl import catalog as cat
 from l4vctl.barrier import full_barrier
 from l4vctl.emulator import log
@@ -88,6 +90,10 @@ class DeviceRing:
         self.used_id = views.used_id
         self.used_len = views.used_len
         self.avail_event = views.avail_event
+        # A transport with an interrupt per queue (vhost-user's call eventfds) says how to raise this one's.
+        notifier = getattr(device, "queue_notifier", None)
+        #: interrupts the driver for this queue; True if there was an IRQ to trigger
+        self.interrupt = notifier(queue) if notifier is not None else partial(device.notify, cat.IRQ_STATUS_VRING)
 
     # -- fetching ---------------------------------------------------------------------
 
@@ -257,7 +263,7 @@ class DeviceRing:
                     self.dropped += 1
                     return False
                 dev.irqs_left -= 1
-            if dev.notify(cat.IRQ_STATUS_VRING):  # counted only when an IRQ was there to trigger
+            if self.interrupt():  # counted only when an IRQ was there to trigger
                 self.q.notified += 1
                 self.q.signalled = idx
         return wanted

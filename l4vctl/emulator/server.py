@@ -666,8 +666,12 @@ def remove_socket(path: str, socket_id: tuple[int, int] | None) -> None:
             pass
 
 
-def listen(path: str, backlog: int = BACKLOG) -> tuple[socket.socket, tuple[int, int]]:
-    """A listening SOCK_SEQPACKET socket at ``path`` with mode 0600, and its file's (dev, inode).
+def listen(
+    path: str, backlog: int = BACKLOG, kind: int = socket.SOCK_SEQPACKET
+) -> tuple[socket.socket, tuple[int, int]]:
+    """A listening socket at ``path`` with mode 0600, and its file's (dev, inode).
+
+    ``kind`` is SOCK_SEQPACKET (the L4-VIRTIO wire) or SOCK_STREAM (vhost-user).
 
     A stale socket file (nobody listening) is replaced; a live one or a file
     that is not a socket is an error.  Pass the identity to :class:`Server`
@@ -688,7 +692,7 @@ def listen(path: str, backlog: int = BACKLOG) -> tuple[socket.socket, tuple[int,
         if st is not None:
             if not stat.S_ISSOCK(st.st_mode):
                 raise UnavailableError(f"{path} exists and is not a socket")
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            probe = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
             probe.setblocking(False)
             try:
                 probe.connect(path)
@@ -706,7 +710,7 @@ def listen(path: str, backlog: int = BACKLOG) -> tuple[socket.socket, tuple[int,
                 raise UnavailableError(f"{path} is in use by a running emulator")
             finally:
                 probe.close()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
         old = os.umask(0o177)
         try:
             sock.bind(path)

@@ -24,7 +24,7 @@ from typing import Any
 from l4vctl.errors import UsageError
 
 #: Keys of a spec that are not device options.
-OWN_KEYS = ("socket", "name")
+OWN_KEYS = ("socket", "name", "vhost_user")
 #: Options that a key given twice adds to (comma-separated lists).
 LIST_OPTIONS = ("features", "inject")
 #: Flag names that differ from their option's name.
@@ -48,6 +48,8 @@ class DeviceSpec:
     name: str | None = None
     #: where the spec came from, for error messages: "--device blk,..." or "FILE: device 2"
     origin: str = ""
+    #: the vhost-user socket to serve the device on (instead of an L4-VIRTIO socket)
+    vhost_user: str | None = None
 
 
 def split_items(text: str) -> list[str]:
@@ -111,12 +113,14 @@ def build_spec(kind: str, pairs: list[tuple[str, str]], origin: str) -> DeviceSp
             if k == "name" and not _NAME.match(value):
                 raise UsageError(f"{origin}: name {value!r} is not 1-64 letters, digits, '.', '_' or '-'")
             setattr(spec, k, value)
+            if spec.socket is not None and spec.vhost_user is not None:
+                raise UsageError(f"{origin}: give socket=PATH (L4-VIRTIO) or vhost-user=PATH, not both")
             continue
         option = known.get(k)
         if option is None:
             if k == "type":
                 raise UsageError(f"{origin}: the type comes first, without 'type='", hint=f"e.g. {SPEC_EXAMPLE}")
-            keys = sorted({*OWN_KEYS, *(n.replace("_", "-") for n in known)})
+            keys = sorted({*(k.replace("_", "-") for k in OWN_KEYS), *(n.replace("_", "-") for n in known)})
             hint = "keys: " + ", ".join(keys)
             raise UsageError(f"{origin}: {kind} devices have no option {key.strip()!r}", hint=hint)
         if option in spec.options:
@@ -220,6 +224,8 @@ def place_sockets(specs: list[DeviceSpec], socket_dir: str | None) -> None:
     for spec in specs:
         n = counts.get(spec.kind, 0)
         counts[spec.kind] = n + 1
+        if spec.vhost_user is not None:
+            spec.socket = spec.vhost_user
         if spec.socket is None:
             if socket_dir is None:
                 raise UsageError(f"{spec.origin}: no socket",
