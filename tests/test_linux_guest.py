@@ -11,13 +11,17 @@ First against qemu-storage-daemon (the set-up itself), then against
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 from tests import linux_guest as lg
+from tests.emu import ready_lines, reap
 from tests.test_vhost_user import StorageDaemon
 
 CI = os.environ.get("CI") == "true"
@@ -95,3 +99,47 @@ def test_guest_writes_and_reads_qemu_storage_daemon(guest, qsd):
     seek = 700
     r = guest.boot(blk_checks(seek), lg.blk(qsd.sock), files={"pattern": pattern})
     check_blk(r, qsd.image, size, seek, pattern, host)
+
+
+# -- l4vctl's own back-end: l4vctl emulate TYPE --vhost-user SOCK ----------------------------------
+
+
+@contextlib.contextmanager
+def backend(tmp_path, kind: str, *args: str):
+    """``l4vctl emulate KIND --vhost-user SOCK ARGS`` as a process; yields (socket path, process)."""
+    sock = tmp_path / f"{kind}.vhost.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "l4vctl", "emulate", kind, "--vhost-user", str(sock), "-q", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        assert ready_lines(proc, 1) == [f"vhost-user:{sock}?type={kind}"]
+        yield sock, proc
+    finally:
+        reap(proc)
+
+
+def test_guest_writes_and_reads_our_blk(guest, tmp_path):
+    size = 16 << 20
+    img = tmp_path / "emu.img"
+    img.touch()
+    host = prepare_image(img, size)
+    pattern = os.urandom(64 * 1024)
+    seek = 1234
+    with backend(tmp_path, "blk", "--image", str(img)) as (sock, proc):
+        r = guest.boot(blk_checks(seek), lg.blk(sock), files={"pattern": pattern})
+        assert proc.poll() is None, "the back-end died"
+    check_blk(r, img, size, seek, pattern, host)
+
+
+def test_guest_reads_our_rng(guest, tmp_path):
+    record = tmp_path / "rng.record"
+    with backend(tmp_path, "rng", "--record", str(record)) as (sock, proc):
+        r = guest.boot({"hwrng": "cat /sys/class/misc/hw_random/rng_current && "
+                                 "dd if=/dev/hwrng bs=512 count=2 2>/dev/null | od -An -tx1 -v"},
+                       lg.rng(sock))  # fmt: skip
+        assert proc.poll() is None, "the back-end died"
+    c = r.ok("hwrng")
+    assert c.lines[0].startswith("virtio_rng")
+    got = bytes.fromhex("".join(c.lines[1:]))
+    assert len(got) == 1024
+    produced = record.read_bytes()
+    assert got in produced, f"the guest's {len(got)} bytes are not among the {len(produced)} the model produced"
