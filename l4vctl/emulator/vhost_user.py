@@ -335,6 +335,10 @@ class VhostDevice:
         """Queue ``q`` cannot run: logged, stopped, the front-end's error eventfd signalled."""
         log.warning("queue %d error: %s", q.index, reason)
         self.last_error = reason
+        self.queue_failed(q)
+
+    def queue_failed(self, q: VhostQueue) -> None:
+        """Queue ``q`` cannot run (the caller logs why): stopped, the front-end's error eventfd signalled."""
         self.stop_views(q)
         q.failed = True
         if q.err is not None:
@@ -613,8 +617,10 @@ class VhostUserServer(_Loop):
         if conn is None:
             return
         self.conn = None
-        log.warning("front-end %d dropped: %s", conn.id, reason) if reason != "it closed the connection" else \
-            log.info("front-end %d left", conn.id)  # fmt: skip
+        if reason == "it closed the connection":
+            log.info("front-end %d left", conn.id)
+        else:
+            log.warning("front-end %d dropped: %s", conn.id, reason)
         try:
             self.selector.unregister(conn.sock)
         except (KeyError, ValueError):
@@ -650,8 +656,9 @@ class VhostUserServer(_Loop):
         if flags & socket.MSG_CTRUNC:
             raise Drop(f"a message carried more than {MAX_FDS} file descriptors")
         if not data:
-            if fds:
-                raise Drop("file descriptors without data")
+            if conn.head or conn.body:
+                raise Drop(f"the connection closed in the middle of a message ({len(conn.head) + len(conn.body)} "
+                           f"bytes of it came)")  # fmt: skip
             raise Drop("it closed the connection")
         if not conn.since:
             conn.since = time.monotonic()
@@ -896,8 +903,8 @@ class VhostUserServer(_Loop):
             q.failed = False
             try:
                 self.device.start_ring(q)
-            except Refused as exc:
-                self.device.queue_error(q, str(exc))
+            except Refused:
+                self.device.queue_failed(q)
                 raise
 
     def _get_vring_base(self, body: bytes, fds: list[int]) -> bytes:
@@ -948,8 +955,8 @@ class VhostUserServer(_Loop):
             q.ring_enabled = True  # without PROTOCOL_FEATURES a ring starts enabled
         try:
             dev.start_ring(q)
-        except Refused as exc:
-            dev.queue_error(q, str(exc))
+        except Refused:
+            dev.queue_failed(q)
             raise
         dev.service()
 
