@@ -19,7 +19,18 @@ Goals (issue 11): emulator / qemu-storage-daemon >= 1.0x median for 4 KiB
 randread QD1 and QD32 and 64 KiB seqread QD32, unpinned and on one CPU;
 64 KiB seqread >= 2 GB/s.
 
-    python bench/vhost.py [--pairs 5] [--time 2] [--cpus all|0] [--size 256]
+The reverse direction (``--direction linux``): Linux drives both devices.
+One guest (Debian's kernel under QEMU TCG, tests/linux_guest.py) boots with
+two vhost-user-blk disks, ``l4vctl emulate blk --vhost-user`` and
+qemu-storage-daemon, on images of the same random data, and runs busybox
+``dd`` with ``iflag=direct`` on each in interleaved pairs (alternating which
+disk goes first): 4 KiB reads (one at a time, so req/s) and 64 KiB
+sequential reads (MB/s), timed around each dd by the guest's clock.  Goals
+(issue 13): emulator / qemu-storage-daemon >= 0.8x median for 4 KiB reads
+and >= 1.0x for 64 KiB sequential reads.
+
+    python bench/vhost.py [--direction both|l4vctl|linux] [--pairs 5] [--time 2]
+                          [--cpus all|0] [--size 256] [--guest-4k N] [--guest-64k-mib N]
 """
 
 from __future__ import annotations
@@ -27,14 +38,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests.linux_guest
 from _util import (
     PY,
     add_placement_args,
@@ -200,9 +214,13 @@ def start_qsd(binary: str, image: str, sock: str, cpus: set[int] | None) -> subp
     return proc
 
 
-def start_emulator(image: str, sock: str, cpus: set[int] | None) -> subprocess.Popen:
-    """Start ``l4vctl emulate blk`` on ``image``, wait until it is ready, place it."""
-    proc = subprocess.Popen([PY, "-m", "l4vctl", "emulate", "blk", "--socket", sock, "--image", image, "-q"],
+def start_emulator(image: str, sock: str, cpus: set[int] | None, *extra: str) -> subprocess.Popen:
+    """Start ``l4vctl emulate blk`` on ``image``, wait until it is ready, place it.
+
+    ``extra`` arguments go to the emulator (``--vhost-user PATH`` serves over vhost-user instead).
+    """
+    where = list(extra) if "--vhost-user" in extra else ["--socket", sock, *extra]
+    proc = subprocess.Popen([PY, "-m", "l4vctl", "emulate", "blk", *where, "--image", image, "-q"],
                             stdout=subprocess.PIPE, text=True)  # fmt: skip
     assert proc.stdout is not None
     proc.stdout.readline()  # the URL: ready
@@ -275,13 +293,140 @@ def run_placement(cpus: set[int] | None, args, qsd_bin: str, emu_img: str, qsd_i
     return results
 
 
+# -- the reverse direction: a Linux guest drives both devices ------------------------------------
+
+#: (name, dd block size, figure) of the guest's workloads; the counts come from the options.
+GUEST_CASES = [
+    ("4 KiB reads (dd iflag=direct, QD1)", 4096, "iops"),
+    ("64 KiB seqread (dd iflag=direct)", 65536, "mb_per_s"),
+]
+#: The serial our device reports (GET_ID), by which the guest tells the two disks apart.
+SERIAL = "l4vctl-bench"
+
+GUEST_SCRIPT = """
+ours=; theirs=
+for d in /sys/block/vd*; do
+    if [ "$(cat $d/serial 2>/dev/null)" = {serial} ]; then ours=${{d##*/}}; else theirs=${{d##*/}}; fi
+done
+[ -n "$ours" ] && [ -n "$theirs" ] || {{ echo "disks: ours '$ours' theirs '$theirs'"; exit 1; }}
+now() {{  # seconds.microseconds (busybox date has no %N)
+    adjtimex | awk '/tv_sec/ {{ s = $2 }} /tv_usec/ {{ u = $2 }} END {{ printf "%d.%06d", s, u }}'
+}}
+sample() {{  # CASE WHO DEV BS COUNT
+    t0=$(now)
+    out=$(dd if=/dev/$3 of=/dev/null bs=$4 count=$5 iflag=direct 2>&1)
+    t1=$(now)
+    recs=$(echo "$out" | sed -n 's/^\\([0-9]*\\)+0 records in$/\\1/p')
+    [ "$recs" = $5 ] || {{ echo "sample $1 $2 failed: $out"; return; }}
+    echo "sample $1 $2 $(($5 * $4)) $t0 $t1"
+}}
+pair() {{  # I CASE BS COUNT: alternate which disk goes first
+    if [ $(($1 % 2)) = 0 ]; then
+        sample $2 emulator $ours $3 $4; sample $2 qsd $theirs $3 $4
+    else
+        sample $2 qsd $theirs $3 $4; sample $2 emulator $ours $3 $4
+    fi
+}}
+for c in {cases}; do
+    set -- $(echo $c | tr : ' ')
+    sample warm qsd $theirs $2 $(($3 / 4 + 1)); sample warm emulator $ours $2 $(($3 / 4 + 1))
+    i=0
+    while [ $i -lt {pairs} ]; do pair $i $1 $2 $3; i=$((i+1)); done
+done
+"""
+DD_LINE = re.compile(r"^sample (\S+) (\S+) (\d+) ([\d.]+) ([\d.]+)$")
+
+
+def guest_script(pairs: int, n4k: int, mib64: int) -> str:
+    """The guest's check: interleaved dd pairs of every case, one ``sample CASE WHO <dd's last line>`` each."""
+    counts = {4096: n4k, 65536: mib64 * 16}
+    cases = " ".join(f"{i}:{bs}:{counts[bs]}" for i, (_n, bs, _f) in enumerate(GUEST_CASES))
+    return GUEST_SCRIPT.format(serial=SERIAL, cases=cases, pairs=pairs)
+
+
+def guest_samples(lines: list[str]) -> dict[int, dict[str, list[dict]]]:
+    """case index -> device -> samples ({"iops", "mb_per_s"}) from the guest's dd lines."""
+    out: dict[int, dict[str, list[dict]]] = {}
+    for line in lines:
+        m = DD_LINE.match(line)
+        if not m:
+            if line.startswith("sample"):
+                raise RuntimeError(f"the guest's dd failed: {line}")
+            continue
+        case, who, nbytes, secs = m.group(1), m.group(2), int(m.group(3)), float(m.group(5)) - float(m.group(4))
+        if case == "warm" or secs <= 0:
+            continue
+        bs = GUEST_CASES[int(case)][1]
+        out.setdefault(int(case), {}).setdefault(who, []).append(
+            {"iops": nbytes / bs / secs, "mb_per_s": nbytes / 1e6 / secs, "seconds": secs}
+        )
+    return out
+
+
+def run_linux(cpus: set[int] | None, args, qsd_bin: str, emu_img: str, qsd_img: str, tmp: str) -> dict:
+    """One guest, both devices, every guest case in interleaved pairs; name -> (median ratio, samples, figure)."""
+    from tests import linux_guest as lg
+
+    place(cpus)  # this process first: the emulator, qemu-storage-daemon and QEMU inherit the placement
+    emu_sock, qsd_sock = os.path.join(tmp, "emu-vu.sock"), os.path.join(tmp, "qsd-vu.sock")
+    workdir = tempfile.mkdtemp(dir=tmp)
+    guest = lg.guest(Path(workdir))
+    emu = start_emulator(emu_img, emu_sock, cpus, "--vhost-user", emu_sock, "--serial", SERIAL)
+    qsd = start_qsd(qsd_bin, qsd_img, qsd_sock, cpus)
+    results = {}
+    try:
+        cpu0 = {"emulator": cpu_seconds(emu.pid), "qemu-storage-daemon": cpu_seconds(qsd.pid)}
+        script = guest_script(args.pairs, args.guest_4k, args.guest_64k_mib)
+        r = guest.boot({"bench": script}, lg.blk(emu_sock, 0) + lg.blk(qsd_sock, 1), timeout=1800,
+                       append="L4VG_CHECK_TIMEOUT=1500")  # fmt: skip
+        check = r.ok("bench")
+        used = {"emulator": cpu_seconds(emu.pid) - cpu0["emulator"],
+                "qemu-storage-daemon": cpu_seconds(qsd.pid) - cpu0["qemu-storage-daemon"]}  # fmt: skip
+        samples = guest_samples(check.lines)
+        print(f"\n## Linux guest ({lg.CMDLINE.split()[0]}..., TCG, kernel {guest.img.release}) reads both disks; "
+              f"{describe(cpus)}; {args.pairs} pairs; min / median / max")  # fmt: skip
+        print(f"guest boot to power-off: {r.seconds:.1f} s; device CPU during it: emulator {used['emulator']:.1f} s, "
+              f"qemu-storage-daemon {used['qemu-storage-daemon']:.1f} s")  # fmt: skip
+        for i, (name, _bs, figure) in enumerate(GUEST_CASES):
+            subj, base = samples.get(i, {}).get("emulator", []), samples.get(i, {}).get("qsd", [])
+            if len(subj) != args.pairs or len(base) != args.pairs:
+                raise RuntimeError(f"{name}: {len(subj)}/{len(base)} samples, not {args.pairs}:\n{check.text}")
+            unit = UNITS[figure]
+            s, b = [x[figure] for x in subj], [x[figure] for x in base]
+            ratio = ratios(s, b)
+            print(name)
+            print(f"  {'emulator':22s} {unit:6s} {mmm(s, 1.0, ',.1f')}")
+            print(f"  {'qemu-storage-daemon':22s} {unit:6s} {mmm(b, 1.0, ',.1f')}")
+            print(f"  {'ratio':22s} {'x':6s} {mmm(ratio, 1.0, '.2f')}")
+            print(f"  seconds per sample (median): emulator {statistics.median(x['seconds'] for x in subj):.2f}, "
+                  f"qemu-storage-daemon {statistics.median(x['seconds'] for x in base):.2f}")  # fmt: skip
+            results[name] = (statistics.median(ratio), subj, figure)
+    finally:
+        guest.kill()
+        stop(emu)
+        stop(qsd)
+        place(None)
+        shutil.rmtree(workdir, ignore_errors=True)
+    return results
+
+
+#: Goals of the reverse direction (issue 13): the median ratio emulator / qsd of each guest case.
+GUEST_GOALS = {GUEST_CASES[0][0]: 0.8, GUEST_CASES[1][0]: 1.0}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_placement_args(ap)
     ap.add_argument("--time", type=float, default=2.0, help="seconds per sample")
     ap.add_argument("--size", type=int, default=256, help="image size in MiB")
     ap.add_argument("--dir", default=None, help="where the images go (default: a temporary directory)")
+    ap.add_argument("--direction", choices=["both", "l4vctl", "linux"], default="both",
+                    help="l4vctl's driver against both devices, a Linux guest against both, or both")  # fmt: skip
+    ap.add_argument("--guest-4k", type=int, default=8000, help="4 KiB reads per guest sample")
+    ap.add_argument("--guest-64k-mib", type=int, default=256, help="MiB read in 64 KiB requests per guest sample")
     args = ap.parse_args()
+    if args.guest_64k_mib > args.size:
+        ap.error("--guest-64k-mib: at most --size")
     if args.pairs < 5:
         ap.error("--pairs: at least 5 pairs make a comparison")
     qsd_bin = shutil.which("qemu-storage-daemon")
@@ -296,12 +441,24 @@ def main() -> None:
     try:
         write_images([emu_img, qsd_img], args.size << 20)
         for cpus in placements(args.cpus):
-            results = run_placement(cpus, args, qsd_bin, emu_img, qsd_img, tmp)
-            for name, (ratio, subj, figure) in results.items():
-                goals.append((f"{describe(cpus)}: {name} emulator / qsd >= 1.0x median", ratio >= 1.0, f"{ratio:.2f}x"))
-                if figure == "mb_per_s":
-                    mbs = statistics.median(r[figure] for r in subj)
-                    goals.append((f"{describe(cpus)}: {name} >= 2,000 MB/s median", mbs >= 2000, f"{mbs:,.0f} MB/s"))
+            if args.direction in ("both", "l4vctl"):
+                results = run_placement(cpus, args, qsd_bin, emu_img, qsd_img, tmp)
+                for name, (ratio, subj, figure) in results.items():
+                    goals.append((f"{describe(cpus)}: {name} emulator / qsd >= 1.0x median", ratio >= 1.0,
+                                  f"{ratio:.2f}x"))  # fmt: skip
+                    if figure == "mb_per_s":
+                        mbs = statistics.median(r[figure] for r in subj)
+                        goals.append((f"{describe(cpus)}: {name} >= 2,000 MB/s median", mbs >= 2000,
+                                      f"{mbs:,.0f} MB/s"))  # fmt: skip
+            if args.direction in ("both", "linux"):
+                try:
+                    results = run_linux(cpus, args, qsd_bin, emu_img, qsd_img, tmp)
+                except Exception as e:  # the guest needs Debian packages; say what is missing
+                    sys.exit(f"the Linux guest: {e}")
+                for name, (ratio, _subj, _figure) in results.items():
+                    want = GUEST_GOALS[name]
+                    goals.append((f"{describe(cpus)}: Linux guest, {name} emulator / qsd >= {want}x median",
+                                  ratio >= want, f"{ratio:.2f}x"))  # fmt: skip
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print_goals(goals)
