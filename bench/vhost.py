@@ -383,7 +383,7 @@ def run_linux(cpus: set[int] | None, args, qsd_bin: str, emu_img: str, qsd_img: 
         used = {"emulator": cpu_seconds(emu.pid) - cpu0["emulator"],
                 "qemu-storage-daemon": cpu_seconds(qsd.pid) - cpu0["qemu-storage-daemon"]}  # fmt: skip
         samples = guest_samples(check.lines)
-        print(f"\n## Linux guest ({lg.CMDLINE.split()[0]}..., TCG, kernel {guest.img.release}) reads both disks; "
+        print(f"\n## a Linux guest (kernel {guest.img.release}, QEMU TCG {guest.machine}) reads both disks; "
               f"{describe(cpus)}; {args.pairs} pairs; min / median / max")  # fmt: skip
         print(f"guest boot to power-off: {r.seconds:.1f} s; device CPU during it: emulator {used['emulator']:.1f} s, "
               f"qemu-storage-daemon {used['qemu-storage-daemon']:.1f} s")  # fmt: skip
