@@ -15,11 +15,16 @@ import contextlib
 import hashlib
 import os
 import shutil
+import struct
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
+from l4vctl.drivers.net import NetDriver, frame
+from l4vctl.session import Session
 from tests import linux_guest as lg
 from tests.emu import ready_lines, reap
 from tests.test_vhost_user import StorageDaemon
@@ -143,3 +148,111 @@ def test_guest_reads_our_rng(guest, tmp_path):
     assert len(got) == 1024
     produced = record.read_bytes()
     assert got in produced, f"the guest's {len(got)} bytes are not among the {len(produced)} the model produced"
+
+
+# -- net: ICMP echo both ways between the guest and l4vctl's net driver on the same cable ---------
+
+HOST_MAC = bytes.fromhex("020000000d01")
+GUEST_MAC = bytes.fromhex("525400123456")
+HOST_IP, GUEST_IP = bytes([10, 13, 0, 1]), bytes([10, 13, 0, 2])
+ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST = 0, 8
+
+
+def checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def ipv4_icmp(src: bytes, dst: bytes, icmp_type: int, ident: int, seq: int, payload: bytes) -> bytes:
+    """An IPv4 packet carrying an ICMP echo request or reply, checksums filled in."""
+    icmp = struct.pack("!BBHHH", icmp_type, 0, 0, ident, seq) + payload
+    icmp = icmp[:2] + struct.pack("!H", checksum(icmp)) + icmp[4:]
+    head = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 0, 0x4000, 64, 1, 0, src, dst)
+    return head[:10] + struct.pack("!H", checksum(head)) + head[12:] + icmp
+
+
+def parse_icmp(frame: bytes) -> dict | None:
+    """The fields of an Ethernet frame holding an IPv4 ICMP echo message (None for anything else)."""
+    if len(frame) < 42 or frame[12:14] != b"\x08\x00" or frame[23] != 1:
+        return None
+    ihl = (frame[14] & 0xF) * 4
+    icmp = frame[14 + ihl :]
+    t, _code, _sum, ident, seq = struct.unpack("!BBHHH", icmp[:8])
+    return {"dst_mac": frame[0:6], "src_mac": frame[6:12], "src": frame[26:30], "dst": frame[30:34],
+            "type": t, "id": ident, "seq": seq, "payload": icmp[8:], "icmp_ok": checksum(icmp) == 0}  # fmt: skip
+
+
+NET_CHECKS = {
+    "net": f"""
+ip link set eth0 up || exit 1
+ip addr add 10.13.0.2/24 dev eth0 || exit 1
+arp -s 10.13.0.1 {":".join(f"{b:02x}" for b in HOST_MAC)} || exit 1
+cat /sys/class/net/eth0/address
+ping -c 3 -W 2 10.13.0.1
+ok=$?
+sleep 1
+echo "rx_packets $(cat /sys/class/net/eth0/statistics/rx_packets)"
+exit $ok
+""",
+}
+
+
+def test_guest_exchanges_frames_with_our_net(guest, tmp_path):
+    """The guest pings l4vctl's net driver (which answers), and the driver pings the guest."""
+    link = f"l4vg-{os.getpid()}-{tmp_path.name}"[:60]
+    nonce = os.urandom(24)
+    with backend(tmp_path, "net", "--link", link) as (sock, proc):
+        host_url = f"emu:net?link={link}&mac={':'.join(f'{b:02x}' for b in HOST_MAC)}"
+        with Session(host_url) as s:
+            s.handshake()
+            drv = NetDriver(s)
+            assert drv.mac == HOST_MAC
+            box: dict = {}
+
+            def run() -> None:
+                try:
+                    box["r"] = guest.boot(NET_CHECKS, lg.net(sock), append="ipv6.disable=1")
+                except BaseException as e:  # re-raised below, in the test's thread
+                    box["error"] = e
+
+            t = threading.Thread(target=run)
+            requests, replies, sent = [], [], False
+            t.start()
+            try:
+                deadline = time.monotonic() + 60
+                while t.is_alive() and time.monotonic() < deadline:
+                    for f in drv.receive(0.2):
+                        m = parse_icmp(f)
+                        if m is None:
+                            continue
+                        if m["type"] == ICMP_ECHO_REQUEST and m["dst"] == HOST_IP:
+                            requests.append(m)
+                            reply = ipv4_icmp(HOST_IP, m["src"], ICMP_ECHO_REPLY, m["id"], m["seq"], m["payload"])
+                            drv.send(frame(m["src_mac"], HOST_MAC, 0x0800, reply))
+                            if not sent:  # the guest is up: ping it too
+                                req = ipv4_icmp(HOST_IP, GUEST_IP, ICMP_ECHO_REQUEST, 0x4C34, 1, nonce)
+                                drv.send(frame(GUEST_MAC, HOST_MAC, 0x0800, req))
+                                sent = True
+                        elif m["type"] == ICMP_ECHO_REPLY and m["dst"] == HOST_IP:
+                            replies.append(m)
+            finally:
+                guest.kill()
+                t.join(30)
+            assert proc.poll() is None, "the back-end died"
+    if "error" in box:
+        raise box["error"]
+    assert "r" in box, "the guest did not finish"
+    r: lg.Result = box["r"]
+    c = r.ok("net")
+    assert c.lines[0] == "52:54:00:12:34:56"
+    assert "3 packets transmitted, 3 packets received" in c.text, c.text
+    assert len(requests) == 3 and all(m["src_mac"] == GUEST_MAC and m["src"] == GUEST_IP and m["icmp_ok"]
+                                      for m in requests)  # fmt: skip
+    assert len(replies) == 1, replies
+    (rep,) = replies
+    assert (rep["src_mac"], rep["dst_mac"], rep["src"]) == (GUEST_MAC, HOST_MAC, GUEST_IP)
+    assert (rep["id"], rep["seq"], rep["payload"], rep["icmp_ok"]) == (0x4C34, 1, nonce, True)
