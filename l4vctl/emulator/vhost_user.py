@@ -45,6 +45,7 @@ import time
 
 from l4vctl import catalog as cat
 from l4vctl import page as pg
+from l4vctl.barrier import full_barrier
 from l4vctl.caps import PAGE, Irq, close_fds, dataspace_problem
 from l4vctl.emulator import log
 from l4vctl.emulator.device import Device, Queue, Region
@@ -93,6 +94,8 @@ BATCH = 64
 MAX_OUT = 64 * 1024
 #: How often queues without a kick fd (NOFD) are looked at.
 POLL_INTERVAL = 1e-3
+#: Longest stretch of serving one queue before the loop looks at the others (it comes back at once).
+SLICE = 5e-3
 _ANC = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 
 
@@ -188,6 +191,7 @@ class VhostDevice:
         self.kicks = self.irqs_sent = self.device_errors = 0
         self.last_error = ""
         self.polling = False
+        self.more = False  # service() stopped with requests left (the server calls it again at once)
         self._arm_faults()
         self.forget()
 
@@ -200,7 +204,9 @@ class VhostDevice:
 
     def _offered_bits(self) -> set[int]:
         m = self.model
-        bits = set(m.features()) | {cat.VERSION_1_BIT}
+        # EVENT_IDX and INDIRECT_DESC: the ring walker handles both, and QEMU's front-ends (vhost-user-rng)
+        # pass the guest's acceptance of them on without asking the back-end first
+        bits = set(m.features()) | {cat.VERSION_1_BIT, cat.EVENT_IDX_BIT, cat.INDIRECT_DESC_BIT}
         by_name = cat.feature_names(cat.Abi.CURRENT, m.DEVICE_ID)
         for item in m.options["features"]:
             bit = cat.feature_bit(item, by_name)
@@ -302,6 +308,7 @@ class VhostDevice:
         q.enabled = True
         q.ring = DeviceRing(self, q)
         q.signalled = q.views.used_idx[0]
+        q.ring.suppress_kicks(False)  # kicks wanted from next_avail on (avail_event with EVENT_IDX)
         log.info("queue %d running: num %d base %d desc %#x avail %#x used %#x", q.index, num, q.base, desc, avail,
                  used)  # fmt: skip
 
@@ -363,19 +370,34 @@ class VhostDevice:
         faults = self.faults
         if faults and faults.get("ignore-kicks"):
             return False
+        event_idx = cat.EVENT_IDX_BIT in self.negotiated
+        self.more = False
+        limit = time.perf_counter() + SLICE
         for q in self.queues:
             ring = q.ring
             if ring is None or not q.ring_enabled:
                 continue
             try:
-                before = q.next_avail
-                if ring.available():
-                    self.model.process(q, ring)
-                if ring.pending or ring.unsignalled is not None:
-                    ring.publish()
-                    busy = True
-                elif q.next_avail != before:
-                    busy = True
+                while True:
+                    before = q.next_avail
+                    if ring.available():
+                        self.model.process(q, ring)
+                    if ring.pending or ring.unsignalled is not None:
+                        ring.publish()
+                        busy = True
+                    elif q.next_avail != before:
+                        busy = True
+                    if not event_idx:
+                        break
+                    # EVENT_IDX: ask for a kick at the next new request, then look once more for
+                    # requests published before the driver could see that
+                    ring.suppress_kicks(False)
+                    full_barrier()
+                    if q.next_avail == before or not ring.available():
+                        break
+                    if time.perf_counter() > limit:  # more work: the server comes back at once
+                        self.more = True
+                        break
             except BadChain as exc:
                 self.device_error(str(exc))
                 return True
@@ -483,6 +505,8 @@ class VhostUserServer(_Loop):
 
     def wait_time(self) -> float | None:
         """How long the loop may sleep (None: until an event)."""
+        if self.device.more:
+            return 0.0
         if any(q.polled and q.ring is not None for q in self.device.queues):
             return POLL_INTERVAL
         conn = self.conn
@@ -491,7 +515,9 @@ class VhostUserServer(_Loop):
         return None
 
     def sweep_due(self, now: float) -> bool:
-        """Whether polled queues or a deadline need a look at ``now``."""
+        """Whether unfinished work, polled queues or a deadline need a look at ``now``."""
+        if self.device.more:
+            return True
         return self.wait_time() is not None and now >= self._next_sweep
 
     def step(self, timeout: float | None) -> None:
@@ -526,7 +552,7 @@ class VhostUserServer(_Loop):
         if now >= self._next_sweep:
             self._next_sweep = now + min(0.25, self.client_timeout / 4)
             self._sweep(now)
-        if any(q.polled and q.ring is not None for q in self.device.queues):
+        if self.device.more or any(q.polled and q.ring is not None for q in self.device.queues):
             self._service()
 
     def _sweep(self, now: float) -> None:
