@@ -475,13 +475,8 @@ def net(sock: str | os.PathLike, n: int = 0, mac: str = "52:54:00:12:34:56") -> 
 
 
 def rng(sock: str | os.PathLike, n: int = 0) -> list[str]:
-    """QEMU arguments for a vhost-user-rng device on the back-end at ``sock``.
-
-    QEMU 7.2's vhost-user-rng does not ask the back-end for its features: it
-    offers the guest EVENT_IDX and passes it on whether the back-end offered
-    it or not.  ``event_idx=off`` keeps the guest to what ours offers.
-    """
-    return ["-chardev", f"socket,id=rng{n},path={sock}", "-device", f"vhost-user-rng-pci,chardev=rng{n},event_idx=off"]
+    """QEMU arguments for a vhost-user-rng device on the back-end at ``sock``."""
+    return ["-chardev", f"socket,id=rng{n},path={sock}", "-device", f"vhost-user-rng-pci,chardev=rng{n}"]
 
 
 def guest(workdir: Path | None = None, machine: str = "microvm") -> Guest:
