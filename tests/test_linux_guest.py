@@ -102,8 +102,42 @@ def test_guest_writes_and_reads_qemu_storage_daemon(guest, qsd):
     host = prepare_image(qsd.image, size)
     pattern = os.urandom(64 * 1024)
     seek = 700
-    r = guest.boot(blk_checks(seek), lg.blk(qsd.sock), files={"pattern": pattern})
+    checks = {**blk_checks(seek), "fails": "echo before; exit 3"}
+    r = guest.boot(checks, lg.blk(qsd.sock), files={"pattern": pattern})
     check_blk(r, qsd.image, size, seek, pattern, host)
+    assert (r["fails"].rc, r["fails"].lines) == (3, ["before"])
+    with pytest.raises(AssertionError, match=r"(?s)exited 3:.*--- guest serial log ---.*L4VG end fails rc=3"):
+        r.ok("fails")
+
+
+def test_serial_log_parsing():
+    log = (
+        "[    0.1] kernel noise\r\nL4VG ready 6.1\nL4VG begin a\nL4VG| x y\nL4VG|\nL4VG end a rc=0\n"
+        "L4VG begin b\n[    2.0] interleaved kernel line\nL4VG end b rc=7\nL4VG insmod virtio_blk failed: x\n"
+    )
+    checks, done, errors = lg.parse(log)
+    assert checks["a"].lines == ["x y", ""] and checks["a"].rc == 0
+    assert checks["b"].lines == [] and checks["b"].rc == 7
+    assert not done and errors == ["L4VG insmod virtio_blk failed: x"]
+    assert lg.parse(log + "L4VG done\n")[1]
+
+
+def test_the_initramfs_loads_dependencies_first(image):
+    arc = lg.cpio([("d", lg.DIR, b""), ("d/f", 0o100644, b"abc")])
+    assert arc.startswith(b"070701") and b"d/f\0" in arc and b"TRAILER!!!" in arc and len(arc) % 4 == 0
+    base = image.initramfs.read_bytes()
+    start = base.index(b"modules.order\0") + len(b"modules.order\0")
+    order = base[start : base.index(b"\0", start)].decode().split()
+    for name in order:
+        assert f"lib/modules/{name}.ko".encode() in base, name
+    # every module after the modules its .modinfo says it depends on (read back from the archive)
+    for name in ("virtio_blk", "virtio_net", "virtio_rng", "virtio_pci"):
+        at = base.index(f"lib/modules/{name}.ko\0".encode()) + len(name) + 16
+        at += -at % 4  # the file's data starts at the next 4-byte boundary of the archive
+        assert base[at : at + 4] == b"\x7fELF", name
+        info = lg.modinfo(base[at:])
+        deps = [d.replace("-", "_") for d in info["depends"].split(",") if d]
+        assert deps and all(order.index(d) < order.index(name) for d in deps), (name, deps, order)
 
 
 # -- l4vctl's own back-end: l4vctl emulate TYPE --vhost-user SOCK ----------------------------------
