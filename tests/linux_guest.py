@@ -280,7 +280,13 @@ def image() -> Image:
     for tool in ("apt-get", "apt-cache", "dpkg-deb"):
         if shutil.which(tool) is None:
             raise Missing(f"{tool} (a Debian system)")
-    package = kernel_package()
+    try:
+        package = kernel_package()
+    except Missing:  # no apt lists (offline): an image built before will do
+        built = sorted(cache_dir().glob(f"linux-guest-*-{LAYOUT}/.done"), key=lambda p: p.stat().st_mtime)
+        if not built:
+            raise
+        package = built[-1].parent.name[len("linux-guest-") : -len(f"-{LAYOUT}")]
     dest = cache_dir() / f"linux-guest-{package}-{LAYOUT}"
     dest.parent.mkdir(parents=True, exist_ok=True)
     with open(dest.parent / ".linux-guest.lock", "w") as lock:
