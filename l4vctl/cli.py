@@ -197,8 +197,9 @@ def cli(ctx: click.Context, debug: bool, color: str, trace_file: str | None) -> 
       emu:TYPE[?OPT=VALUE&...]    an emulator started for one command
                                   (blk, net, console, rng)
       unix:PATH                   a running 'l4vctl emulate TYPE --socket PATH'
-      vhost-user:PATH[?type=blk]  a vhost-user back-end (qemu-storage-daemon);
-                                  its device type is unknown without ?type=
+      vhost-user:PATH[?type=T]    a vhost-user back-end (qemu-storage-daemon,
+                                  testpmd); T: blk, net, rng or console, as
+                                  the device type is unknown without ?type=
       dump:FILE, or a plain FILE  a saved config page (read-only)
       trace+URL[?trace=FILE]      any live URL above, every transport step
                                   recorded (l4vctl trace show/replay)

@@ -20,7 +20,7 @@ from l4vctl.errors import EXIT_CODES
 ENVIRONMENT = (
     (
         "L4VCTL_DEVICE",
-        "Default device URL (else emu:blk): emu:TYPE, unix:PATH, vhost-user:PATH?type=blk or dump:FILE; see l4vctl(1).",
+        "Default device URL (else emu:blk): emu:TYPE, unix:PATH, vhost-user:PATH?type=T or dump:FILE; see l4vctl(1).",
     ),
     ("L4VCTL_ABI", "Default for --abi (classic, current or auto)."),
     ("L4VCTL_EMU_LOG", "Log level of emu: emulators on stderr: DEBUG, INFO, WARNING or ERROR (default)."),

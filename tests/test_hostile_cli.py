@@ -185,7 +185,7 @@ def test_vhost_user_in_every_help():
     from l4vctl import manpage
 
     wide = {"COLUMNS": "300"}
-    assert "vhost-user:PATH[?type=blk]" in run_cli("--help", env=wide).stdout
+    assert "vhost-user:PATH[?type=T]" in run_cli("--help", env=wide).stdout
     for args in (["probe"], ["negotiate"], ["queue-stats"], ["blk", "read"], ["bench"], ["rng", "read"],
                  ["console", "recv"], ["net", "send"], ["dump-config"]):  # fmt: skip
         r = run_cli(*args, "--help", env=wide)

@@ -7,6 +7,7 @@ it did against the image file itself.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -37,20 +38,41 @@ def listening(path) -> bool:
     return False
 
 
+def require_qsd() -> str:
+    """qemu-storage-daemon's path; fail under CI (it installs it), skip elsewhere."""
+    if QSD:
+        return QSD
+    if os.environ.get("CI") == "true":
+        pytest.fail("qemu-storage-daemon is missing (.ci/run installs qemu-system-common)")
+    pytest.skip("qemu-storage-daemon is not installed (Debian package qemu-system-common)")
+
+
 class StorageDaemon:
-    def __init__(self, tmp_path, size=16 << 20, queues=2):
-        assert QSD, "qemu-storage-daemon is required (.ci/run installs qemu-system-common)"
-        self.image = tmp_path / "qsd.img"
-        with open(self.image, "wb") as f:
-            f.truncate(size)
+    """A vhost-user-blk export of a temporary image (raw, or qcow2 with ``fmt="qcow2"``).
+
+    ``export`` adds options to the export (``logical-block-size=4096``); ``writable=False``
+    exports it read-only.
+    """
+
+    def __init__(self, tmp_path, size=16 << 20, queues=2, fmt="raw", writable=True, export=""):
+        qsd = require_qsd()
+        self.size = size
+        self.fmt = fmt
+        self.image = tmp_path / f"qsd.{fmt}"
+        if fmt == "raw":
+            with open(self.image, "wb") as f:
+                f.truncate(size)
+        else:
+            subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(self.image), str(size)], check=True, timeout=30)
         self.sock = tmp_path / "qsd.sock"
         self.bare_url = f"vhost-user:{self.sock}"  # without ?type=: the device type is unknown
         self.url = f"{self.bare_url}?type=blk"
+        options = f"writable={'on' if writable else 'off'},num-queues={queues}" + (f",{export}" if export else "")
         self.proc = subprocess.Popen(
-            [QSD, "--blockdev", f"driver=file,node-name=f0,filename={self.image}",
-             "--blockdev", "driver=raw,node-name=d0,file=f0",
+            [qsd, "--blockdev", f"driver=file,node-name=f0,filename={self.image}",
+             "--blockdev", f"driver={fmt},node-name=d0,file=f0",
              "--export", f"type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={self.sock},"
-                         f"writable=on,num-queues={queues}"],
+                         f"{options}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
         deadline = time.monotonic() + 20
@@ -60,7 +82,13 @@ class StorageDaemon:
             time.sleep(0.02)
 
     def image_bytes(self, sector: int, n: int) -> bytes:
-        with open(self.image, "rb") as f:
+        """Bytes of the disk at ``sector``, as the image holds them (qcow2 through 'qemu-img convert')."""
+        path = self.image
+        if self.fmt != "raw":
+            path = self.image.with_suffix(".converted")
+            subprocess.run(["qemu-img", "convert", "-U", "-f", self.fmt, "-O", "raw", str(self.image), str(path)],
+                           check=True, timeout=60)  # fmt: skip
+        with open(path, "rb") as f:
             f.seek(sector * SECTOR)
             return f.read(n)
 
@@ -358,3 +386,138 @@ def test_embedded_emulator_does_not_hold_a_vhost_user_connection(tmp_path):
             assert embedded.get("device") == 4
     finally:
         qsd.stop()
+
+
+# -- qemu-storage-daemon variants: image format, queues, block size, read-only ------------------
+
+
+def test_qcow2_image(tmp_path):
+    d = StorageDaemon(tmp_path, fmt="qcow2")
+    try:
+        with open(d.image, "rb") as f:
+            assert f.read(4) == b"QFI\xfb"  # a real qcow2 file: the disk's bytes are not at their raw offsets
+        src = tmp_path / "data.bin"
+        src.write_bytes(os.urandom(256 * 1024))
+        ok("blk", "write", d.url, "--sector", "100", "-i", str(src), "--flush")
+        r = ok("blk", "read", d.url, "--sector", "100", "--count", "512")
+        assert r["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+        assert d.image_bytes(100, 256 * 1024) == src.read_bytes()  # qemu-img convert -O raw of the image
+        assert d.image_bytes(0, 100 * SECTOR) == bytes(100 * SECTOR)
+        assert ok("probe", d.url)["device"]["name"] == "BLOCK"
+    finally:
+        d.stop()
+
+
+def test_four_queues(tmp_path):
+    d = StorageDaemon(tmp_path, queues=4)
+    try:
+        p = ok("probe", d.url)
+        assert p["num_queues"] == 4 and any("GET_QUEUE_NUM 4 queues" in n for n in p["notes"])
+        assert cat.BLK_F_MQ in p["features"]["bits"]
+        with Session(d.url) as s:
+            s.handshake()
+            assert len(s.queues) == 4
+            drivers = [BlkDriver(s, queue=q) for q in range(4)]
+            for q, drv in enumerate(drivers):
+                drv.write(q * 8, bytes([0x10 + q]) * 4096)
+            for q in range(4):  # each written through one queue, read through the next
+                assert drivers[(q + 1) % 4].read(q * 8, 4096) == bytes([0x10 + q]) * 4096
+        assert [d.image_bytes(q * 8, 1)[0] for q in range(4)] == [0x10, 0x11, 0x12, 0x13]
+        b = ok("bench", d.url, "--time", "0.3s", "--qd", "8")
+        assert b["requests"] > 0 and b["queue"] == 0 and b["num_queues"] == 4  # says which queue it loaded
+        text = run_cli("bench", d.url, "--time", "0.2s", "--qd", "4")
+        assert text.code == 0 and "queue 0 of the device's 4" in text.stdout
+    finally:
+        d.stop()
+
+
+def test_logical_block_size_4096(tmp_path):
+    d = StorageDaemon(tmp_path, export="logical-block-size=4096")
+    try:
+        cfg = ok("dump-config", d.url)["device_config"]["fields"]
+        assert cfg["blk_size"] == 4096
+        src = tmp_path / "block.bin"
+        src.write_bytes(os.urandom(8192))
+        ok("blk", "write", d.url, "--sector", "16", "-i", str(src), "--flush")  # 4096-byte aligned
+        assert d.image_bytes(16, 8192) == src.read_bytes()
+        assert bytes.fromhex(ok("blk", "read", d.url, "--sector", "16", "--count", "16")["hex"]) == src.read_bytes()
+        for args in (["blk", "read", d.url, "--sector", "17", "--count", "8"],
+                     ["blk", "write", d.url, "--sector", "18", "--count", "8", "--pattern", "ee"]):  # fmt: skip
+            r = run_cli(*args)
+            lines = r.stderr.strip().splitlines()
+            assert r.code == 6 and len(lines) == 1, (args, r.code, r.stderr)
+            assert "IOERR" in lines[0] and "logical block size is 4096 bytes" in lines[0]
+        assert d.image_bytes(16, 8192) == src.read_bytes()  # the misaligned write changed nothing
+        with Session(d.url) as s:
+            s.handshake()
+            drv = BlkDriver(s)
+            assert drv.block_size == 4096
+            with pytest.raises(BlkIOError, match="IOERR") as info:
+                drv.read(3, 4096)
+            assert "multiples of 8 sectors" in str(info.value.hint)
+            assert drv.read(16, 4096) == src.read_bytes()[:4096]  # the device carries on
+    finally:
+        d.stop()
+
+
+def test_read_only_export(tmp_path):
+    d = StorageDaemon(tmp_path, writable=False)
+    try:
+        with open(d.image, "r+b") as f:
+            f.write(b"\x3c" * 8192)
+        p = ok("probe", d.url)
+        assert cat.BLK_F_RO in p["features"]["bits"]
+        assert bytes.fromhex(ok("blk", "read", d.url, "--sector", "0", "--count", "16")["hex"]) == b"\x3c" * 8192
+        r = run_cli("blk", "write", d.url, "--sector", "0", "--count", "8", "--pattern", "00")
+        lines = r.stderr.strip().splitlines()
+        assert r.code == 6 and len(lines) == 1, (r.code, r.stderr)
+        assert "the device answered IOERR" in lines[0] and "read-only" in lines[0]
+        j = run_cli("blk", "write", d.url, "--sector", "0", "--count", "8", "--pattern", "00", "--json")
+        assert j.code == 6 and j.json()["ok"] is False and j.json()["error"]["exit_code"] == 6
+        assert d.image_bytes(0, 8192) == b"\x3c" * 8192
+        with Session(d.url) as s:
+            s.handshake()
+            drv = BlkDriver(s)
+            assert drv.read_only
+            with pytest.raises(BlkIOError, match="IOERR"):
+                drv.write(0, bytes(4096))
+            assert drv.read(0, 4096) == b"\x3c" * 4096  # reads carry on after the refused write
+        w = run_cli("bench", d.url, "--workload", "randwrite", "--time", "0.2s")
+        assert w.code == 2 and "read-only" in w.stderr
+        assert ok("bench", d.url, "--time", "0.2s")["requests"] > 0
+        assert d.image_bytes(0, 8192) == b"\x3c" * 8192
+    finally:
+        d.stop()
+
+
+# -- the other classes against a back-end that serves no ring ----------------------------------
+
+
+def test_rng_and_console_identification(fake_back_end):
+    url = f"vhost-user:{fake_back_end.path}"
+    r = ok("probe", f"{url}?type=rng")
+    assert r["device"]["id"] == cat.DEVICE_ID_RNG and r["num_queues"] == 1
+    assert 24 not in fake_back_end.requests  # an entropy device has no config to ask for
+    fake_back_end.requests.clear()
+    r = ok("probe", f"{url}?type=console")
+    assert r["device"]["id"] == cat.DEVICE_ID_CONSOLE and r["num_queues"] == 1
+    assert "GET_QUEUE_NUM 1 queue, fewer than l4vctl's driver of this class needs (2)" in r["notes"][0]
+    assert 24 in fake_back_end.requests  # the console config (cols, rows, ports) is asked for
+    r = ok("probe", f"{url}?type=net")
+    assert r["device"]["id"] == cat.DEVICE_ID_NET and r["num_queues"] == 2  # one pair: GET_QUEUE_NUM said 1
+    assert "GET_QUEUE_NUM 1 queue pair" in r["notes"][0]
+
+
+@pytest.mark.parametrize("cmd", [["rng", "read", "--bytes", "16"], ["net", "send", "--text", "x"]])
+def test_a_back_end_that_never_answers_a_ring_times_out(fake_back_end, cmd):
+    t = time.monotonic()
+    r = run_cli(*cmd[:2], f"vhost-user:{fake_back_end.path}?type={cmd[0]}", *cmd[2:], "--timeout", "1")
+    lines = r.stderr.strip().splitlines()
+    assert r.code == 7 and len(lines) == 1, (r.code, r.stderr)
+    assert time.monotonic() - t < 10
+
+
+def test_a_console_with_one_queue_is_refused(fake_back_end):
+    r = run_cli("console", "send", f"vhost-user:{fake_back_end.path}?type=console", "x", "--timeout", "1")
+    lines = r.stderr.strip().splitlines()
+    assert r.code == 2 and len(lines) == 1 and "queue 1 is not configured" in lines[0], (r.code, r.stderr)

@@ -631,3 +631,49 @@ def test_bench_with_many_requests_in_flight(blk):
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)["result"]
     assert result["iops"] > 0
+
+
+# -- l4vctl's own front-end for the other classes -------------------------------------------------
+
+
+def test_rng_read_with_l4vctls_front_end(tmp_path):
+    path, out = tmp_path / "rng.sock", tmp_path / "bytes.bin"
+    with backend(tmp_path, "rng", "--vhost-user", str(path)) as b:
+        r = cli("rng", "read", b.urls[0], "--bytes", "4096", "-o", str(out))
+        assert r.returncode == 0, r.stderr
+        data = out.read_bytes()
+        assert len(data) == 4096 and len(set(data)) > 200
+
+
+def test_net_ping_between_two_back_ends(tmp_path):
+    a, c = tmp_path / "a.sock", tmp_path / "c.sock"
+    with backend(tmp_path, "--device", f"net,link=p1,vhost-user={a}", "--device", f"net,link=p1,vhost-user={c}",
+                 count=2) as b:  # fmt: skip
+        r = cli("net", "ping", *b.urls, "--count", "3", "--json")
+        assert r.returncode == 0, r.stderr
+        import json
+
+        result = json.loads(r.stdout)["result"]
+        assert result["received"] == 3, result
+
+
+def test_net_ping_between_vhost_user_and_l4virtio(tmp_path):
+    a, u = tmp_path / "a.sock", tmp_path / "u.sock"
+    with backend(tmp_path, "--device", f"net,link=p2,vhost-user={a}", "--device", f"net,link=p2,socket={u}",
+                 count=2) as b:  # fmt: skip
+        r = cli("net", "ping", *b.urls, "--count", "3", "--json")
+        assert r.returncode == 0, r.stderr
+        import json
+
+        assert json.loads(r.stdout)["result"]["received"] == 3
+
+
+def test_console_send_with_l4vctls_front_end(tmp_path):
+    path, out = tmp_path / "con.sock", tmp_path / "console.out"
+    with backend(tmp_path, "console", "--vhost-user", str(path), "--io", "null", "--output", str(out)) as b:
+        r = cli("console", "send", b.urls[0], "hello from the front-end", "--newline")
+        assert r.returncode == 0, r.stderr
+        deadline = time.monotonic() + 5
+        while b"hello from the front-end\n" not in (out.read_bytes() if out.exists() else b""):
+            assert time.monotonic() < deadline, out.read_bytes() if out.exists() else "no output file"
+            time.sleep(0.02)

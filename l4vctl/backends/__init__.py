@@ -42,8 +42,8 @@ SCHEMES: dict[str, tuple[str, str, str, str]] = {
     "vhost-user": (
         "l4vctl.backends.vhost_user",
         "VhostUserBackend",
-        "vhost-user:PATH[?type=blk]",
-        "a vhost-user back-end, e.g. qemu-storage-daemon's vhost-user-blk export",
+        "vhost-user:PATH[?type=blk|net|rng|console]",
+        "a vhost-user back-end, e.g. qemu-storage-daemon's vhost-user-blk export or DPDK testpmd's net_vhost",
     ),
     "l4re": (
         "l4vctl.backends.l4re",

@@ -71,7 +71,8 @@ def percentile(sorted_values: Sequence[float], p: float) -> float:
 def bench(ctx, device, device_opt, abi, mode, timeout, json_mode, workload, bs, qd, duration, indirect, seed):
     """Load a block device and report requests/s, MB/s and latency percentiles.
 
-    Requests go through queue 0 with up to --qd in flight; completions are
+    Requests go through queue 0 (of however many the device has: 'queue' and
+    'num_queues' in the output say so) with up to --qd in flight; completions are
     reaped in batches and each one is replaced at once.  Latency is measured
     per request from submission to the moment the driver sees it completed.
     On a terminal, progress is shown while it runs.
@@ -146,6 +147,7 @@ def bench(ctx, device, device_opt, abi, mode, timeout, json_mode, workload, bs, 
         live.close()
         used_indirect = drv.indirect
         event_idx = cat.EVENT_IDX_BIT in s.negotiated
+        num_queues = len(s.queues)
     lat_sorted = sorted(lat)
     total_bytes = done * size
     result = {
@@ -156,7 +158,8 @@ def bench(ctx, device, device_opt, abi, mode, timeout, json_mode, workload, bs, 
             "p50": percentile(lat_sorted, 50) / 1000, "p99": percentile(lat_sorted, 99) / 1000,
             "max": (lat_sorted[-1] / 1000) if lat_sorted else 0.0,
         },
-        "indirect": used_indirect, "event_idx": event_idx, "mode": s.mode,
+        "indirect": used_indirect, "event_idx": event_idx, "mode": s.mode, "queue": drv.vq.index,
+        "num_queues": num_queues,
         "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
     }  # fmt: skip
     run.out.emit(result, lambda: _text(result))
@@ -170,6 +173,7 @@ def _text(r: dict) -> str:
         f"  latency us: mean {lat['mean']:.1f}  p50 {lat['p50']:.1f}  p99 {lat['p99']:.1f}  max {lat['max']:.1f}\n"
         f"  indirect {'on' if r['indirect'] else 'off'}, event_idx {'on' if r['event_idx'] else 'off'}, "
         f"mode {r['mode']}, cpus {r['cpus']}\n"
+        f"  queue {r['queue']} of the device's {r['num_queues']}\n"
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 
@@ -160,24 +161,39 @@ def recv(ctx, device, device_opt, abi, mode, timeout, json_mode, count, wait, pc
     epilog=examples(
         ("l4vctl net ping 'emu:net?link=lab' 'emu:net?link=lab'", "Ping between two embedded devices:"),
         ("l4vctl net ping unix:/tmp/a.sock unix:/tmp/b.sock --count 10 --size 1000", "Between two emulators:"),
+        (
+            "l4vctl net ping 'vhost-user:/tmp/pmd.sock?type=net' --to 02:00:00:00:00:aa",
+            "One device whose network sends every frame back (testpmd --forward-mode=macswap):",
+        ),
     )
 )
 @click.argument("device_a", metavar="DEVICE_A")
-@click.argument("device_b", metavar="DEVICE_B")
+@click.argument("device_b", metavar="[DEVICE_B]", required=False)
 @abi_option(auto=True)
 @attach_option
 @click.option("--count", type=click.IntRange(1, 100000), default=4, show_default=True, help="Echo requests.")
 @click.option("--size", type=click.IntRange(0, 1400), default=56, show_default=True, help="Payload bytes.")
+@click.option("--to", "to_mac", default=None, metavar="MAC",
+              help="Without DEVICE_B: the destination of the requests (default 02:00:00:00:00:02).")  # fmt: skip
 @timeout_option
 @pcap_option
 @json_option
 @click.pass_context
-def ping(ctx, device_a, device_b, abi, count, size, timeout, pcap_file, json_mode):
+def ping(ctx, device_a, device_b, abi, count, size, to_mac, timeout, pcap_file, json_mode):
     """Echo frames from DEVICE_A to DEVICE_B and back; report round-trip times.
 
     l4vctl drives both devices: A sends a frame to B's MAC, B's driver
     answers it, A receives the answer.  The two devices must share a cable.
+
+    Without DEVICE_B the network answers: A sends each request to --to and
+    takes a frame that comes back to A with the same payload as the answer,
+    whether its addresses were swapped (a reflector such as DPDK testpmd's
+    macswap forwarding) or not (a loop).  'swapped' in the output counts the
+    answers that came from --to.
+
     --pcap captures at DEVICE_A (the requests it sends, the answers it receives).
+    JSON keys: from, to, sent, received, lost, size, rtt_ms (min, avg, max; null
+    if none came back), rtts_ms, and without DEVICE_B also swapped.
     """
     from l4vctl.drivers import require_class
     from l4vctl.drivers.net import ETHERTYPE, NetDriver, frame, parse_frame
@@ -185,54 +201,82 @@ def ping(ctx, device_a, device_b, abi, count, size, timeout, pcap_file, json_mod
     from l4vctl.pcap import capture
     from l4vctl.session import Session
 
+    if device_b is not None and to_mac is not None:
+        raise UsageError("--to is for a ping without DEVICE_B (DEVICE_B's own address is the destination)")
     out = begin(ctx, "net ping", json_mode)
     out.device = device_a
     rtts: list[float] = []
     lost = 0
+    swapped = 0
     attach = attach_of(ctx)
-    with capture(pcap_file) as cap, Session(device_a, abi=abi, timeout=timeout, attach=attach) as a, \
-            Session(device_b, abi=abi, timeout=timeout, attach=attach) as b:  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        cap = capture(pcap_file)
+        stack.enter_context(cap)
+        a = stack.enter_context(Session(device_a, abi=abi, timeout=timeout, attach=attach))
+        b = stack.enter_context(Session(device_b, abi=abi, timeout=timeout, attach=attach)) if device_b else None
         out.abi = a.abi
         require_class(a, "net", "'l4vctl net ping'")
-        require_class(b, "net", "'l4vctl net ping'")
+        if b is not None:
+            require_class(b, "net", "'l4vctl net ping'")
         a.handshake()
-        b.handshake()
-        da, db = NetDriver(a), NetDriver(b)
-        if da.mac == db.mac:
-            raise UsageError(f"both devices have the MAC address {mac_text(da.mac)}")
+        da = NetDriver(a)
+        db = None
+        if b is not None:
+            b.handshake()
+            db = NetDriver(b)
+            if da.mac == db.mac:
+                raise UsageError(f"both devices have the MAC address {mac_text(da.mac)}")
+            peer = db.mac
+        else:
+            peer = _mac(to_mac or "02:00:00:00:00:02")
+            if peer == da.mac:
+                raise UsageError(f"--to {mac_text(peer)} is DEVICE_A's own address")
         for seq in range(count):
             payload = seq.to_bytes(4, "big") + bytes(size)
             t0 = time.perf_counter()
-            request = frame(db.mac, da.mac, ETHERTYPE, payload)
+            request = frame(peer, da.mac, ETHERTYPE, payload)
             da.send(request)
             cap.frame(request)
             answered = False
-            got = db.receive(timeout)
-            for f in got:
-                p = parse_frame(f)
-                if p["dst"] == db.mac and p["type"] == ETHERTYPE:
-                    db.send(frame(p["src"], db.mac, ETHERTYPE, p["payload"]))
+            expect_src = peer
+            if db is not None:
+                got = db.receive(timeout)
+                for f in got:
+                    p = parse_frame(f)
+                    if p["dst"] == db.mac and p["type"] == ETHERTYPE:
+                        db.send(frame(p["src"], db.mac, ETHERTYPE, p["payload"]))
+                if not got:
+                    lost += 1
+                    continue
             deadline = time.monotonic() + timeout
-            while not answered and time.monotonic() < deadline and got:
+            while not answered and time.monotonic() < deadline:
                 for f in da.receive(max(0.0, deadline - time.monotonic())):
                     cap.frame(f)
                     p = parse_frame(f)
-                    if p["src"] == db.mac and p["payload"][:4] == seq.to_bytes(4, "big"):
-                        answered = True
+                    if p["type"] != ETHERTYPE or p["payload"] != payload:
+                        continue
+                    if db is not None and p["src"] != expect_src:
+                        continue
+                    answered = True
+                    swapped += p["src"] == peer and p["dst"] == da.mac
             if answered:
                 rtts.append((time.perf_counter() - t0) * 1e3)
             else:
                 lost += 1
-        a_mac, b_mac = mac_text(da.mac), mac_text(db.mac)
+        a_mac, b_mac = mac_text(da.mac), mac_text(peer)
     result = {
         "from": a_mac, "to": b_mac, "sent": count, "received": count - lost, "lost": lost, "size": size,
         "rtt_ms": {"min": min(rtts), "avg": statistics.fmean(rtts), "max": max(rtts)} if rtts else None,
         "rtts_ms": rtts,
     }  # fmt: skip
+    if device_b is None:
+        result["swapped"] = swapped
 
     def text():
         lines = [f"{size + 18} bytes {a_mac} -> {b_mac}: seq={i} time={t:.3f} ms" for i, t in enumerate(rtts)]
         lines.append(f"{count} sent, {count - lost} received, {100 * lost / count:.0f}% lost")
+        if device_b is None:
+            lines.append(f"{swapped} of {count - lost} answers came from {b_mac} (addresses swapped)")
         if rtts:
             r = result["rtt_ms"]
             lines.append(f"rtt min/avg/max = {r['min']:.3f}/{r['avg']:.3f}/{r['max']:.3f} ms")
@@ -242,4 +286,6 @@ def ping(ctx, device_a, device_b, abi, count, size, timeout, pcap_file, json_mod
     if lost == count:
         from l4vctl.errors import TimeoutExpired
 
+        if device_b is None:
+            raise TimeoutExpired(f"no echo came back to {a_mac}: does the network send frames back?")
         raise TimeoutExpired(f"no echo came back from {b_mac}: are the devices on one cable (link=NAME)?")

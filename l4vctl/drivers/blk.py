@@ -69,6 +69,8 @@ class BlkDriver(Driver):
         has = self.has_feature
         self.capacity = cfg.get("capacity", 0)  # sectors
         self.read_only = has(cat.BLK_F_RO)
+        #: the device's logical block size (VIRTIO_BLK_F_BLK_SIZE; advice: requests stay in 512-byte sectors)
+        self.block_size = cfg.get("blk_size") or SECTOR if has(cat.BLK_F_BLK_SIZE) else SECTOR
         self.flush_supported = has(cat.BLK_F_FLUSH)
         self.discard_supported = has(cat.BLK_F_DISCARD)
         self.write_zeroes_supported = has(cat.BLK_F_WRITE_ZEROES)
@@ -168,6 +170,10 @@ class BlkDriver(Driver):
             out.append(slot)
         return out
 
+    def misaligned(self, sector: int, nbytes: int) -> bool:
+        """True if a request is not aligned to the device's logical block size."""
+        return bool((sector * SECTOR) % self.block_size or nbytes % self.block_size)
+
     def check(self, slot: Slot) -> None:
         """Raise BlkIOError unless the request succeeded."""
         if slot.status == cat.BLK_S_OK:
@@ -181,6 +187,9 @@ class BlkDriver(Driver):
             hint = "a read-only device: VIRTIO_BLK_F_RO"
         elif slot.type in (cat.BLK_T_IN, cat.BLK_T_OUT) and slot.sector + slot.nbytes // SECTOR > self.capacity:
             hint = f"the device has {self.capacity} sectors"
+        elif slot.type in (cat.BLK_T_IN, cat.BLK_T_OUT) and self.misaligned(slot.sector, slot.nbytes):
+            hint = (f"the device's logical block size is {self.block_size} bytes (VIRTIO_BLK_F_BLK_SIZE): "
+                    f"start and length must be multiples of {self.block_size // SECTOR} sectors")  # fmt: skip
         raise BlkIOError(f"{what}{where} failed: the device answered {name}", hint=hint)
 
     # -- synchronous operations ------------------------------------------------------------------

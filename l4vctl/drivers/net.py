@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 RX, TX = cat.NET_RX_QUEUE, cat.NET_TX_QUEUE
 _NET_HDR = codec("l4virtio_net_header_t")
+#: Bytes of the full net header (with ``num_buffers``: VERSION_1 or MRG_RXBUF negotiated).
 HDR = _NET_HDR.size
 #: The header in front of every frame sent: no checksum offload, no segmentation.
 TX_HEADER = _NET_HDR.pack(
@@ -37,11 +38,15 @@ class NetDriver(Driver):
     CLASS = "net"
 
     def __init__(self, session: Session, *, buffers: int = 32) -> None:
+        from l4vctl.decode import net_header_size
+
         super().__init__(session)
+        #: bytes of net header in front of each frame: 12, or 10 without VERSION_1 and MRG_RXBUF
+        self.hdr = net_header_size(session.negotiated)
         cfg = session.device_config()
         self.mac = bytes(cfg["mac"]) if self.has_feature(cat.NET_F_MAC) and "mac" in cfg else DEFAULT_MAC
         #: the largest frame the device takes: its MTU plus the Ethernet header (VIRTIO_NET_F_MTU)
-        self.max_frame = BUFFER - HDR
+        self.max_frame = BUFFER - self.hdr
         if self.has_feature(cat.NET_F_MTU) and cfg.get("mtu"):
             self.max_frame = min(self.max_frame, cfg["mtu"] + ETH_HDR)
         self._open_duplex(RX, TX, buffers, BUFFER, "net")
@@ -49,7 +54,7 @@ class NetDriver(Driver):
     def send(self, frame: bytes) -> None:
         """Transmit one frame (waits for a free buffer); UsageError if it is larger than ``max_frame``."""
         if len(frame) > self.max_frame:
-            limit = "the device's MTU" if self.max_frame < BUFFER - HDR else "the buffer size"
+            limit = "the device's MTU" if self.max_frame < BUFFER - self.hdr else "the buffer size"
             raise UsageError(f"a frame of {len(frame)} bytes is larger than {self.max_frame} ({limit})")
         for i, _used in self.tx.reap():
             self.tx_pool.give(i)
@@ -58,9 +63,10 @@ class NetDriver(Driver):
                 self.tx_pool.give(i)
         i = self.tx_pool.take()
         view = self.tx_pool.views[i]
-        view[0:HDR] = TX_HEADER
-        view[HDR : HDR + len(frame)] = frame
-        self.tx.add([(self.tx_pool.addrs[i], HDR + len(frame), False)], i)
+        hdr = self.hdr
+        view[0:hdr] = TX_HEADER[:hdr]
+        view[hdr : hdr + len(frame)] = frame
+        self.tx.add([(self.tx_pool.addrs[i], hdr + len(frame), False)], i)
         self.tx.kick()
 
     def flush(self) -> None:
@@ -75,11 +81,11 @@ class NetDriver(Driver):
         while True:
             self.rx.interrupts(True)
             frames = []
-            pool = self.rx_pool
+            pool, hdr = self.rx_pool, self.hdr
             returned = self.rx.reap()
             for i, used in returned:
-                if used > HDR:
-                    frames.append(bytes(pool.views[i][HDR:used]))
+                if used > hdr:
+                    frames.append(bytes(pool.views[i][hdr : min(used, BUFFER)]))
                 self.rx.add([(pool.addrs[i], BUFFER, True)], i)  # the buffer goes back at once
             if returned:
                 self.rx.kick()

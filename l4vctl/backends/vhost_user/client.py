@@ -169,7 +169,8 @@ class VhostUserClient:
             if left <= 0 or not select.select([sock], [], [], left)[0]:
                 raise TimeoutExpired(
                     f"{self.path}: no answer to {name} within {self.timeout:g} s "
-                    "(qemu-storage-daemon serves one front-end at a time: is another one connected?)"
+                    "(back-ends such as qemu-storage-daemon serve one front-end at a time: is another one "
+                    "connected? A slow one may need a longer --timeout)"
                 )
             try:
                 chunk = sock.recv(n - len(out))

@@ -27,6 +27,7 @@ from l4vctl.emulator import log
 from l4vctl.emulator.device import Device, Queue
 from l4vctl.emulator.models.base import Model
 from l4vctl.emulator.ring import DeviceRing
+from l4vctl.errors import ProtocolError
 
 
 class VhostModel(Model):
@@ -82,6 +83,8 @@ class VhostDevice(Device):
         self.region_fds: list[tuple[int, int, int, int]] = []  # (base, size, offset, fd)
         self.queue_kicks: list[Irq] = []
         self.started: set[int] = set()
+        #: what GET_QUEUE_NUM and GET_CONFIG told (see ``queue_facts``)
+        self.facts: dict[str, Any] = {}
         super().__init__(model)
         self.queue_kicks = [Irq.create() for _ in range(self.num_queues)]
         self._publish_notify_indices()
@@ -131,7 +134,7 @@ class VhostDevice(Device):
     def vhost_set_features(self, accepted: set[int]) -> bool:
         """SET_FEATURES with the accepted device bits (and the protocol-features bit if spoken)."""
         value = 0
-        for bit in accepted:
+        for bit in set(accepted) - self.facts.get("front_end_bits", set()):  # bits l4vctl offered itself stay here
             if bit < 64:
                 value |= 1 << bit
         if self.keeps_protocol_features:
@@ -166,7 +169,15 @@ class VhostDevice(Device):
         i = q.index
         if i in self.started:
             self._stop(i)
-        c.send(cat.VHOST_USER_SET_VRING_NUM, vu.vring_state(i, q.num))
+        try:
+            c.send(cat.VHOST_USER_SET_VRING_NUM, vu.vring_state(i, q.num))
+        except ProtocolError as exc:
+            # vhost-user has no message that tells the largest ring a back-end takes
+            raise ProtocolError(
+                f"{exc} for a {q.num}-entry ring",
+                hint="vhost-user does not report a back-end's largest ring: ask for smaller ones with ?num_max=N "
+                "(e.g. num_max=128)",
+            ) from None
         c.send(cat.VHOST_USER_SET_VRING_BASE, vu.vring_state(i, 0))
         c.send(cat.VHOST_USER_SET_VRING_ADDR, vu.vring_addr(i, q.desc_addr, q.used_addr, q.avail_addr))
         c.send(cat.VHOST_USER_SET_VRING_KICK, vu.vring_fd(i, True), [self.queue_kicks[i].fd])
