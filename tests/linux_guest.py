@@ -36,7 +36,6 @@ import re
 import shutil
 import struct
 import subprocess
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -485,8 +484,7 @@ def rng(sock: str | os.PathLike, n: int = 0) -> list[str]:
     return ["-chardev", f"socket,id=rng{n},path={sock}", "-device", f"vhost-user-rng-pci,chardev=rng{n}"]
 
 
-def guest(workdir: Path | None = None, machine: str = "microvm") -> Guest:
-    """A :class:`Guest` (building the image if needed); raises :class:`Missing`."""
+def guest(workdir: Path, machine: str = "microvm") -> Guest:
+    """A :class:`Guest` whose files go to ``workdir`` (building the image if needed); raises :class:`Missing`."""
     check_host()
-    img = image()
-    return Guest(img, workdir or Path(tempfile.mkdtemp(prefix="l4vg-")), machine=machine)
+    return Guest(image(), workdir, machine=machine)
