@@ -27,9 +27,11 @@ qemu-storage-daemon, on images of the same random data, and runs busybox
 disk goes first): 4 KiB reads (one at a time, so req/s) and 64 KiB
 sequential reads (MB/s), timed around each dd by the guest's clock.  Goals
 (issue 13): emulator / qemu-storage-daemon >= 0.8x median for 4 KiB reads
-and >= 1.0x for 64 KiB sequential reads.
+and >= 1.0x for 64 KiB sequential reads.  ``--linux-subject qsd`` puts a
+second qemu-storage-daemon in the emulator's place: the ratio of two equal
+devices shows how far the harness itself can be trusted on this machine.
 
-    python bench/vhost.py [--direction both|l4vctl|linux] [--pairs 5] [--time 2]
+    python bench/vhost.py [--direction both|l4vctl|linux] [--linux-subject emulator|qsd] [--pairs 5] [--time 2]
                           [--cpus all|0] [--size 256] [--guest-4k N] [--guest-64k-mib N]
 """
 
@@ -304,10 +306,7 @@ GUEST_CASES = [
 SERIAL = "l4vctl-bench"
 
 GUEST_SCRIPT = """
-ours=; theirs=
-for d in /sys/block/vd*; do
-    if [ "$(cat $d/serial 2>/dev/null)" = {serial} ]; then ours=${{d##*/}}; else theirs=${{d##*/}}; fi
-done
+{pick}
 [ -n "$ours" ] && [ -n "$theirs" ] || {{ echo "disks: ours '$ours' theirs '$theirs'"; exit 1; }}
 now() {{  # seconds.microseconds (busybox date has no %N)
     adjtimex | awk '/tv_sec/ {{ s = $2 }} /tv_usec/ {{ u = $2 }} END {{ printf "%d.%06d", s, u }}'
@@ -337,11 +336,21 @@ done
 DD_LINE = re.compile(r"^sample (\S+) (\S+) (\d+) ([\d.]+) ([\d.]+)$")
 
 
-def guest_script(pairs: int, n4k: int, mib64: int) -> str:
-    """The guest's check: interleaved dd pairs of every case, one ``sample CASE WHO <dd's last line>`` each."""
+#: How the guest finds the subject's disk: by our serial; or, when the subject is a second
+#: qemu-storage-daemon (no serial to tell them apart), as the first disk (the lower PCI slot).
+PICK_BY_SERIAL = f"""ours=; theirs=
+for d in /sys/block/vd*; do
+    if [ "$(cat $d/serial 2>/dev/null)" = {SERIAL} ]; then ours=${{d##*/}}; else theirs=${{d##*/}}; fi
+done"""
+PICK_BY_ORDER = "ours=vda; theirs=vdb"
+
+
+def guest_script(pairs: int, n4k: int, mib64: int, by_serial: bool = True) -> str:
+    """The guest's check: interleaved dd pairs of every case, one ``sample CASE WHO BYTES T0 T1`` line each."""
     counts = {4096: n4k, 65536: mib64 * 16}
     cases = " ".join(f"{i}:{bs}:{counts[bs]}" for i, (_n, bs, _f) in enumerate(GUEST_CASES))
-    return GUEST_SCRIPT.format(serial=SERIAL, cases=cases, pairs=pairs)
+    pick = PICK_BY_SERIAL if by_serial else PICK_BY_ORDER
+    return GUEST_SCRIPT.format(pick=pick, cases=cases, pairs=pairs)
 
 
 def guest_samples(lines: list[str]) -> dict[int, dict[str, list[dict]]]:
@@ -371,12 +380,16 @@ def run_linux(cpus: set[int] | None, args, qsd_bin: str, emu_img: str, qsd_img: 
     emu_sock, qsd_sock = os.path.join(tmp, "emu-vu.sock"), os.path.join(tmp, "qsd-vu.sock")
     workdir = tempfile.mkdtemp(dir=tmp)
     guest = lg.guest(Path(workdir))
-    emu = start_emulator(emu_img, emu_sock, cpus, "--vhost-user", emu_sock, "--serial", SERIAL)
+    if args.linux_subject == "qsd":  # the harness against itself: a second qemu-storage-daemon as the subject
+        emu = start_qsd(qsd_bin, emu_img, emu_sock, cpus)
+    else:
+        emu = start_emulator(emu_img, emu_sock, cpus, "--vhost-user", emu_sock, "--serial", SERIAL)
+    subject = "emulator" if args.linux_subject == "emulator" else "qsd (subject)"
     qsd = start_qsd(qsd_bin, qsd_img, qsd_sock, cpus)
     results = {}
     try:
         cpu0 = {"emulator": cpu_seconds(emu.pid), "qemu-storage-daemon": cpu_seconds(qsd.pid)}
-        script = guest_script(args.pairs, args.guest_4k, args.guest_64k_mib)
+        script = guest_script(args.pairs, args.guest_4k, args.guest_64k_mib, args.linux_subject == "emulator")
         r = guest.boot({"bench": script}, lg.blk(emu_sock, 0) + lg.blk(qsd_sock, 1), timeout=1800,
                        append="L4VG_CHECK_TIMEOUT=1500")  # fmt: skip
         check = r.ok("bench")
@@ -385,7 +398,7 @@ def run_linux(cpus: set[int] | None, args, qsd_bin: str, emu_img: str, qsd_img: 
         samples = guest_samples(check.lines)
         print(f"\n## a Linux guest (kernel {guest.img.release}, QEMU TCG {guest.machine}) reads both disks; "
               f"{describe(cpus)}; {args.pairs} pairs; min / median / max")  # fmt: skip
-        print(f"guest boot to power-off: {r.seconds:.1f} s; device CPU during it: emulator {used['emulator']:.1f} s, "
+        print(f"guest boot to power-off: {r.seconds:.1f} s; device CPU during it: {subject} {used['emulator']:.1f} s, "
               f"qemu-storage-daemon {used['qemu-storage-daemon']:.1f} s")  # fmt: skip
         for i, (name, _bs, figure) in enumerate(GUEST_CASES):
             subj, base = samples.get(i, {}).get("emulator", []), samples.get(i, {}).get("qsd", [])
@@ -395,10 +408,10 @@ def run_linux(cpus: set[int] | None, args, qsd_bin: str, emu_img: str, qsd_img: 
             s, b = [x[figure] for x in subj], [x[figure] for x in base]
             ratio = ratios(s, b)
             print(name)
-            print(f"  {'emulator':22s} {unit:6s} {mmm(s, 1.0, ',.1f')}")
+            print(f"  {subject:22s} {unit:6s} {mmm(s, 1.0, ',.1f')}")
             print(f"  {'qemu-storage-daemon':22s} {unit:6s} {mmm(b, 1.0, ',.1f')}")
             print(f"  {'ratio':22s} {'x':6s} {mmm(ratio, 1.0, '.2f')}")
-            print(f"  seconds per sample (median): emulator {statistics.median(x['seconds'] for x in subj):.2f}, "
+            print(f"  seconds per sample (median): {subject} {statistics.median(x['seconds'] for x in subj):.2f}, "
                   f"qemu-storage-daemon {statistics.median(x['seconds'] for x in base):.2f}")  # fmt: skip
             results[name] = (statistics.median(ratio), subj, figure)
     finally:
@@ -422,6 +435,9 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="where the images go (default: a temporary directory)")
     ap.add_argument("--direction", choices=["both", "l4vctl", "linux"], default="both",
                     help="l4vctl's driver against both devices, a Linux guest against both, or both")  # fmt: skip
+    ap.add_argument("--linux-subject", choices=["emulator", "qsd"], default="emulator",
+                    help="what the guest compares with qemu-storage-daemon: our emulator, or (to check the "
+                         "harness) a second qemu-storage-daemon")  # fmt: skip
     ap.add_argument("--guest-4k", type=int, default=8000, help="4 KiB reads per guest sample")
     ap.add_argument("--guest-64k-mib", type=int, default=256, help="MiB read in 64 KiB requests per guest sample")
     args = ap.parse_args()
@@ -456,6 +472,10 @@ def main() -> None:
                 except Exception as e:  # the guest needs Debian packages; say what is missing
                     sys.exit(f"the Linux guest: {e}")
                 for name, (ratio, _subj, _figure) in results.items():
+                    if args.linux_subject == "qsd":
+                        goals.append((f"{describe(cpus)}: harness check, Linux guest, {name} qsd / qsd ~ 1.0x median",
+                                      0.9 <= ratio <= 1.1, f"{ratio:.2f}x"))  # fmt: skip
+                        continue
                     want = GUEST_GOALS[name]
                     goals.append((f"{describe(cpus)}: Linux guest, {name} emulator / qsd >= {want}x median",
                                   ratio >= want, f"{ratio:.2f}x"))  # fmt: skip
