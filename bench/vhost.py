@@ -32,7 +32,7 @@ second qemu-storage-daemon in the emulator's place: the ratio of two equal
 devices shows how far the harness itself can be trusted on this machine.
 
     python bench/vhost.py [--direction both|l4vctl|linux] [--linux-subject emulator|qsd] [--pairs 5] [--time 2]
-                          [--cpus all|0] [--size 256] [--guest-4k N] [--guest-64k-mib N]
+                          [--cpus all|0] [--size 256] [--guest-pairs 21] [--guest-4k N] [--guest-64k-mib N]
 """
 
 from __future__ import annotations
@@ -389,7 +389,7 @@ def run_linux(cpus: set[int] | None, args, qsd_bin: str, emu_img: str, qsd_img: 
     results = {}
     try:
         cpu0 = {"emulator": cpu_seconds(emu.pid), "qemu-storage-daemon": cpu_seconds(qsd.pid)}
-        script = guest_script(args.pairs, args.guest_4k, args.guest_64k_mib, args.linux_subject == "emulator")
+        script = guest_script(args.guest_pairs, args.guest_4k, args.guest_64k_mib, args.linux_subject == "emulator")
         r = guest.boot({"bench": script}, lg.blk(emu_sock, 0) + lg.blk(qsd_sock, 1), timeout=1800,
                        append="L4VG_CHECK_TIMEOUT=1500")  # fmt: skip
         check = r.ok("bench")
@@ -397,13 +397,13 @@ def run_linux(cpus: set[int] | None, args, qsd_bin: str, emu_img: str, qsd_img: 
                 "qemu-storage-daemon": cpu_seconds(qsd.pid) - cpu0["qemu-storage-daemon"]}  # fmt: skip
         samples = guest_samples(check.lines)
         print(f"\n## a Linux guest (kernel {guest.img.release}, QEMU TCG {guest.machine}) reads both disks; "
-              f"{describe(cpus)}; {args.pairs} pairs; min / median / max")  # fmt: skip
+              f"{describe(cpus)}; {args.guest_pairs} pairs; min / median / max")  # fmt: skip
         print(f"guest boot to power-off: {r.seconds:.1f} s; device CPU during it: {subject} {used['emulator']:.1f} s, "
               f"qemu-storage-daemon {used['qemu-storage-daemon']:.1f} s")  # fmt: skip
         for i, (name, _bs, figure) in enumerate(GUEST_CASES):
             subj, base = samples.get(i, {}).get("emulator", []), samples.get(i, {}).get("qsd", [])
-            if len(subj) != args.pairs or len(base) != args.pairs:
-                raise RuntimeError(f"{name}: {len(subj)}/{len(base)} samples, not {args.pairs}:\n{check.text}")
+            if len(subj) != args.guest_pairs or len(base) != args.guest_pairs:
+                raise RuntimeError(f"{name}: {len(subj)}/{len(base)} samples, not {args.guest_pairs}:\n{check.text}")
             unit = UNITS[figure]
             s, b = [x[figure] for x in subj], [x[figure] for x in base]
             ratio = ratios(s, b)
@@ -438,11 +438,16 @@ def main() -> None:
     ap.add_argument("--linux-subject", choices=["emulator", "qsd"], default="emulator",
                     help="what the guest compares with qemu-storage-daemon: our emulator, or (to check the "
                          "harness) a second qemu-storage-daemon")  # fmt: skip
-    ap.add_argument("--guest-4k", type=int, default=8000, help="4 KiB reads per guest sample")
-    ap.add_argument("--guest-64k-mib", type=int, default=256, help="MiB read in 64 KiB requests per guest sample")
+    ap.add_argument("--guest-pairs", type=int, default=21,
+                    help="interleaved pairs per guest case (many short pairs: each pair's two samples see the "
+                         "same load)")  # fmt: skip
+    ap.add_argument("--guest-4k", type=int, default=2000, help="4 KiB reads per guest sample")
+    ap.add_argument("--guest-64k-mib", type=int, default=64, help="MiB read in 64 KiB requests per guest sample")
     args = ap.parse_args()
     if args.guest_64k_mib > args.size:
         ap.error("--guest-64k-mib: at most --size")
+    if args.guest_pairs < 5:
+        ap.error("--guest-pairs: at least 5 pairs make a comparison")
     if args.pairs < 5:
         ap.error("--pairs: at least 5 pairs make a comparison")
     qsd_bin = shutil.which("qemu-storage-daemon")
