@@ -29,6 +29,7 @@ always kills QEMU, and every failure carries the serial log.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import lzma
 import os
@@ -38,6 +39,7 @@ import struct
 import subprocess
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -353,6 +355,16 @@ class Result:
 
     def tail(self, lines: int = 80) -> str:
         return "\n".join(self.log.splitlines()[-lines:])
+
+    @contextlib.contextmanager
+    def explained(self) -> Iterator[Result]:
+        """Assertion failures inside get the end of the serial log appended."""
+        try:
+            yield self
+        except AssertionError as e:
+            if "--- guest serial log ---" in str(e):
+                raise
+            raise AssertionError(f"{e}\n--- guest serial log ---\n{self.tail()}") from e
 
 
 def parse(log: str) -> tuple[dict[str, Check], bool, list[str]]:

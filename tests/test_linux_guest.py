@@ -78,13 +78,14 @@ def blk_checks(seek: int) -> dict[str, str]:
 
 
 def check_blk(result: lg.Result, image_path, size: int, seek: int, pattern: bytes, host: bytes) -> None:
-    assert int(result.ok("size").lines[0]) == size // SECTOR
-    result.ok("write")
-    result.ok("readback")
-    assert result.ok("host-data").lines[0].split()[0] == hashlib.sha256(host).hexdigest()
-    with open(image_path, "rb") as f:
-        f.seek(seek * 4096)
-        assert f.read(len(pattern)) == pattern, "the guest's write is not in the image file"
+    with result.explained():
+        assert int(result.ok("size").lines[0]) == size // SECTOR
+        result.ok("write")
+        result.ok("readback")
+        assert result.ok("host-data").lines[0].split()[0] == hashlib.sha256(host).hexdigest()
+        with open(image_path, "rb") as f:
+            f.seek(seek * 4096)
+            assert f.read(len(pattern)) == pattern, "the guest's write is not in the image file"
 
 
 def prepare_image(path, size: int) -> bytes:
@@ -120,6 +121,10 @@ def test_serial_log_parsing():
     assert checks["b"].lines == [] and checks["b"].rc == 7
     assert not done and errors == ["L4VG insmod virtio_blk failed: x"]
     assert lg.parse(log + "L4VG done\n")[1]
+    r = lg.Result(checks, log, 1.0, 0, done)
+    with pytest.raises(AssertionError, match=r"(?s)^wrong\n--- guest serial log ---\n.*L4VG end b rc=7"):
+        with r.explained():
+            raise AssertionError("wrong")
 
 
 def test_the_initramfs_loads_dependencies_first(image):
@@ -176,12 +181,13 @@ def test_guest_reads_our_rng(guest, tmp_path):
                                  "dd if=/dev/hwrng bs=512 count=2 2>/dev/null | od -An -tx1 -v"},
                        lg.rng(sock))  # fmt: skip
         assert proc.poll() is None, "the back-end died"
-    c = r.ok("hwrng")
-    assert c.lines[0].startswith("virtio_rng")
-    got = bytes.fromhex("".join(c.lines[1:]))
-    assert len(got) == 1024
-    produced = record.read_bytes()
-    assert got in produced, f"the guest's {len(got)} bytes are not among the {len(produced)} the model produced"
+    with r.explained():
+        c = r.ok("hwrng")
+        assert c.lines[0].startswith("virtio_rng")
+        got = bytes.fromhex("".join(c.lines[1:]))
+        assert len(got) == 1024
+        produced = record.read_bytes()
+        assert got in produced, f"the guest's {len(got)} bytes are not among the {len(produced)} the model produced"
 
 
 # -- net: ICMP echo both ways between the guest and l4vctl's net driver on the same cable ---------
@@ -281,12 +287,13 @@ def test_guest_exchanges_frames_with_our_net(guest, tmp_path):
         raise box["error"]
     assert "r" in box, "the guest did not finish"
     r: lg.Result = box["r"]
-    c = r.ok("net")
-    assert c.lines[0] == "52:54:00:12:34:56"
-    assert "3 packets transmitted, 3 packets received" in c.text, c.text
-    assert len(requests) == 3 and all(m["src_mac"] == GUEST_MAC and m["src"] == GUEST_IP and m["icmp_ok"]
-                                      for m in requests)  # fmt: skip
-    assert len(replies) == 1, replies
-    (rep,) = replies
-    assert (rep["src_mac"], rep["dst_mac"], rep["src"]) == (GUEST_MAC, HOST_MAC, GUEST_IP)
-    assert (rep["id"], rep["seq"], rep["payload"], rep["icmp_ok"]) == (0x4C34, 1, nonce, True)
+    with r.explained():
+        c = r.ok("net")
+        assert c.lines[0] == "52:54:00:12:34:56"
+        assert "3 packets transmitted, 3 packets received" in c.text, c.text
+        assert len(requests) == 3 and all(m["src_mac"] == GUEST_MAC and m["src"] == GUEST_IP and m["icmp_ok"]
+                                          for m in requests)  # fmt: skip
+        assert len(replies) == 1, replies
+        (rep,) = replies
+        assert (rep["src_mac"], rep["dst_mac"], rep["src"]) == (GUEST_MAC, HOST_MAC, GUEST_IP)
+        assert (rep["id"], rep["seq"], rep["payload"], rep["icmp_ok"]) == (0x4C34, 1, nonce, True)
