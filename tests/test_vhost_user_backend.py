@@ -59,6 +59,7 @@ class RawFrontend:
         self.fds: list[int] = []
         self.queues: dict[int, dict] = {}
         self.next_buf = BUFFERS
+        self.ring_base = 0  # offset of queue 0's ring area in the memfd
 
     def close(self) -> None:
         self.sock.close()
@@ -133,20 +134,21 @@ class RawFrontend:
         assert self.ack(SET_FEATURES, struct.pack("<Q", accept)) == 0
         return offered
 
-    def table(self) -> bytes:
-        return struct.pack("<II", 1, 0) + struct.pack("<QQQQ", GPA, MEM, USER, 0)
+    def table(self, skip: int = 0) -> bytes:
+        """One region: the memfd from byte ``skip`` on (its ``mmap_offset``), at GPA + skip and USER + skip."""
+        return struct.pack("<II", 1, 0) + struct.pack("<QQQQ", GPA + skip, MEM - skip, USER + skip, skip)
 
-    def set_mem_table(self) -> int:
-        return self.ack(SET_MEM_TABLE, self.table(), [self.ds.fd])
+    def set_mem_table(self, skip: int = 0) -> int:
+        return self.ack(SET_MEM_TABLE, self.table(skip), [self.ds.fd])
 
     def eventfd(self) -> int:
         fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.fds.append(fd)
         return fd
 
-    def setup_queue(self, index: int, num: int = 8, *, addrs=None, enable: bool = True) -> int:
+    def setup_queue(self, index: int, num: int = 8, *, addrs=None, enable: bool = True, kick: bool = True) -> int:
         """NUM, BASE, ADDR, CALL, ERR, KICK, ENABLE; the ack of KICK (0: running)."""
-        area = index * RING_AREA
+        area = self.ring_base + index * RING_AREA
         q = {"num": num, "area": area, "avail": 0, "used": 0, "next_desc": 0}
         q["kick"], q["call"], q["err"] = self.eventfd(), self.eventfd(), self.eventfd()
         self.queues[index] = q
@@ -156,7 +158,10 @@ class RawFrontend:
         assert self.ack(SET_VRING_ADDR, struct.pack("<IIQQQQ", index, 0, desc, used, avail, 0)) == 0
         assert self.ack(SET_VRING_CALL, struct.pack("<Q", index), [q["call"]]) == 0
         assert self.ack(SET_VRING_ERR, struct.pack("<Q", index), [q["err"]]) == 0
-        result = self.ack(SET_VRING_KICK, struct.pack("<Q", index), [q["kick"]])
+        if kick:
+            result = self.ack(SET_VRING_KICK, struct.pack("<Q", index), [q["kick"]])
+        else:  # "no fd": the device polls the ring
+            result = self.ack(SET_VRING_KICK, struct.pack("<Q", index | NOFD))
         if enable:
             assert self.ack(SET_VRING_ENABLE, struct.pack("<II", index, 1)) == 0
         return result
@@ -384,6 +389,37 @@ def test_blk_request_through_translated_rings(blk):
         # GET_VRING_BASE stops the ring and says where it stopped
         body = fe.call(GET_VRING_BASE, struct.pack("<II", 0, 0))
         assert struct.unpack("<II", body) == (0, 1)
+
+
+def test_region_with_an_mmap_offset(blk):
+    blk.image.write_bytes(b"\x3c" * 512 + bytes((1 << 20) - 512))
+    with raw(blk.path) as fe:
+        fe.negotiate()
+        assert fe.set_mem_table(skip=0x4000) == 0
+        fe.ring_base = 0x4000
+        assert fe.setup_queue(0) == 0
+        hdr = fe.buffer(struct.pack("<IIQ", 0, 0, 0))
+        data = fe.buffer(512)
+        status = fe.buffer(1)
+        head = fe.post(0, [(*hdr, False), (*data, True), (*status, True)])
+        assert fe.used(0) == (head, 513)
+        assert fe.read(data[0], 512) == b"\x3c" * 512
+
+
+def test_ring_without_a_kick_fd_is_polled(tmp_path):
+    path = tmp_path / "rng.sock"
+    with backend(tmp_path, "rng", "--vhost-user", str(path)) as b, raw(path) as fe:
+        fe.negotiate()
+        assert fe.set_mem_table() == 0
+        assert fe.setup_queue(0, kick=False) == 0
+        buf = fe.buffer(32)
+        os.close(fe.queues[0]["kick"])  # nobody reads it: the post's kick goes nowhere
+        fe.fds.remove(fe.queues[0]["kick"])
+        fe.queues[0]["kick"] = os.eventfd(0)
+        fe.fds.append(fe.queues[0]["kick"])
+        head = fe.post(0, [(*buf, True)])
+        assert fe.used(0) == (head, 32)
+        assert b.proc.poll() is None
 
 
 def test_rng_read(tmp_path):
@@ -677,3 +713,81 @@ def test_console_send_with_l4vctls_front_end(tmp_path):
         while b"hello from the front-end\n" not in (out.read_bytes() if out.exists() else b""):
             assert time.monotonic() < deadline, out.read_bytes() if out.exists() else "no output file"
             time.sleep(0.02)
+
+
+def test_from_file_with_a_vhost_user_device(tmp_path):
+    v, u = tmp_path / "v.sock", tmp_path / "u.sock"
+    conf = tmp_path / "devices.toml"
+    conf.write_text(f'[[device]]\ntype = "rng"\nvhost-user = "{v}"\n[[device]]\ntype = "rng"\nsocket = "{u}"\n')
+    with backend(tmp_path, "--from", str(conf), count=2) as b:
+        assert b.urls == [f"vhost-user:{v}?type=rng", f"unix:{u}"]
+        r = cli("rng", "read", b.urls[0], "--bytes", "16", "--json")
+        assert r.returncode == 0, r.stderr
+
+
+def test_a_second_front_end_is_served_when_the_first_leaves(blk, tmp_path):
+    with raw(blk.path) as first:
+        first.negotiate()
+        second = RawFrontend(blk.path, timeout=0.5)
+        try:
+            second.send(GET_FEATURES)
+            with pytest.raises(TimeoutError):
+                second.reply(GET_FEATURES)  # waits in the listen queue
+            first.sock.close()
+            second.sock.settimeout(5)
+            assert struct.unpack("<Q", second.reply(GET_FEATURES))[0] & F_VERSION_1
+        finally:
+            second.close()
+
+
+def test_random_messages_never_stop_the_back_end(blk, tmp_path):
+    """Seeded random messages of every type (right version, random payloads, sometimes fds): the back-end
+    answers, refuses or drops each front-end, and still serves the next good one."""
+    import random
+
+    rng = random.Random(1313)
+    for _ in range(30):
+        with raw(blk.path, timeout=2) as fe:
+            fe.negotiate()
+            with contextlib.suppress(OSError):
+                for _ in range(20):
+                    request = rng.choice([*range(1, 41), 99, 0xFFFFFFFF])
+                    size = rng.choice([0, 4, 8, 12, 40, 72, rng.randrange(0, 300)])
+                    payload = bytes(rng.randrange(256) for _ in range(size))
+                    if request == SET_MEM_TABLE and size >= 8:  # mostly well-formed counts, random regions
+                        payload = struct.pack("<II", rng.randrange(0, 3), 0) + payload[8:]
+                    fds = []
+                    kind = rng.random()
+                    if kind < 0.1:
+                        fds = [fe.ds.fd]
+                    elif kind < 0.2:
+                        fds = [fe.eventfd()]
+                    elif kind < 0.3:
+                        fds = [os.open(str(tmp_path), os.O_RDONLY)]
+                        fe.fds.extend(fds)
+                    fe.send(request, payload, fds, VERSION | (NEED_REPLY if rng.random() < 0.5 else 0))
+                    while select.select([fe.sock], [], [], 0.01)[0]:
+                        if not fe.sock.recv(65536):
+                            raise ConnectionError
+        assert blk.proc.poll() is None, blk.log()
+    _serves_next(blk, tmp_path)
+    assert "Traceback" not in blk.log()
+    assert len(blk.lines("dropped")) >= 10 and len(blk.lines("refused")) >= 10, blk.log()
+
+
+def test_sigterm_removes_the_socket_and_a_stale_one_is_replaced(tmp_path):
+    path = tmp_path / "v.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))  # a socket file nobody listens on
+    stale.close()
+    proc = subprocess.Popen([sys.executable, "-m", "l4vctl", "emulate", "blk", "--vhost-user", str(path), "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        assert ready_lines(proc, 1) == [f"vhost-user:{path}?type=blk"]
+        with raw(path) as fe:
+            assert fe.u64(GET_FEATURES) & F_VERSION_1
+        proc.terminate()
+        assert proc.wait(10) == 0
+        assert not path.exists()
+    finally:
+        reap(proc)

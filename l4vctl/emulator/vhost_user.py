@@ -146,10 +146,10 @@ class MappedRegion(Region):
 
     __slots__ = ("user",)
 
-    def __init__(self, base: int, size: int, user: int, mm: mmap.mmap, offset: int):
+    def __init__(self, base: int, size: int, user: int, mm: mmap.mmap):
         super().__init__(base, size, True, mm)
         self.user = user
-        self.view = memoryview(mm)[offset : offset + size]
+        self.view = self.view[:size]  # the mapping is rounded up to whole pages
 
 
 class VhostDevice:
@@ -221,7 +221,9 @@ class VhostDevice:
         dc = pg.device_config_codec(m.DEVICE_ID, cat.Abi.CURRENT)
         if dc is None or not dc.size:
             return b""
-        page = pg.build_page(cat.Abi.CURRENT, m.DEVICE_ID, device_config=m.config(), num_queues=0)
+        profile = m.profile
+        config = {**m.config(), **(profile.config if profile is not None else {})}
+        page = pg.build_page(cat.Abi.CURRENT, m.DEVICE_ID, device_config=config, num_queues=0)
         return bytes(page[pg.HEADER_SIZE : pg.HEADER_SIZE + dc.size])
 
     # -- state --------------------------------------------------------------------------
@@ -895,12 +897,12 @@ class VhostUserServer(_Loop):
         why = dataspace_problem(fd, offset + size)
         if why is not None:
             raise Refused(f"region {i}: {why}")
-        length = -(-(offset + size) // PAGE) * PAGE
+        length = -(-size // PAGE) * PAGE
         try:
-            mm = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            mm = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
         except (OSError, ValueError, OverflowError) as exc:
             raise Refused(f"region {i}: cannot map it: {exc}") from None
-        return MappedRegion(gpa, size, user, mm, offset)
+        return MappedRegion(gpa, size, user, mm)
 
     def _state(self, body: bytes, name: str) -> tuple[VhostQueue, int]:
         index, num = _payload(body, _STATE, name)
