@@ -475,9 +475,10 @@ class Guest:
             self.proc.wait(10)
 
 
-def blk(sock: str | os.PathLike, n: int = 0) -> list[str]:
+def blk(sock: str | os.PathLike, n: int = 0, queues: int = 1) -> list[str]:
     """QEMU arguments for a vhost-user-blk device on the back-end at ``sock``."""
-    return ["-chardev", f"socket,id=blk{n},path={sock}", "-device", f"vhost-user-blk-pci,chardev=blk{n},num-queues=1"]
+    return ["-chardev", f"socket,id=blk{n},path={sock}",
+            "-device", f"vhost-user-blk-pci,chardev=blk{n},num-queues={queues}"]  # fmt: skip
 
 
 def net(sock: str | os.PathLike, n: int = 0, mac: str = "52:54:00:12:34:56") -> list[str]:

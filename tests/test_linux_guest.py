@@ -174,6 +174,34 @@ def test_guest_writes_and_reads_our_blk(guest, tmp_path):
     check_blk(r, img, size, seek, pattern, host)
 
 
+def test_guest_sees_a_read_only_4k_disk(guest, tmp_path):
+    """The device's features as Linux sees them: RO and BLK_SIZE 4096."""
+    size = 8 << 20
+    img = tmp_path / "ro.img"
+    img.touch()
+    host = prepare_image(img, size)
+    before = img.read_bytes()
+    checks = {
+        "ro": "cat /sys/block/vda/ro",
+        "lbs": "cat /sys/block/vda/queue/logical_block_size",
+        "features": "cat /sys/block/vda/device/features",
+        "host-data": "dd if=/dev/vda bs=65536 skip=16 count=1 iflag=direct 2>/dev/null | sha256sum",
+        "write": "dd if=/dev/zero of=/dev/vda bs=4096 count=1 oflag=direct conv=fsync",
+    }
+    args = ("--image", str(img), "--ro", "--blk-size", "4096")
+    with backend(tmp_path, "blk", *args) as (sock, proc):
+        r = guest.boot(checks, lg.blk(sock))
+        assert proc.poll() is None, "the back-end died"
+    with r.explained():
+        assert r.ok("ro").lines == ["1"]
+        assert r.ok("lbs").lines == ["4096"]
+        bits = r.ok("features").lines[0]  # one character per feature bit, bit 0 first
+        assert (bits[5], bits[6]) == ("1", "1"), bits  # RO, BLK_SIZE
+        assert r.ok("host-data").lines[0].split()[0] == hashlib.sha256(host).hexdigest()
+        assert r["write"].rc != 0, r["write"].text
+        assert img.read_bytes() == before, "a read-only disk's image changed"
+
+
 def test_guest_reads_our_rng(guest, tmp_path):
     record = tmp_path / "rng.record"
     with backend(tmp_path, "rng", "--record", str(record)) as (sock, proc):
