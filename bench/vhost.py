@@ -46,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -390,8 +391,26 @@ def run_linux(cpus: set[int] | None, args, qsd_bin: str, emu_img: str, qsd_img: 
     try:
         cpu0 = {"emulator": cpu_seconds(emu.pid), "qemu-storage-daemon": cpu_seconds(qsd.pid)}
         script = guest_script(args.guest_pairs, args.guest_4k, args.guest_64k_mib, args.linux_subject == "emulator")
-        r = guest.boot({"bench": script}, lg.blk(emu_sock, 0) + lg.blk(qsd_sock, 1), timeout=1800,
-                       append="L4VG_CHECK_TIMEOUT=1500")  # fmt: skip
+        seen, done = Seen(), threading.Event()
+        allowed: dict[str, str] = {}
+
+        def watch() -> None:  # the CPUs QEMU (every thread) and both devices run on, while the guest runs
+            while not done.wait(SAMPLE_EVERY):
+                qemu = guest.proc
+                for name, pid in (("QEMU", qemu.pid if qemu else 0), (subject, emu.pid),
+                                  ("qemu-storage-daemon", qsd.pid)):  # fmt: skip
+                    if pid:
+                        seen.sample(name, pid)
+                        allowed.setdefault(name, "/".join(sorted({cpus_of(t) for t in threads_of(pid)})))
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            r = guest.boot({"bench": script}, lg.blk(emu_sock, 0) + lg.blk(qsd_sock, 1), timeout=1800,
+                           append="L4VG_CHECK_TIMEOUT=1500")  # fmt: skip
+        finally:
+            done.set()
+            watcher.join(5)
         check = r.ok("bench")
         used = {"emulator": cpu_seconds(emu.pid) - cpu0["emulator"],
                 "qemu-storage-daemon": cpu_seconds(qsd.pid) - cpu0["qemu-storage-daemon"]}  # fmt: skip
@@ -414,6 +433,9 @@ def run_linux(cpus: set[int] | None, args, qsd_bin: str, emu_img: str, qsd_img: 
             print(f"  seconds per sample (median): {subject} {statistics.median(x['seconds'] for x in subj):.2f}, "
                   f"qemu-storage-daemon {statistics.median(x['seconds'] for x in base):.2f}")  # fmt: skip
             results[name] = (statistics.median(ratio), subj, figure)
+        names = ("QEMU", subject, "qemu-storage-daemon")
+        print("CPUs allowed: " + ", ".join(f"{n} {allowed.get(n, '?')}" for n in names))
+        print("CPUs seen: " + ", ".join(f"{n} {seen.ran_on(n)}" for n in names))
     finally:
         guest.kill()
         stop(emu)
