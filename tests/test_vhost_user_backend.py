@@ -791,3 +791,118 @@ def test_sigterm_removes_the_socket_and_a_stale_one_is_replaced(tmp_path):
         assert not path.exists()
     finally:
         reap(proc)
+
+
+def test_reset_owner_stops_the_rings_and_the_device_sets_up_again(blk):
+    with raw(blk.path) as fe:
+        fe.negotiate()
+        assert fe.set_mem_table() == 0
+        assert fe.setup_queue(0) == 0
+        assert fe.ack(RESET_OWNER) == 0
+        blk.wait_log("device reset by the front-end")
+        # everything is gone: a ring needs the memory table again
+        assert fe.ack(SET_FEATURES, struct.pack("<Q", F_VERSION_1 | F_PROTOCOL)) == 0
+        fe.queues.clear()
+        assert fe.setup_queue(0) == 1  # no memory table
+        assert fe.set_mem_table() == 0
+        assert fe.setup_queue(0) == 0
+        hdr = fe.buffer(struct.pack("<IIQ", 0, 0, 0))
+        data, status = fe.buffer(512), fe.buffer(1)
+        head = fe.post(0, [(*hdr, False), (*data, True), (*status, True)])
+        assert fe.used(0) == (head, 513)
+
+
+def test_config_windows(blk):
+    with raw(blk.path) as fe:
+        fe.negotiate()
+        body = fe.call(GET_CONFIG, struct.pack("<III", 250, 16, 0) + bytes(16))  # beyond 256 bytes
+        assert struct.unpack_from("<III", body) == (0, 0, 0) and len(body) == 12
+        assert fe.ack(25, struct.pack("<III", 0, 8, 0) + bytes(8)) == 1  # SET_CONFIG: read-only
+        assert fe.u64(GET_FEATURES) & F_VERSION_1
+    assert len(blk.lines("GET_CONFIG refused")) == 1 and len(blk.lines("SET_CONFIG refused")) == 1
+
+
+# -- QEMU's front-end ---------------------------------------------------------------------------
+
+
+def _qemu() -> str:
+    import shutil
+
+    exe = shutil.which("qemu-system-x86_64")
+    if exe is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("qemu-system-x86_64 is missing (CI installs qemu-system-x86)")
+        pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
+    return exe
+
+
+def boot_sector(message: bytes) -> bytes:
+    """A 512-byte boot sector that writes ``message`` to the first serial port and halts."""
+    code = bytes.fromhex(
+        "".join(
+            [
+                "31c0",  # 7c00 xor ax, ax
+                "8ed8",  # 7c02 mov ds, ax
+                "baf803",  # 7c04 mov dx, 0x3f8
+                "be167c",  # 7c07 mov si, 0x7c16 (the message)
+                "ac",  # 7c0a lodsb
+                "84c0",  # 7c0b test al, al
+                "7403",  # 7c0d jz 7c12
+                "ee",  # 7c0f out dx, al
+                "ebf8",  # 7c10 jmp 7c0a
+                "fa",  # 7c12 cli
+                "f4",  # 7c13 hlt
+                "ebfc",  # 7c14 jmp 7c12
+            ]
+        )
+    )
+    assert len(code) == 0x16  # the message follows at 0x7c16
+    sector = code + message + b"\0"
+    return sector.ljust(510, b"\0") + b"\x55\xaa"
+
+
+def test_qemu_boots_from_the_blk_back_end(blk, tmp_path):
+    """QEMU's vhost-user-blk-pci (SeaBIOS, TCG) reads the boot sector through our back-end and runs it."""
+    qemu = _qemu()
+    marker = b"L4VCTL-VHOST-" + os.urandom(6).hex().encode()
+    with open(blk.image, "r+b") as f:
+        f.write(boot_sector(marker))
+    serial = tmp_path / "serial.out"
+    proc = subprocess.Popen([qemu, "-machine", "q35,memory-backend=mem", "-accel", "tcg", "-m", "64M",
+                             "-object", "memory-backend-memfd,id=mem,size=64M,share=on", "-nodefaults",
+                             "-no-user-config", "-display", "none", "-monitor", "none", "-serial", f"file:{serial}",
+                             "-chardev", f"socket,id=c0,path={blk.path}",
+                             "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1,bootindex=1"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while marker not in (serial.read_bytes() if serial.exists() else b""):
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, f"no boot within 60 s:\n{blk.log()}"
+            time.sleep(0.1)
+    finally:
+        reap(proc)
+    log = blk.wait_log("front-end 1 left")
+    assert "queue 0 running" in log and "GET_CONFIG refused" not in log
+    _serves_next(blk, tmp_path)  # and the next front-end is served
+
+
+def test_a_new_kick_fd_for_a_running_ring_keeps_its_place(tmp_path):
+    path = tmp_path / "rng.sock"
+    with backend(tmp_path, "rng", "--vhost-user", str(path)) as b, raw(path) as fe:
+        fe.negotiate()
+        assert fe.set_mem_table() == 0
+        assert fe.setup_queue(0) == 0
+        first = fe.buffer(16)
+        head = fe.post(0, [(*first, True)])
+        assert fe.used(0) == (head, 16)
+        fe.queues[0]["kick"] = fe.eventfd()
+        assert fe.ack(SET_VRING_KICK, struct.pack("<Q", 0), [fe.queues[0]["kick"]]) == 0
+        before = fe.read(first[0], 16)
+        second = fe.buffer(16)
+        head = fe.post(0, [(*second, True)])
+        assert fe.used(0) == (head, 16)
+        assert fe.read(first[0], 16) == before  # the first request was not served again
+        body = fe.call(GET_VRING_BASE, struct.pack("<II", 0, 0))
+        assert struct.unpack("<II", body) == (0, 2)
+        assert b.proc.poll() is None

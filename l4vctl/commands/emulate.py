@@ -158,7 +158,9 @@ def emulate(ctx, kind, socket_path, vhost_user, device_specs, socket_dir, from_f
     the protocol is dropped; a hostile ring stops every ring until the
     front-end sets them up again (its SET_VRING_ERR fds are signalled);
     when the front-end leaves the device is reset for the next one.
-    docs/vhost-user-backend.md has the details.
+    --client-timeout bounds an incomplete message and unread replies;
+    --max-clients and --idle-timeout do not apply (one front-end at a
+    time).  docs/vhost-user-backend.md has the details.
 
     \b
     A --device SPEC is TYPE[,KEY=VALUE...]; KEY is

@@ -974,6 +974,8 @@ class VhostUserServer(_Loop):
             self.unwatch(q.kick.fd)
             q.kick.close()
         q.kick = irq
+        if q.ring is not None:  # a new kick fd for a running ring: it goes on where it is
+            q.base = q.next_avail
         if irq is not None:
             self.selector.register(irq.fd, selectors.EVENT_READ, ("kick", q))
         q.polled = irq is None
