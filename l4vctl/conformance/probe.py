@@ -22,7 +22,7 @@ REQUEST_CLASSES = ("blk", "console", "net", "rng")
 #: The queue each class's requests go to (console and net: transmit).
 DATA_QUEUE = {"blk": 0, "console": cat.CONSOLE_TX_QUEUE, "net": cat.NET_TX_QUEUE, "rng": 0}
 #: Schemes whose wire carries no L4-VIRTIO status handshake, queue setup or cmd word.
-NO_L4VIRTIO_WIRE = {"vhost-user": "no status handshake on the vhost-user wire (architecture.md §6)"}
+NO_L4VIRTIO_WIRE = {"vhost-user": "no status handshake, config page or cmd word on the vhost-user wire"}
 
 
 @contextlib.contextmanager
