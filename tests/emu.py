@@ -180,3 +180,15 @@ def raw_connect(url: str) -> socket.socket:
 def hello(role: int = cat.ROLE_DRIVER, seq: int = 1) -> bytes:
     """A HELLO frame of the fd profile."""
     return wire.encode(cat.KIND_HELLO, seq, 0, 0, [cat.WIRE_VERSION, cat.WIRE_VERSION, role, cat.PROFILE_FD])
+
+
+def listening(path) -> bool:
+    """Whether a Unix socket is bound at ``path`` and listening (from /proc/net/unix, without connecting)."""
+    want = str(path)
+    with open("/proc/net/unix") as f:
+        next(f)
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 8 and parts[7] == want and int(parts[3], 16) & 0x10000:  # __SO_ACCEPTCON
+                return True
+    return False

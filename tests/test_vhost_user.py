@@ -21,21 +21,10 @@ from l4vctl.drivers.blk import BlkDriver, BlkIOError
 from l4vctl.errors import UnavailableError
 from l4vctl.session import Session
 from tests.conftest import run_cli
+from tests.emu import listening
 
 QSD = shutil.which("qemu-storage-daemon")
 SECTOR = 512
-
-
-def listening(path) -> bool:
-    """Whether a Unix socket is bound at ``path`` and listening (from /proc/net/unix, without connecting)."""
-    want = str(path)
-    with open("/proc/net/unix") as f:
-        next(f)
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 8 and parts[7] == want and int(parts[3], 16) & 0x10000:  # __SO_ACCEPTCON
-                return True
-    return False
 
 
 def require_qsd() -> str:

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.emu import listening
+
 TESTPMD = shutil.which("dpdk-testpmd")
 #: Seconds to wait for testpmd's sockets and for its answers.
 START_TIMEOUT = 30.0
@@ -41,18 +43,6 @@ def require_testpmd() -> str:
     if os.environ.get("CI") == "true":
         pytest.fail("dpdk-testpmd is missing (.ci/run installs dpdk-dev, librte-net-vhost23, librte-mempool-ring23)")
     pytest.skip("dpdk-testpmd is not installed (Debian package dpdk-dev)")
-
-
-def listening(path) -> bool:
-    """Whether a Unix socket is bound at ``path`` and listening (from /proc/net/unix, without connecting)."""
-    want = str(path)
-    with open("/proc/net/unix") as f:
-        next(f)
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 8 and parts[7] == want and int(parts[3], 16) & 0x10000:  # __SO_ACCEPTCON
-                return True
-    return False
 
 
 def runtime_dirs(prefix: str) -> list[Path]:

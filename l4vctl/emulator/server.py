@@ -212,14 +212,7 @@ class Server(_Loop):
 
     def _model_event(self, callback) -> None:
         """Input for the model (console input, a frame from the link)."""
-        from l4vctl.emulator.ring import BadChain
-
-        try:
-            callback()
-        except BadChain as exc:
-            self.device.device_error(str(exc))
-        except Exception:
-            log.exception("model input handling failed")
+        model_input(self.device, callback)
         self._poll()
 
     def _kicked(self) -> None:
@@ -612,6 +605,18 @@ class Hub(_Loop):
         self.servers.clear()
         self.selector.close()
         close_fds([self._wake_r, self._wake_w])
+
+
+def model_input(device, callback) -> None:
+    """Run a model's input handler: a malformed chain is the device's error, any other failure is logged."""
+    from l4vctl.emulator.ring import BadChain
+
+    try:
+        callback()
+    except BadChain as exc:
+        device.device_error(str(exc))
+    except Exception:
+        log.exception("model input handling failed")
 
 
 def _unread(sock: socket.socket) -> int:

@@ -50,7 +50,7 @@ from l4vctl.caps import PAGE, Irq, close_fds, dataspace_problem
 from l4vctl.emulator import log
 from l4vctl.emulator.device import Device, Queue, Region
 from l4vctl.emulator.ring import BadChain, DeviceRing
-from l4vctl.emulator.server import CLIENT_TIMEOUT, _Loop, remove_socket
+from l4vctl.emulator.server import CLIENT_TIMEOUT, _Loop, model_input, remove_socket
 from l4vctl.errors import FormatError
 from l4vctl.formats.fast import codec
 from l4vctl.formats.fast import ring as ring_geometry
@@ -611,12 +611,7 @@ class VhostUserServer(_Loop):
         self._service()
 
     def _model_event(self, callback) -> None:
-        try:
-            callback()
-        except BadChain as exc:
-            self.device.device_error(str(exc))
-        except Exception:
-            log.exception("model input handling failed")
+        model_input(self.device, callback)
         self._service()
 
     def _accept(self) -> None:
