@@ -47,27 +47,11 @@ def parse_emu_target(target: str) -> tuple[str, dict[str, str]]:
 
 
 def build_device(kind: str, raw: dict[str, Any]) -> Device:
-    """Model and device from a type and raw options; usage errors for bad ones.
-
-    Option values are strings (from a device URL) or values the option
-    parsers take as they are (ints and bools from the command line).
-    """
+    """An L4-VIRTIO device of ``kind`` from raw options (see :func:`l4vctl.emulator.models.build_device`)."""
     from l4vctl.emulator.device import Device
-    from l4vctl.emulator.models import model_class, parse_options
+    from l4vctl.emulator.models import build_device as build
 
-    options = parse_options(kind, raw)
-    try:
-        model = model_class(kind)(options)
-    except ValueError as exc:
-        raise UsageError(f"{kind}: {exc}") from None
-    if model.num_queues() < model.MIN_QUEUES:
-        model.close()
-        raise UsageError(f"{kind}: needs at least {model.MIN_QUEUES} queues")
-    try:
-        return Device(model)
-    except ValueError as exc:
-        model.close()
-        raise UsageError(f"{kind}: {exc}") from None
+    return build(kind, raw, Device)
 
 
 class EmuBackend(Backend):

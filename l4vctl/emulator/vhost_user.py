@@ -1033,23 +1033,10 @@ class VhostUserServer(_Loop):
 
 
 def build_device(kind: str, raw: dict) -> VhostDevice:
-    """Model and vhost-user device from a type and raw options; usage errors for bad ones."""
-    from l4vctl.emulator.models import model_class, parse_options
-    from l4vctl.errors import UsageError
+    """A vhost-user device of ``kind`` from raw options (see :func:`l4vctl.emulator.models.build_device`)."""
+    from l4vctl.emulator.models import build_device as build
 
-    options = parse_options(kind, raw)
-    try:
-        model = model_class(kind)(options)
-    except ValueError as exc:
-        raise UsageError(f"{kind}: {exc}") from None
-    if model.num_queues() < model.MIN_QUEUES:
-        model.close()
-        raise UsageError(f"{kind}: needs at least {model.MIN_QUEUES} queues")
-    try:
-        return VhostDevice(model, kind)
-    except ValueError as exc:
-        model.close()
-        raise UsageError(f"{kind}: {exc}") from None
+    return build(kind, raw, lambda model: VhostDevice(model, kind))
 
 
 def listen(path: str) -> tuple[socket.socket, tuple[int, int]]:

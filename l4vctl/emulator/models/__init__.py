@@ -10,8 +10,12 @@ it brings option defaults of its own and what no option can say.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from l4vctl.errors import UsageError
+
+D = TypeVar("D")
 
 #: type -> (module, class, one-line description)
 MODELS = {
@@ -121,3 +125,27 @@ def parse_options(kind: str, raw: dict[str, str]) -> dict:
         except (ValueError, TypeError) as exc:
             raise UsageError(f"{kind}: option {key}: {exc}") from None
     return out
+
+
+def build_device(kind: str, raw: dict[str, Any], make: Callable[[Any], D]) -> D:
+    """``make(model)`` for a model of ``kind`` built from raw options; usage errors for bad ones.
+
+    Option values are strings (from a device URL) or values the option
+    parsers take as they are (ints and bools from the command line).
+    ``make`` wraps the model in a transport's device (L4-VIRTIO or
+    vhost-user); a ValueError from either is a usage error, and the model
+    is closed.
+    """
+    options = parse_options(kind, raw)
+    try:
+        model = model_class(kind)(options)
+    except ValueError as exc:
+        raise UsageError(f"{kind}: {exc}") from None
+    if model.num_queues() < model.MIN_QUEUES:
+        model.close()
+        raise UsageError(f"{kind}: needs at least {model.MIN_QUEUES} queues")
+    try:
+        return make(model)
+    except ValueError as exc:
+        model.close()
+        raise UsageError(f"{kind}: {exc}") from None
