@@ -108,11 +108,7 @@ def _good_handshake(t: Target) -> Outcome:
 def _good_request(t: Target) -> Outcome:
     with t.open() as s:
         s.handshake()
-        req = Request(s, t.device_class)  # type: ignore[arg-type]
-        vq = s.virtqueue(DATA_QUEUE[req.cls])
-        vq.add(req.bufs(), 1)
-        vq.kick()
-        kind, what = wait_outcome(s, vq, t.timeout)
+        req, kind, what = run_good(s, t.device_class, t.timeout)  # type: ignore[arg-type]
         if kind == "completed":
             ok, text = req.judge(what)
             return Outcome(Verdict.PASS if ok else Verdict.FAIL, text)
@@ -121,14 +117,26 @@ def _good_request(t: Target) -> Outcome:
         return Outcome(Verdict.WEDGED, f"a good {req.cls} request did not complete within {t.timeout:g} s")
 
 
-def good_request_in(s: Session, cls: str, timeout: float) -> str | None:
-    """Post one good request of class ``cls`` on a session at DRIVER_OK: None if it completes
-    well, else what happened."""
+def post_good(s: Session, cls: str) -> tuple[Request, Any]:
+    """Post one good request of class ``cls`` on a session at DRIVER_OK and kick: (request, virtqueue)."""
     req = Request(s, cls)
     vq = s.virtqueue(DATA_QUEUE[cls])
     vq.add(req.bufs(), 1)
     vq.kick()
+    return req, vq
+
+
+def run_good(s: Session, cls: str, timeout: float) -> tuple[Request, str, Any]:
+    """:func:`post_good`, then wait for it: (request, outcome kind, what) as :func:`wait_outcome` tells."""
+    req, vq = post_good(s, cls)
     kind, what = wait_outcome(s, vq, timeout)
+    return req, kind, what
+
+
+def good_request_in(s: Session, cls: str, timeout: float) -> str | None:
+    """Post one good request of class ``cls`` on a session at DRIVER_OK: None if it completes
+    well, else what happened."""
+    req, kind, what = run_good(s, cls, timeout)
     if kind == "completed":
         ok, text = req.judge(what)
         return None if ok else f"a good request afterwards: {text}"
@@ -729,19 +737,12 @@ def _driver_vanishes(t: Target) -> Outcome:
     s = t.session()
     try:
         s.handshake()
-        req = Request(s, t.device_class)  # type: ignore[arg-type]
-        vq = s.virtqueue(DATA_QUEUE[req.cls])
-        vq.add(req.bufs(), 1)
-        vq.kick()
+        post_good(s, t.device_class)  # type: ignore[arg-type]
     finally:
         close_session(s, reset=False)  # gone, without a reset
     with t.open() as s2:
         s2.handshake()
-        req = Request(s2, t.device_class)  # type: ignore[arg-type]
-        vq2 = s2.virtqueue(DATA_QUEUE[req.cls])
-        vq2.add(req.bufs(), 1)
-        vq2.kick()
-        kind, got = wait_outcome(s2, vq2, t.timeout)
+        req, kind, got = run_good(s2, t.device_class, t.timeout)  # type: ignore[arg-type]
         if kind == "completed":
             ok, text = req.judge(got)
             return Outcome(Verdict.PASS if ok else Verdict.FAIL, f"the next driver's request: {text}")
